@@ -1,0 +1,153 @@
+"""The `sftkit` command line: parse, call, print. Every error the user can fix is shown without a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from sftkit.config import ConfigError, SFTConfig, load_config, parse_cli_overrides
+from sftkit.data.formats import DataError
+from sftkit.model.load import ModelError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Supervised fine-tuning of causal language models: plan, train, monitor, report, merge.")
+data_app = typer.Typer(no_args_is_help=True, help="Look at training data before training on it.")
+app.add_typer(data_app, name="data")
+console = Console()
+EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+USER_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError)
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _config(path: Path, extra: list[str]) -> SFTConfig:
+    return load_config(path, parse_cli_overrides(extra))
+
+
+@app.command(context_settings=EXTRA_ARGS)
+def train(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML config")) -> None:
+    """Fine-tune: `sftkit train cfg.yaml [--key value ...]` (any config key can be overridden)."""
+    from sftkit.train.loop import train as run_training
+
+    try:
+        run_training(_config(config, ctx.args))
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+@data_app.command("inspect", context_settings=EXTRA_ARGS)
+def data_inspect(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="YAML config"),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    dump: Optional[tuple[int, Path]] = typer.Option(None, help="Write the first N tokenized examples to FILE (JSONL)."),
+) -> None:
+    """Rows, formats, token lengths, trained-token fraction, padding vs packing waste, one masked example."""
+    from sftkit.data.dataset import DataOptions, prepare_data
+    from sftkit.data.inspect import data_stats, dump_examples, masked_segments, print_stats
+    from sftkit.data.template import resolve_chat_template
+    from sftkit.model.load import load_tokenizer
+
+    try:
+        cfg = _config(config, ctx.args)
+        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
+        template = resolve_chat_template(cfg.chat_template, tokenizer)
+        data = prepare_data(DataOptions.from_config(cfg, template), tokenizer)
+    except USER_ERRORS as err:
+        _fail(err)
+    stats = data_stats(data, cfg.max_seq_length, cfg.per_device_train_batch_size)
+    if dump is not None:
+        written = dump_examples(data, dump[0], dump[1])
+        console.print(f"wrote {written} examples to {dump[1]}")
+    if as_json:
+        print(json.dumps(stats, indent=2))
+        return
+    first = data.train.dataset[0]
+    print_stats(stats, masked_segments(first["input_ids"], first["labels"], tokenizer), console)
+
+
+@app.command(context_settings=EXTRA_ARGS)
+def plan(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="YAML config"),
+    gpu: Optional[str] = typer.Option(None, help="GPU name, e.g. A100-80GB, H100, RTX4090, L40S."),
+    gpu_memory: Optional[str] = typer.Option(None, help="GPU memory, e.g. 80GiB (instead of --gpu)."),
+    num_gpus: int = typer.Option(1, help="GPUs the run will use."),
+    probe: bool = typer.Option(False, help="Measure throughput with a few real steps on this machine."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Pre-flight: will it fit, how long will it take, what schedule, and what to change."""
+    from sftkit.plan import run_plan
+
+    try:
+        run_plan(_config(config, ctx.args), gpu=gpu, gpu_memory=gpu_memory, num_gpus=num_gpus,
+                 probe=probe, as_json=as_json, console=console)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="Run directory (output_dir of a run).")) -> None:
+    """Write RUN_DIR/report.html (curves, diagnosis, samples) and print a summary."""
+    from sftkit.report import build_report
+
+    try:
+        build_report(run_dir, console=console)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+@app.command()
+def generate(
+    model: Path = typer.Argument(..., help="Run directory, adapter folder or merged model folder."),
+    prompt: Optional[list[str]] = typer.Option(None, help="A user message; repeat for several."),
+    prompts_file: Optional[Path] = typer.Option(None, help="JSONL ({'prompt': ...}) or text, one prompt per line."),
+    max_new_tokens: int = typer.Option(256),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0),
+) -> None:
+    """Generate with the chat template the model was trained with."""
+    from sftkit.generate import generate_cli
+
+    try:
+        generate_cli(model, prompt or [], prompts_file, max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_p=top_p, console=console)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+@app.command()
+def merge(
+    run_dir: Path = typer.Argument(..., help="Run directory or adapter folder."),
+    out: Path = typer.Option(..., help="Where to write the merged model."),
+) -> None:
+    """Merge the LoRA adapter into the base weights and save a standalone model with its tokenizer."""
+    from sftkit.merge import merge_adapter
+
+    try:
+        path = merge_adapter(run_dir, out)
+    except USER_ERRORS as err:
+        _fail(err)
+    console.print(f"merged model written to {path}")
+
+
+@app.command()
+def demo(
+    quick: bool = typer.Option(False, help="A shorter run (under a minute) for tests."),
+    output_dir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes everything."),
+) -> None:
+    """Build a tiny model, fine-tune it on a bundled task, and show the whole pipeline."""
+    from sftkit.demo.run import run_demo
+
+    run_demo(quick=quick, output_dir=output_dir, console=console)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

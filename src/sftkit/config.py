@@ -1,0 +1,275 @@
+"""The run configuration: one YAML file, validated by a schema, overridable from the command line.
+
+Training keys keep the names of Hugging Face `TrainingArguments` so a config moves over unchanged.
+Everything is checked here, before any model or data is loaded: unknown keys get a "did you mean",
+wrong values name the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A mistake in the user's config: the message says where and what to do."""
+
+
+class DatasetSpec(BaseModel):
+    """One training (or eval) data source."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="Local file (.json, .jsonl, .parquet, .csv), folder, or hub dataset id.")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+        "auto", description="Row layout; `auto` detects it from the columns.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map of the format's column names to yours, e.g. {prompt: question, completion: answer}.")
+    split: str = Field("train", description="Split to read from a hub dataset or folder.")
+    name: str | None = Field(None, description="Hub dataset configuration name.")
+
+
+class SFTConfig(BaseModel):
+    """Every key of a run. Field descriptions generate the README's reference."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- model ---
+    model_name_or_path: str = Field(description="Hub id or local folder of the base causal LM.")
+    tokenizer_name_or_path: str | None = Field(None, description="Tokenizer to use; default: the model's.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off unless you trust it.")
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype the weights are loaded in; `auto`: bf16 with `bf16`, fp16 with `fp16`, else fp32.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel. Packed examples never attend to each other on any of them.")
+
+    # --- adapters ---
+    finetuning: Literal["lora", "qlora", "full"] = Field("lora", description="LoRA adapters, 4-bit QLoRA, or all weights.")
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt; `all-linear`: every linear layer but the output head.")
+
+    # --- data ---
+    datasets: list[DatasetSpec] = Field(min_length=1, description="Training data sources, concatenated.")
+    eval_dataset: DatasetSpec | None = Field(None, description="Held-out data for eval loss and sample prompts.")
+    eval_split_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of training rows held out for eval when no eval_dataset.")
+    chat_template: str | None = Field(
+        None, description="Built-in name (llama2, chatml, llama3, zephyr, mistral), a .jinja file, or unset for the tokenizer's own.")
+    assistant_only_loss: bool = Field(True, description="Train only on assistant turns and their end-of-turn token.")
+    packing: bool = Field(True, description="Pack whole examples into max_seq_length sequences (no cross-example attention).")
+    system_prompt: str | None = Field(None, description="System message added to conversations that have none.")
+    truncation: Literal["truncate_right", "drop", "error"] = Field(
+        "truncate_right", description="What to do with examples longer than max_seq_length.")
+    skip_bad_rows: bool = Field(False, description="Skip rows that fit no format (counted and reported) instead of stopping.")
+    dataset_num_proc: int = Field(1, ge=1, description="Processes for tokenization (datasets.map).")
+
+    # --- schedule and optimizer (HF TrainingArguments names) ---
+    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate.")
+    per_device_train_batch_size: int = Field(4, ge=1, description="Sequences per micro-batch per process.")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Sequences per eval batch per process.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    num_train_epochs: float = Field(3.0, ge=0, description="Epochs over the training data (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, ge=-1, description="Total optimizer steps; overrides num_train_epochs when > 0.")
+    max_seq_length: int = Field(2048, ge=8, description="Longest sequence in tokens (packed or padded).")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Fraction of steps of linear warmup.")
+    warmup_steps: int | None = Field(None, ge=0, description="Steps of linear warmup (instead of warmup_ratio).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never applied to biases and norms).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of the peak LR.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 disables).")
+    bf16: bool = Field(False, description="bfloat16 autocast.")
+    fp16: bool = Field(False, description="float16 autocast with loss scaling.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    chunked_loss: bool | Literal["auto"] = Field(
+        "auto", description="Cross-entropy over sequence chunks, never holding all logits; `auto`: on where exact.")
+    loss_chunk_size: int = Field(1024, ge=16, description="Tokens per chunk of the chunked loss.")
+    max_bad_steps: int = Field(0, ge=0, description="Non-finite steps to skip before stopping the run.")
+    seed: int = Field(42, description="Seed for init, data order and dropout.")
+
+    # --- logging, eval, checkpoints ---
+    output_dir: str = Field("runs/sft", description="Run directory: metrics, checkpoints, final weights, report.")
+    overwrite_output_dir: bool = Field(False, description="Allow writing into a directory that holds another run.")
+    logging_steps: int = Field(10, ge=1, description="Optimizer steps between metric rows.")
+    eval_steps: int | None = Field(None, ge=1, description="Steps between evals; default: logging_steps × 10 when there is eval data.")
+    save_steps: int = Field(500, ge=1, description="Steps between checkpoints.")
+    save_total_limit: int | None = Field(None, ge=1, description="Checkpoints kept (the best is never deleted).")
+    resume_from_checkpoint: bool | str | None = Field(
+        None, description="`true`/`latest`: newest valid checkpoint in output_dir; or a checkpoint path.")
+    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evals without improvement.")
+    report_to: Literal["tensorboard", "wandb", "none"] | list[Literal["tensorboard", "wandb"]] = Field(
+        "tensorboard", description="Metric sinks besides metrics.jsonl.")
+
+    # --- monitoring ---
+    sample_prompts: list[str] | str | None = Field(
+        None, description="Prompts generated during training (a list or a file); default: a few eval prompts.")
+    sample_steps: int | None = Field(None, ge=1, description="Steps between sample generations; default: eval_steps.")
+    max_new_tokens: int = Field(128, ge=1, description="Tokens generated per sample.")
+
+    @model_validator(mode="after")
+    def _contradictions(self) -> SFTConfig:
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are both on; choose one (bf16 where the GPU supports it)")
+        if self.warmup_ratio and self.warmup_steps:
+            raise ValueError(
+                f"warmup_ratio ({self.warmup_ratio}) and warmup_steps ({self.warmup_steps}) are both set; keep one")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("max_steps and num_train_epochs are both zero: nothing to train; set one of them")
+        if self.eval_dataset is not None and self.eval_split_ratio > 0:
+            raise ValueError("eval_dataset and eval_split_ratio are both set; keep one")
+        return self
+
+    # Derived values, never stored: the config stays what the user wrote.
+    @property
+    def report_sinks(self) -> list[str]:
+        sinks = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        return [s for s in sinks if s != "none"]
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval_dataset is not None or self.eval_split_ratio > 0
+
+    @property
+    def resolved_eval_steps(self) -> int | None:
+        if not self.has_eval:
+            return None
+        return self.eval_steps or self.logging_steps * 10
+
+    @property
+    def warmup_fraction_or_steps(self) -> tuple[float, int]:
+        return self.warmup_ratio or 0.0, self.warmup_steps or 0
+
+
+# --------------------------------------------------------------------------- loading
+
+_SECRET_KEY = re.compile(r"(token|secret|password|api[_-]?key|auth)", re.I)
+_SECRET_VALUE = re.compile(r"(hf_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9_-]{16,}|ghp_[A-Za-z0-9]{16,}|[A-Fa-f0-9]{40})")
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SFTConfig:
+    """Read a YAML config, apply `key: value` overrides (dotted keys reach nested values), validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value, source=f"command line --{dotted}")
+    return validate_config(raw, source=str(path))
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> SFTConfig:
+    """Validate a plain dict; errors name the source, the key, the value and what is allowed."""
+    try:
+        return SFTConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, raw, source)) from None
+
+
+def _explain(err: ValidationError, raw: dict[str, Any], source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            key = str(e["loc"][-1])
+            valid = _valid_keys(e["loc"][:-1])
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else "; see the config reference in the README"
+            lines.append(f"  unknown key '{loc}'{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"  missing required key '{loc}'")
+        elif not e["loc"]:
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        else:
+            value = e.get("input")
+            lines.append(f"  {loc} = {value!r}: {e['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
+def _valid_keys(parent: tuple) -> list[str]:
+    model: type[BaseModel] = SFTConfig
+    if parent and parent[0] in ("datasets", "eval_dataset"):
+        model = DatasetSpec
+    return list(model.model_fields)
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node: Any = raw
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{source}: '{part}' is not an index of the list at '{dotted}'")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{source}: '{last}' is not an index of the list at '{dotted}'")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_cli_overrides(args: list[str]) -> dict[str, Any]:
+    """`--key value` / `--key=value` pairs; values are parsed as YAML scalars (1e-4, true, [a, b])."""
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: expected --key value, got '{arg}'")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                value = "true"  # a bare flag turns a boolean on
+            else:
+                i += 1
+                value = args[i]
+        overrides[key.replace("-", "_") if "." not in key else key] = _parse_scalar(value)
+        i += 1
+    return overrides
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def redacted(config: SFTConfig) -> dict[str, Any]:
+    """The config as a dict with secret-looking values replaced, for writing into run directories."""
+    return _redact(config.model_dump(mode="json"))
+
+
+def _redact(node: Any, key: str = "") -> Any:
+    if isinstance(node, dict):
+        return {k: _redact(v, k) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redact(v, key) for v in node]
+    if isinstance(node, str) and (_SECRET_KEY.search(key) and "name_or_path" not in key or _SECRET_VALUE.search(node)):
+        return "***redacted***"
+    return node
+
+
+def save_config(config: SFTConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(redacted(config), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,55 @@
+"""Turn groups of tokenized examples into the tensors the model sees.
+
+Every row of a batch is a list of examples (one example when padding, several when packing).
+Targets are shifted *per example* before concatenation, so the last token of one example is never
+asked to predict the first token of the next:
+
+    tokens    a0 a1 a2 | b0 b1 | pad
+    labels    -  a1 a2 | -  b1 |
+    targets   a1 a2 -  | b1 -  | -      (targets[t] = label of t+1 within the same example)
+    positions 0  1  2  | 0  1  | 0
+    segments  1  1  1  | 2  2  | 0
+
+Rows are padded to the longest row of the batch, not to max_seq_length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from sftkit.data.template import IGNORE_INDEX
+
+
+def collate(rows: Sequence[Sequence[dict]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """rows: per batch row, the examples (dicts with input_ids, labels) packed into it."""
+    width = max(sum(len(ex["input_ids"]) for ex in row) for row in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    targets = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((batch, width), dtype=torch.long)
+    segment_ids = torch.zeros((batch, width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        offset = 0
+        for s, example in enumerate(row, start=1):
+            ids, labels = example["input_ids"], example["labels"]
+            n = len(ids)
+            input_ids[r, offset:offset + n] = torch.as_tensor(ids)
+            targets[r, offset:offset + n - 1] = torch.as_tensor(labels[1:])
+            position_ids[r, offset:offset + n] = torch.arange(n)
+            segment_ids[r, offset:offset + n] = s
+            offset += n
+        position_ids[r, offset:] = torch.arange(width - offset)  # padding: its own segment, 0..k
+    return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "segment_ids": segment_ids}
+
+
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, seq, seq) boolean mask: True where query t may attend key s (s <= t, same segment).
+
+    Padding (segment 0) attends causally to padding only, so no row is empty and sdpa stays finite.
+    """
+    seq = segment_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (batch, seq, seq)
+    return (same & causal)[:, None, :, :]

@@ -1,0 +1,86 @@
+"""From the config's data keys to tokenized train and eval sets (the whole data path before batching)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+
+from sftkit.config import DatasetSpec, SFTConfig
+from sftkit.data.formats import DataError, LoadedSource, load_source
+from sftkit.data.tokenize import TokenizedData, TokenizeOptions, tokenize_dataset
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    train_sources: tuple[DatasetSpec, ...]
+    eval_source: DatasetSpec | None
+    eval_split_ratio: float
+    tokenize: TokenizeOptions
+    system_prompt: str | None = None
+    skip_bad_rows: bool = False
+    num_proc: int = 1
+    seed: int = 42
+
+    @classmethod
+    def from_config(cls, config: SFTConfig, template: str) -> DataOptions:
+        return cls(
+            train_sources=tuple(config.datasets), eval_source=config.eval_dataset,
+            eval_split_ratio=config.eval_split_ratio,
+            tokenize=TokenizeOptions(template=template, max_seq_length=config.max_seq_length,
+                                     truncation=config.truncation, assistant_only_loss=config.assistant_only_loss),
+            system_prompt=config.system_prompt, skip_bad_rows=config.skip_bad_rows,
+            num_proc=config.dataset_num_proc, seed=config.seed)
+
+
+@dataclass
+class PreparedData:
+    train: TokenizedData
+    eval: TokenizedData | None
+    sources: list[LoadedSource] = field(default_factory=list)
+    eval_messages: list[list[dict[str, str]]] = field(default_factory=list)  # held-out prompts for samples
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for source in self.sources:
+            for reason, count in source.skipped.items():
+                total[reason] = total.get(reason, 0) + count
+        return total
+
+
+def _load_all(specs: tuple[DatasetSpec, ...], options: DataOptions) -> tuple[datasets.Dataset, list[LoadedSource]]:
+    loaded = [load_source(spec, options.system_prompt, options.skip_bad_rows, options.num_proc) for spec in specs]
+    parts = [s.dataset.add_column("source", [s.name] * len(s.dataset)) for s in loaded]
+    return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), loaded
+
+
+def prepare_data(options: DataOptions, tokenizer: Any) -> PreparedData:
+    """Load, normalise, split off eval, tokenize and mask. Raises DataError with file and row on bad input."""
+    rows, sources = _load_all(options.train_sources, options)
+    eval_rows = None
+    if options.eval_source is not None:
+        eval_rows, eval_sources = _load_all((options.eval_source,), options)
+        sources += eval_sources
+    elif options.eval_split_ratio > 0:
+        held_out = round(len(rows) * options.eval_split_ratio)
+        if held_out == 0:
+            raise DataError(
+                f"eval_split_ratio = {options.eval_split_ratio} of {len(rows)} rows holds out no row; "
+                "raise eval_split_ratio or set eval_dataset")
+        split = rows.train_test_split(test_size=held_out, seed=options.seed, shuffle=True)
+        rows, eval_rows = split["train"], split["test"]
+    train = tokenize_dataset(rows, tokenizer, options.tokenize, options.num_proc, "Tokenizing train")
+    if len(train.dataset) == 0:
+        raise DataError(f"no training example left after filtering ({train.dropped}); "
+                        "check max_seq_length, truncation and the assistant turns of your data")
+    evaluation = None
+    eval_messages: list[list[dict[str, str]]] = []
+    if eval_rows is not None:
+        evaluation = tokenize_dataset(eval_rows, tokenizer, options.tokenize, options.num_proc, "Tokenizing eval")
+        if len(evaluation.dataset) == 0:
+            raise DataError(f"the eval set is empty after filtering ({evaluation.dropped}); "
+                            "check eval_dataset / eval_split_ratio and max_seq_length")
+        eval_messages = [m for m in eval_rows.select(range(min(len(eval_rows), 16)))["messages"] if m]
+    return PreparedData(train=train, eval=evaluation, sources=sources, eval_messages=eval_messages)

@@ -1,0 +1,129 @@
+"""The figures a user needs before spending GPU hours: rows, formats, lengths, masking, waste."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sftkit.data.dataset import PreparedData
+from sftkit.data.packing import pack_balanced, packing_efficiency, padding_efficiency
+from sftkit.data.template import IGNORE_INDEX
+
+
+def _length_stats(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {"min": 0, "median": 0, "p95": 0, "max": 0, "mean": 0}
+    array = np.asarray(values)
+    return {"min": int(array.min()), "median": float(np.median(array)), "p95": float(np.percentile(array, 95)),
+            "max": int(array.max()), "mean": float(array.mean())}
+
+
+def data_stats(data: PreparedData, max_seq_length: int, batch_size: int) -> dict[str, Any]:
+    """Everything `data inspect` prints, as plain JSON-able values."""
+    train = data.train.dataset
+    lengths = train["length"]
+    labels = train["labels"]
+    trained = sum(sum(1 for label in row[1:] if label != IGNORE_INDEX) for row in labels)
+    total = sum(lengths)
+    bins = pack_balanced(lengths, max_seq_length)
+    pack_eff = packing_efficiency(lengths, bins, batch_size)
+    pad_eff = padding_efficiency(lengths, batch_size)
+    return {
+        "sources": [{"path": s.name, "format": s.format, "rows": s.rows_read, "skipped": s.skipped} for s in data.sources],
+        "train_examples": len(train),
+        "eval_examples": len(data.eval.dataset) if data.eval else 0,
+        "skipped_rows": data.skipped,
+        "dropped_examples": data.train.dropped,
+        "truncated_examples": int(sum(train["truncated"])),
+        "examples_over_max_seq_length": int(sum(n > max_seq_length for n in train["full_length"])),
+        "max_seq_length": max_seq_length,
+        "prompt_tokens": _length_stats(train["prompt_tokens"]),
+        "response_tokens": _length_stats(train["response_tokens"]),
+        "example_tokens": _length_stats(lengths),
+        "total_tokens": total,
+        "trained_tokens": trained,
+        "trained_token_fraction": trained / total if total else 0.0,
+        "packed_sequences": len(bins),
+        "packing_efficiency": pack_eff,
+        "packing_waste": 1 - pack_eff,
+        "padding_efficiency": pad_eff,
+        "padding_waste": 1 - pad_eff,
+        "batch_size": batch_size,
+    }
+
+
+def dump_examples(data: PreparedData, count: int, path: Path) -> int:
+    """Write the first `count` tokenized training examples (before packing) as JSONL."""
+    rows = data.train.dataset.select(range(min(count, len(data.train.dataset))))
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps({"source": row["source"], "row": row["source_row"] + 1,
+                                     "input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+    return len(rows)
+
+
+def masked_segments(input_ids: list[int], labels: list[int], tokenizer: Any) -> list[tuple[str, bool]]:
+    """The example as (text, trained) runs, for showing masked and trained tokens apart."""
+    segments: list[tuple[str, bool]] = []
+    run: list[int] = []
+    state = None
+    for token, label in zip(input_ids, labels):
+        is_trained = label != IGNORE_INDEX
+        if state is not None and is_trained != state:
+            segments.append((tokenizer.decode(run), state))
+            run = []
+        run.append(token)
+        state = is_trained
+    if run:
+        segments.append((tokenizer.decode(run), bool(state)))
+    return segments
+
+
+def print_stats(stats: dict[str, Any], example: list[tuple[str, bool]] | None, console: Any) -> None:
+    """Rich tables of `data_stats`, and one example with trained tokens highlighted."""
+    from rich.table import Table
+    from rich.text import Text
+
+    sources = Table(title="Data sources", title_justify="left")
+    for column in ("path", "format", "rows", "skipped"):
+        sources.add_column(column)
+    for s in stats["sources"]:
+        skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "0"
+        sources.add_row(s["path"], s["format"], str(s["rows"]), skipped)
+    console.print(sources)
+
+    lengths = Table(title=f"Token lengths ({stats['train_examples']} train examples, {stats['eval_examples']} eval)",
+                    title_justify="left")
+    for column in ("", "min", "median", "p95", "max"):
+        lengths.add_column(column, justify="right")
+    for name in ("prompt_tokens", "response_tokens", "example_tokens"):
+        s = stats[name]
+        lengths.add_row(name.replace("_", " "), str(s["min"]), f"{s['median']:.0f}", f"{s['p95']:.0f}", str(s["max"]))
+    console.print(lengths)
+
+    summary = Table(title="Training tokens and waste", title_justify="left", show_header=False)
+    summary.add_column("what")
+    summary.add_column("value", justify="right")
+    dropped = ", ".join(f"{k}: {v}" for k, v in stats["dropped_examples"].items()) or "0"
+    rows = [
+        ("examples over max_seq_length", f"{stats['examples_over_max_seq_length']} (> {stats['max_seq_length']} tokens)"),
+        ("truncated / dropped", f"{stats['truncated_examples']} / {dropped}"),
+        ("total tokens", f"{stats['total_tokens']:,}"),
+        ("trained tokens", f"{stats['trained_tokens']:,} ({stats['trained_token_fraction']:.1%})"),
+        (f"padding waste (batch {stats['batch_size']}, pad to longest)", f"{stats['padding_waste']:.1%}"),
+        (f"packing waste ({stats['packed_sequences']} packs of <= {stats['max_seq_length']})", f"{stats['packing_waste']:.2%}"),
+        ("packing efficiency", f"{stats['packing_efficiency']:.2%} real tokens"),
+    ]
+    for what, value in rows:
+        summary.add_row(what, value)
+    console.print(summary)
+
+    if example:
+        text = Text()
+        for segment, trained in example:
+            text.append(segment, style="bold green" if trained else "dim")
+        console.print("[bold]First example[/bold] ([green]trained[/green], [dim]masked[/dim]):")
+        console.print(text)
