@@ -1,0 +1,78 @@
+"""LoRA, QLoRA or full fine-tuning on top of a loaded base model."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sftkit.model.load import ModelError
+
+
+@dataclass(frozen=True)
+class AdapterOptions:
+    finetuning: str = "lora"  # lora | qlora | full
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] | str = "all-linear"
+    gradient_checkpointing: bool = False
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Leaf names of every linear layer except the output head (what `all-linear` means)."""
+    head = model.get_output_embeddings()
+    names: set[str] = set()
+    for name, module in model.named_modules():
+        if module is head:
+            continue
+        if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def quantization_config() -> Any:
+    """NF4 with double quantisation and bf16 compute, the QLoRA recipe. GPU only."""
+    if not torch.cuda.is_available():
+        raise ModelError("finetuning = 'qlora' needs a CUDA GPU (bitsandbytes 4-bit); use 'lora' on this machine")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("finetuning = 'qlora' needs bitsandbytes; install sftkit[gpu]")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def apply_adapters(model: nn.Module, options: AdapterOptions) -> nn.Module:
+    """Wrap the base model for training; returns the model whose parameters the optimizer sees."""
+    if options.finetuning == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
+    elif options.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if options.finetuning == "full":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = linear_module_names(model) if options.target_modules == "all-linear" else list(options.target_modules)
+    known = set(linear_module_names(model))
+    unknown = [t for t in targets if t not in known]
+    if unknown:
+        raise ModelError(f"lora_target_modules: {unknown} are not linear layers of this model; "
+                         f"its linear layers are {sorted(known)}")
+    config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    if options.gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    return get_peft_model(model, config)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

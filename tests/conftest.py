@@ -1,0 +1,84 @@
+"""Shared fixtures: the real Llama-2 tokenizer when ../shared has it, a tiny tokenizer we build
+otherwise, and tiny random Llama models saved like hub checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+LLAMA2_TOKENIZER = SHARED / "tokenizers" / "llama2"
+GSM8K = SHARED / "data" / "gsm8k"
+SHAREGPT = SHARED / "data" / "sharegpt" / "conversations.json"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def requires(path: Path):
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} not present")
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer():
+    if not LLAMA2_TOKENIZER.exists():
+        pytest.skip("../shared/tokenizers/llama2 not present")
+    from sftkit.model.load import load_tokenizer
+
+    return load_tokenizer(str(LLAMA2_TOKENIZER))
+
+
+def build_tiny_tokenizer(path: Path) -> Path:
+    """A small byte-level BPE tokenizer trained on a few sentences, saved as a real HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [
+        "The quick brown fox jumps over the lazy dog.",
+        "What is 12 plus 30? The answer is 42.",
+        "Hello! How can I help you today?",
+        "User and assistant take turns in a conversation.",
+    ] * 20
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(path)
+    return path
+
+
+def build_tiny_llama(path: Path, vocab_size: int, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+    """A random Llama saved with save_pretrained (safetensors), loadable like a hub model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """Tiny Llama + the tiny tokenizer in one folder (no network, no ../shared needed)."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer.save_pretrained(path)
+    return build_tiny_llama(path, vocab_size=len(tokenizer))
