@@ -82,3 +82,11 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     tokenizer.save_pretrained(path)
     return build_tiny_llama(path, vocab_size=len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    """The tiny tokenizer loaded the way runs load theirs (pad token set, right padding)."""
+    from sftkit.model.load import load_tokenizer
+
+    return load_tokenizer(str(tiny_tokenizer_dir))

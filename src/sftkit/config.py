@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 class DatasetSpec(BaseModel):
     """One training (or eval) data source."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
     path: str = Field(description="Local file (.json, .jsonl, .parquet, .csv), folder, or hub dataset id.")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
@@ -38,7 +38,8 @@ class DatasetSpec(BaseModel):
 class SFTConfig(BaseModel):
     """Every key of a run. Field descriptions generate the README's reference."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # `--output_dir 2024` reaches us as the YAML int 2024: text keys take numbers as text.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
     # --- model ---
     model_name_or_path: str = Field(description="Hub id or local folder of the base causal LM.")
@@ -107,6 +108,7 @@ class SFTConfig(BaseModel):
     save_total_limit: int | None = Field(None, ge=1, description="Checkpoints kept (the best is never deleted).")
     resume_from_checkpoint: bool | str | None = Field(
         None, description="`true`/`latest`: newest valid checkpoint in output_dir; or a checkpoint path.")
+    save_on_interrupt: bool = Field(True, description="On Ctrl-C, save a checkpoint at the current step before exiting.")
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evals without improvement.")
     report_to: Literal["tensorboard", "wandb", "none"] | list[Literal["tensorboard", "wandb"]] = Field(
         "tensorboard", description="Metric sinks besides metrics.jsonl.")
@@ -155,6 +157,7 @@ class SFTConfig(BaseModel):
 
 _SECRET_KEY = re.compile(r"(token|secret|password|api[_-]?key|auth)", re.I)
 _SECRET_VALUE = re.compile(r"(hf_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9_-]{16,}|ghp_[A-Za-z0-9]{16,}|[A-Fa-f0-9]{40})")
+_HUB_COMMIT = re.compile(r"(?<=/snapshots/)[A-Fa-f0-9]{40}")  # hub-cache folders are named by commit, not secrets
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SFTConfig:
@@ -165,14 +168,17 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SF
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        where = str(err).replace('"<unicode string>"', str(path))
+        raise ConfigError(f"{path}: not valid YAML (fix the syntax at the line shown; "
+                          f"nested keys must line up): {where}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value, source=f"command line --{dotted}")
-    return validate_config(raw, source=str(path))
+    flags = " ".join(f"--{key}" for key in overrides or {})
+    return validate_config(raw, source=f"{path} with command-line {flags}" if flags else str(path))
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> SFTConfig:
@@ -266,7 +272,7 @@ def _redact(node: Any, key: str = "") -> Any:
         return {k: _redact(v, k) for k, v in node.items()}
     if isinstance(node, list):
         return [_redact(v, key) for v in node]
-    if isinstance(node, str) and (_SECRET_KEY.search(key) and "name_or_path" not in key or _SECRET_VALUE.search(node)):
+    if isinstance(node, str) and (_SECRET_KEY.search(key) and "name_or_path" not in key or _SECRET_VALUE.search(_HUB_COMMIT.sub("", node))):
         return "***redacted***"
     return node
 

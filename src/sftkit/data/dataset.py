@@ -68,13 +68,15 @@ def prepare_data(options: DataOptions, tokenizer: Any) -> PreparedData:
         if held_out == 0:
             raise DataError(
                 f"eval_split_ratio = {options.eval_split_ratio} of {len(rows)} rows holds out no row; "
-                "raise eval_split_ratio or set eval_dataset")
+                f"raise eval_split_ratio to at least {1 / len(rows):.2g} or set eval_dataset")
         split = rows.train_test_split(test_size=held_out, seed=options.seed, shuffle=True)
         rows, eval_rows = split["train"], split["test"]
     train = tokenize_dataset(rows, tokenizer, options.tokenize, options.num_proc, "Tokenizing train")
     if len(train.dataset) == 0:
-        raise DataError(f"no training example left after filtering ({train.dropped}); "
-                        "check max_seq_length, truncation and the assistant turns of your data")
+        files = ", ".join(spec.path for spec in options.train_sources)
+        raise DataError(f"{files}: no training example left after filtering ({train.dropped}) with max_seq_length = "
+                        f"{options.tokenize.max_seq_length} and truncation = {options.tokenize.truncation!r}; raise "
+                        "max_seq_length, set `truncation: truncate_right`, or check the assistant turns of your data")
     evaluation = None
     eval_messages: list[list[dict[str, str]]] = []
     if eval_rows is not None:

@@ -69,6 +69,8 @@ def read_source(spec: DatasetSpec) -> datasets.Dataset:
         if builder is None:
             raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .json, .jsonl, .parquet or .csv")
         _check_text_file(path)
+        if path.suffix.lower() == ".json":
+            _check_json_layout(path, spec)
         try:
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as err:  # datasets/pyarrow errors do not say which line is wrong
@@ -79,7 +81,8 @@ def read_source(spec: DatasetSpec) -> datasets.Dataset:
         except Exception as err:
             raise DataError(f"{path}: could not read the folder as a dataset ({err})") from None
     elif spec.path.startswith((".", "/", "~")) or Path(spec.path).suffix.lower() in FILE_BUILDERS:
-        raise DataError(f"{spec.path}: file not found; check the `datasets[].path` key in your config")
+        raise DataError(f"{spec.path}: file not found; check `path` under `datasets` (or `eval_dataset`) in your config, "
+                        "relative to the directory you run sftkit from")
     else:
         try:
             ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)
@@ -94,6 +97,7 @@ def _check_text_file(path: Path) -> None:
     """JSON and CSV must be UTF-8; find the first bad line so the user can fix it."""
     if path.suffix.lower() == ".parquet":
         return
+    has_content = False
     with path.open("rb") as handle:
         for line_number, line in enumerate(handle, start=1):
             try:
@@ -102,6 +106,28 @@ def _check_text_file(path: Path) -> None:
                 raise DataError(
                     f"{path}: line {line_number}: not UTF-8 text (byte {err.object[err.start]:#x} at column {err.start + 1}); "
                     "re-save the file as UTF-8") from None
+            has_content = has_content or bool(line.strip())
+    if not has_content:
+        raise DataError(f"{path}: the file is empty; add rows to it, or point `datasets[].path` at the right file")
+
+
+def _check_json_layout(path: Path, spec: DatasetSpec) -> None:
+    """A .json file holds a list of row objects or one object per line, not rows nested under a key."""
+    if _starts_with(path, "["):
+        return
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return  # JSON Lines in a .json file (or broken JSON, explained after the load fails)
+    layout = "a list of JSON objects (one per row), or one JSON object per line"
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: the top level is a JSON {type(value).__name__}; expected {layout}")
+    row_columns = {"messages", "conversations", *spec.columns.values()}
+    nested = [key for key, item in value.items() if key not in row_columns
+              and isinstance(item, list) and item and all(isinstance(row, dict) for row in item)]
+    if nested:
+        raise DataError(f"{path}: the rows are nested under the key '{nested[0]}' of one JSON object; expected {layout}: "
+                        f"save the list under '{nested[0]}' as the whole file")
 
 
 def _explain_load_error(path: Path, err: Exception) -> DataError:
@@ -111,12 +137,13 @@ def _explain_load_error(path: Path, err: Exception) -> DataError:
                 if not line.strip():
                     continue
                 try:
-                    value = json.loads(line)
+                    value = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as bad:
                     return DataError(f"{path}: line {line_number}: not valid JSON ({bad.msg} at column {bad.colno}); "
                                      "each line must be one JSON object")
                 if not isinstance(value, dict):
-                    return DataError(f"{path}: line {line_number}: expected a JSON object per line, got {type(value).__name__}")
+                    return DataError(f"{path}: line {line_number}: expected a JSON object per line, got {type(value).__name__}; "
+                                     'write each row as one object, e.g. {"messages": [...]}')
     elif path.suffix.lower() == ".json":
         try:
             value = json.loads(path.read_text(encoding="utf-8"))
@@ -125,8 +152,9 @@ def _explain_load_error(path: Path, err: Exception) -> DataError:
         if isinstance(value, list):
             for index, item in enumerate(value, start=1):
                 if not isinstance(item, dict):
-                    return DataError(f"{path}: row {index}: expected a JSON object, got {type(item).__name__}")
-    return DataError(f"{path}: could not read the file ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
+                    return DataError(f"{path}: row {index}: expected a JSON object, got {type(item).__name__}; "
+                                     'each item of the list must be one row object, e.g. {"messages": [...]}')
+    return DataError(f"{path}: could not read the file ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}); "
                      "check that every row has the same columns with the same types")
 
 
@@ -137,7 +165,17 @@ def _starts_with(path: Path, char: str) -> bool:
 
 def detect_format(columns: list[str], spec: DatasetSpec) -> str:
     """Pick the format from the columns (after the user's column mapping)."""
-    mapped = {canonical for canonical, theirs in spec.columns.items() if theirs in columns}
+    unknown = [canonical for canonical in spec.columns if not any(canonical in f for f in FORMAT_FIELDS.values())]
+    if unknown:
+        fields = sorted({f for fs in FORMAT_FIELDS.values() for f in fs})
+        raise DataError(f"{spec.path}: `columns` maps '{unknown[0]}', which is no format's column; "
+                        f"map one of {fields} to a column of your file")
+    absent = {canonical: theirs for canonical, theirs in spec.columns.items() if theirs not in columns}
+    if absent:
+        canonical, theirs = next(iter(absent.items()))
+        raise DataError(f"{spec.path}: `columns` maps {canonical} to '{theirs}', which is not a column of the file "
+                        f"(columns: {sorted(columns)}); fix the mapping in `datasets[].columns`")
+    mapped = set(spec.columns)
     present = set(columns) | mapped
     if spec.format != "auto":
         missing = [f for f in REQUIRED_FIELDS[spec.format] if f not in present]
@@ -173,15 +211,15 @@ def row_to_messages(row: dict[str, Any], fmt: str, columns: dict[str, str],
             return [], "", f"'{columns.get(FORMAT_FIELDS[fmt][0], FORMAT_FIELDS[fmt][0])}' is not a list of turns"
         role_key, content_key = ("role", "content") if fmt == "messages" else ("from", "value")
         messages = []
-        for turn in turns:
+        for turn_number, turn in enumerate(turns, start=1):
             if not isinstance(turn, dict):
-                return [], "", "a turn is not an object"
+                return [], "", f"a turn is not an object: turn {turn_number} is of type {type(turn).__name__}"
             role = turn.get(role_key, turn.get("role"))
             content = turn.get(content_key, turn.get("content"))
             if role not in ROLE_ALIASES:
-                return [], "", f"unknown role {role!r} (use system, user or assistant)"
+                return [], "", f"unknown role: {role!r} in turn {turn_number} (use system, user or assistant)"
             if not isinstance(content, str):
-                return [], "", f"content of a {role} turn is not a string"
+                return [], "", f"content is not a string: turn {turn_number} ({role}) has content of type {type(content).__name__}"
             messages.append({"role": ROLE_ALIASES[role], "content": content})
     elif fmt == "alpaca":
         instruction, extra, output = get("instruction"), get("input"), get("output")

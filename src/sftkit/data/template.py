@@ -18,6 +18,7 @@ template text is saved with every checkpoint, so inference never uses a differen
 
 from __future__ import annotations
 
+import difflib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,10 @@ def resolve_chat_template(setting: str | None, tokenizer: Any) -> str:
         if isinstance(template, dict):  # tokenizers with several named templates
             template = template.get("default")
         if not template:
+            name = getattr(tokenizer, "name_or_path", "")
             raise TemplateError(
-                "the tokenizer has no chat template and `chat_template` is not set; set it to one of "
+                f"the tokenizer{f' {name}' if name else ''} has no chat template and `chat_template` is not set; "
+                "set it to one of "
                 f"{', '.join(BUILTIN_TEMPLATES)} or to a .jinja file")
         return template
     if setting in BUILTIN_TEMPLATES:
@@ -48,10 +51,13 @@ def resolve_chat_template(setting: str | None, tokenizer: Any) -> str:
     path = Path(setting)
     if path.suffix == ".jinja" or path.exists():
         if not path.is_file():
-            raise TemplateError(f"chat_template: file {path} not found")
+            raise TemplateError(f"chat_template = {setting!r}: file not found; give a path relative to the directory "
+                                f"you run sftkit from, or a built-in name ({', '.join(BUILTIN_TEMPLATES)})")
         return path.read_text(encoding="utf-8")
+    close = difflib.get_close_matches(setting, BUILTIN_TEMPLATES, n=1)
     raise TemplateError(
-        f"chat_template = {setting!r}: not a built-in template ({', '.join(BUILTIN_TEMPLATES)}) nor a .jinja file")
+        f"chat_template = {setting!r}: not a built-in template ({', '.join(BUILTIN_TEMPLATES)}) nor a .jinja file"
+        + (f"; did you mean '{close[0]}'?" if close else ""))
 
 
 def render(messages: list[dict[str, str]], template: str, tokenizer: Any, add_generation_prompt: bool = False) -> str:
@@ -60,7 +66,8 @@ def render(messages: list[dict[str, str]], template: str, tokenizer: Any, add_ge
         return tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as err:  # jinja errors and raise_exception() from the template itself
-        raise TemplateError(f"the chat template failed on this conversation: {err}") from None
+        raise TemplateError(f"the chat template failed on this conversation: {err}; "
+                            "fix the template set by `chat_template`, or the conversation") from None
 
 
 def render_prompt(messages: list[dict[str, str]], template: str, tokenizer: Any) -> str:
@@ -86,6 +93,12 @@ def assistant_spans(messages: list[dict[str, str]], template: str, tokenizer: An
             # Template not prefix-stable (e.g. it moves the system prompt): find the reply in the full
             # text after the previous span, and extend it over the end-of-turn the template emits.
             start = full.find(content, cursor)
+            # A user turn may quote the reply ("Say: Sure" → "Sure"): take the first copy that the
+            # end-of-turn follows, so user text is never trained.
+            ended = start
+            while ended >= 0 and not _end_of_turn(template, tokenizer, full[ended + len(content):]):
+                ended = full.find(content, ended + 1)
+            start = ended if ended >= 0 else start
             if start < 0:
                 raise TemplateError(
                     f"assistant turn {index + 1} does not appear verbatim in the rendered text, so it cannot be "
@@ -98,12 +111,21 @@ def assistant_spans(messages: list[dict[str, str]], template: str, tokenizer: An
     return full, spans
 
 
-def _end_of_turn(template: str, tokenizer: Any, following: str) -> str:
-    """What the template writes after an assistant reply, if `following` starts with it."""
+def end_of_turn(template: str, tokenizer: Any) -> str:
+    """The text a template writes right after an assistant reply (e.g. `<|im_end|>`, ` </s>`), trailing
+    whitespace removed: what generation must emit to stop."""
     probe = [{"role": "user", "content": "\x00q"}, {"role": "assistant", "content": "\x00a"}]
     text = render(probe, template, tokenizer)
-    suffix = text[text.index("\x00a") + 2:].rstrip()
-    return following[: len(following) - len(following.lstrip())] + suffix if following.lstrip().startswith(suffix) and suffix else ""
+    return text[text.index("\x00a") + 2:].rstrip()
+
+
+def _end_of_turn(template: str, tokenizer: Any, following: str) -> str:
+    """The whitespace and end-of-turn at the start of `following`, if it starts with the end-of-turn."""
+    suffix = end_of_turn(template, tokenizer).lstrip()
+    stripped = following.lstrip()
+    if not suffix or not stripped.startswith(suffix):
+        return ""
+    return following[: len(following) - len(stripped)] + suffix
 
 
 def tokenize_conversation(messages: list[dict[str, str]], template: str, tokenizer: Any,

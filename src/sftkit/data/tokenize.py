@@ -12,7 +12,7 @@ from typing import Any
 import datasets
 
 from sftkit.data.formats import DataError
-from sftkit.data.template import IGNORE_INDEX, tokenize_conversation, tokenize_text
+from sftkit.data.template import IGNORE_INDEX, TemplateError, tokenize_conversation, tokenize_text
 
 TRUNCATION_POLICIES = ("truncate_right", "drop", "error")
 
@@ -32,7 +32,11 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any, options: TokenizeOptions) 
     removed and counted by the caller (never silently).
     """
     if row["messages"]:
-        encoded = tokenize_conversation(row["messages"], options.template, tokenizer, options.assistant_only_loss)
+        try:
+            encoded = tokenize_conversation(row["messages"], options.template, tokenizer, options.assistant_only_loss)
+        except TemplateError as err:  # say which row the template failed on
+            where = f"row {row['source_row'] + 1}: " if "source_row" in row else ""
+            raise TemplateError(f"{row.get('source', 'dataset')}: {where}{err}") from None
     else:
         encoded = tokenize_text(row["text"], tokenizer)
     input_ids, labels = encoded["input_ids"], encoded["labels"]

@@ -41,14 +41,21 @@ def _remote_code_error(name: str, err: Exception) -> ModelError | None:
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     """Tokenizer with a pad token that is not EOS, padding on the right for training."""
-    _check_exists(name, "tokenizer_name_or_path")
+    _check_exists(name, "model_name_or_path (or tokenizer_name_or_path)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as err:
+        if Path(name).expanduser().is_dir() and not _has_tokenizer_files(Path(name).expanduser()):
+            raise ModelError(f"{name}: no tokenizer files in this folder (tokenizer.json, tokenizer_config.json, ...); "
+                             "set `tokenizer_name_or_path` to the tokenizer of the base model") from None
         raise _remote_code_error(name, err) or ModelError(f"{name}: could not load the tokenizer: {err}") from None
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any(p.name.startswith(("tokenizer", "vocab")) or p.suffix == ".model" for p in folder.iterdir())
 
 
 def ensure_pad_token(tokenizer: Any) -> None:

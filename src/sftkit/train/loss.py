@@ -4,9 +4,18 @@ The loop divides the *sum* over an optimizer step's trained tokens by their coun
 accumulation and data parallelism reproduce one big batch exactly. Losses here are sums.
 
 Chunked loss: logits (tokens × vocab, fp32) are the largest activation of small and mid-size
-models (8192 tokens × 128k vocab × 4 B = 4 GiB). `ChunkedCrossEntropy` walks the tokens in chunks,
-computes each chunk's logits, loss and gradients at once, and keeps only the gradient with respect
-to the hidden states (tokens × hidden), so peak memory is one chunk's logits.
+models (8192 tokens × 128k vocab × 4 B = 4 GiB, and autograd keeps a second such tensor for the
+log-softmax). `ChunkedCrossEntropy` takes only the tokens that have a target (assistant-only loss
+masks the prompts: often half of all tokens), walks them in chunks, computes each chunk's logits,
+loss and gradients at once in a single (chunk, vocab) fp32 buffer, and keeps only the gradients
+with respect to the hidden states and, when it is trained, the output weight. Peak memory is one
+chunk's logits instead of two or three copies of the whole sequence's, and the output layer's
+matmuls run on trained tokens only, which is exact: an ignored token's gradient is zero.
+
+    position  0  1  2  3  4  5  6  7  8  9
+    target    -  -  -  5  7  -  -  2  9  4        (- = IGNORE_INDEX)
+    trained            3  4        7  8  9        chunk_size 2: [3 4] [7 8] [9]
+    grad_hidden rows 0-2 and 5-6 stay zero
 """
 
 from __future__ import annotations
@@ -24,32 +33,41 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """sum_t CE(hidden_t @ weight.T, target_t), with gradients computed chunk by chunk in forward."""
+    """sum_t CE(hidden_t @ weight.T, target_t) over trained tokens, gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                with_grad: bool):
         # hidden (tokens, hidden), weight (vocab, hidden), targets (tokens,)
-        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        # `needs_input_grad` is also True under torch.no_grad(), hence the explicit `with_grad`.
+        need_hidden = with_grad and ctx.needs_input_grad[0]
+        need_weight = with_grad and ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            chunk_targets = targets[start:start + chunk_size]
-            keep = chunk_targets != IGNORE_INDEX
-            if not bool(keep.any()):
-                continue
-            chunk_hidden = hidden[start:start + chunk_size]
-            logits = (chunk_hidden @ weight.T).float()  # (chunk, vocab)
-            total += F.cross_entropy(logits, chunk_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        # Ignored tokens add nothing to the loss and get zero gradient: never compute their logits.
+        trained = torch.nonzero(targets != IGNORE_INDEX).squeeze(1)  # (trained,)
+        trained_hidden = hidden.index_select(0, trained)  # (trained, hidden)
+        trained_targets = targets.index_select(0, trained)[:, None]  # (trained, 1)
+        for start in range(0, trained.shape[0], chunk_size):
+            rows = trained[start:start + chunk_size]  # (chunk,) positions in the sequence
+            chunk_hidden = trained_hidden[start:start + chunk_size]  # (chunk, hidden)
+            chunk_targets = trained_targets[start:start + chunk_size]  # (chunk, 1)
+            logits = (chunk_hidden @ weight.T).float()  # (chunk, vocab); the only vocab-sized buffer
+            target_logits = logits.gather(1, chunk_targets)  # (chunk, 1)
+            # logsumexp by hand, in place: torch.logsumexp would allocate two more (chunk, vocab) buffers.
+            row_max = logits.max(dim=-1, keepdim=True).values  # (chunk, 1)
+            unnormalized = logits.sub_(row_max).exp_()  # (chunk, vocab), overwrites the logits
+            normalizer = unnormalized.sum(dim=-1, keepdim=True)  # (chunk, 1)
+            total += (row_max + normalizer.log() - target_logits).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
-            # d(sum CE)/d logits = softmax − onehot on trained rows, 0 elsewhere
-            grad_logits = torch.softmax(logits, dim=-1)
-            rows = torch.nonzero(keep).squeeze(1)
-            grad_logits[rows, chunk_targets[rows]] -= 1.0
-            grad_logits[~keep] = 0.0
+            # d(sum CE)/d logits = softmax − onehot(target), in place.
+            grad_logits = unnormalized.div_(normalizer)
+            grad_logits.scatter_add_(1, chunk_targets, torch.full_like(normalizer, -1.0))
             grad_logits = grad_logits.to(hidden.dtype)
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk_size] = grad_logits @ weight
+                grad_hidden[rows] = grad_logits @ weight
             if grad_weight is not None:
                 grad_weight += (grad_logits.T @ chunk_hidden).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -59,16 +77,19 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_output.to(torch.float32)
-        return (
-            grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None,
-            (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None,
-            None,
-            None,
-        )
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_output.float()).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
 
 
 def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                               chunk_size: int = 1024) -> torch.Tensor:
-    """hidden (batch, seq, hidden), weight (vocab, hidden), targets (batch, seq) → summed CE."""
-    return ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_size)
+    """hidden (batch, seq, hidden), weight (vocab, hidden), targets (batch, seq) → summed CE.
+
+    Equals `cross_entropy_sum(hidden @ weight.T, targets)`, values and gradients, without the
+    (batch × seq, vocab) logits. Gradients are computed during forward, so call it once per backward.
+    """
+    return ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                     chunk_size, torch.is_grad_enabled())

@@ -1,0 +1,63 @@
+"""Which sequences go into which micro-batch, on which process, at which optimizer step.
+
+The order is a pure function of (seed, epoch, step): no data-loader state to save, so a resumed run
+sees exactly the batches the uninterrupted run would have seen, and 2 processes × GA 2 see exactly
+the micro-batches of 1 process × GA 4.
+
+    epoch e: shuffle sequences with seed+e → micro-batches of `micro` sequences
+             → optimizer steps of `ga × world` micro-batches → rank r takes every world-th one
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """sequences: per training sequence (a pack, or one example when not packing), its example ids."""
+
+    sequences: list[list[int]]
+    micro_batch_size: int
+    accumulation: int
+    world_size: int
+    seed: int
+    shuffle: bool = True
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return math.ceil(len(self.sequences) / self.micro_batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.micro_batches_per_epoch / (self.accumulation * self.world_size))
+
+    def total_steps(self, num_train_epochs: float, max_steps: int) -> int:
+        return max_steps if max_steps > 0 else max(1, math.ceil(num_train_epochs * self.steps_per_epoch))
+
+    def epoch_micro_batches(self, epoch: int) -> list[list[int]]:
+        """Micro-batches of one epoch, each a list of sequence indices."""
+        order = np.arange(len(self.sequences))
+        if self.shuffle:
+            order = np.random.default_rng(self.seed + epoch).permutation(len(self.sequences))
+        size = self.micro_batch_size
+        return [order[i:i + size].tolist() for i in range(0, len(order), size)]
+
+    def step_micro_batches(self, step: int) -> list[list[int]]:
+        """All micro-batches of optimizer step `step` (0-based), across every process, in order."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        per_step = self.accumulation * self.world_size
+        return self.epoch_micro_batches(epoch)[index * per_step:(index + 1) * per_step]
+
+    def for_rank(self, group: list[list[int]], rank: int) -> list[list[int] | None]:
+        """This process's micro-batches of a step. Every process gets the same count (None = a
+        zero-loss stand-in) so DDP's gradient all-reduce stays in step on a short last step."""
+        mine: list[list[int] | None] = list(group[rank::self.world_size])
+        per_rank = math.ceil(len(group) / self.world_size)
+        return mine + [None] * (per_rank - len(mine))
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.steps_per_epoch

@@ -1,0 +1,233 @@
+"""Checkpoints that resume the same run, and that are never half-written.
+
+    checkpoint-STEP/
+        adapter_model.safetensors + adapter_config.json   (LoRA)   or   model.safetensors (full)
+        optimizer.pt            torch.save of the optimizer state, read back with weights_only=True
+        scheduler.json          LR scheduler state
+        rng_state_RANK.json     python + numpy RNG of each process
+        rng_torch_RANK.safetensors   torch CPU (and CUDA) RNG of each process
+        trainer_state.json      step, epoch, best eval loss, run fingerprint
+        config.yaml, chat_template.jinja
+        manifest.json           every file with size and SHA-256, written last
+
+Everything is written into `.tmp-checkpoint-STEP/` and renamed into place once complete, so a crash
+mid-save never leaves a directory that resume would take for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed from: the message names the file and why."""
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (with a manifest), oldest first."""
+    found = [p for p in output_dir.glob("checkpoint-*") if CHECKPOINT.match(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
+
+
+def step_of(path: Path) -> int:
+    match = CHECKPOINT.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """RNG states as JSON-able values and tensors (no pickle anywhere)."""
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {"python": [version, list(state), gauss],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    return plain, tensors
+
+
+def restore_rng(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def temp_dir_for(output_dir: Path, step: int) -> Path:
+    return output_dir / f".tmp-checkpoint-{step}"
+
+
+def write_weights(model: torch.nn.Module, directory: Path, finetuning: str) -> None:
+    """Adapter (PEFT format) or the full model's state dict, as safetensors."""
+    if finetuning == "full":
+        from safetensors.torch import save_model
+
+        save_model(model, str(directory / "model.safetensors"))
+    else:
+        model.save_pretrained(directory, safe_serialization=True)
+        (directory / "README.md").unlink(missing_ok=True)
+
+
+def write_process_state(directory: Path, rank: int) -> None:
+    """Each process writes its own RNG state into the (shared) temporary directory."""
+    plain, tensors = capture_rng()
+    (directory / f"rng_state_{rank}.json").write_text(json.dumps(plain))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / f"rng_torch_{rank}.safetensors"))
+
+
+def write_main_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: Any, trainer_state: dict[str, Any], finetuning: str,
+                     config_yaml: str, template: str) -> None:
+    write_weights(model, directory, finetuning)
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    (directory / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+    (directory / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    (directory / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
+
+
+def finalize(directory: Path, output_dir: Path, step: int) -> Path:
+    """Write the manifest last, then rename the directory into place (atomic on one filesystem)."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.iterdir()) if p.is_file()}
+    (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
+    final = output_dir / f"checkpoint-{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    directory.rename(final)
+    return final
+
+
+def prune(output_dir: Path, limit: int | None, keep: set[Path]) -> list[Path]:
+    """Delete the oldest checkpoints beyond `limit`, never one in `keep` (the best)."""
+    if not limit:
+        return []
+    existing = checkpoint_dirs(output_dir)
+    removable = [p for p in existing if p.resolve() not in {k.resolve() for k in keep}]
+    excess = len(existing) - limit
+    removed = removable[:max(0, excess)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def validate(path: Path, fingerprint: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """Check a checkpoint is complete, intact and from this run; return its trainer state."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint was not completely written")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{manifest_path}: damaged (not valid JSON)") from None
+    for name, meta in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (the manifest lists it)")
+        if file.stat().st_size != meta["size"]:
+            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, expected {meta['size']}; the file is truncated or was changed")
+        if _sha256(file) != meta["sha256"]:
+            raise CheckpointError(f"{file}: content does not match its SHA-256 in the manifest; the file is damaged")
+    for name in ("optimizer.pt", "trainer_state.json", "scheduler.json"):
+        if name not in manifest["files"]:
+            raise CheckpointError(f"{path / name}: missing from the checkpoint")
+    for rank in range(world_size):
+        if f"rng_state_{rank}.json" not in manifest["files"]:
+            raise CheckpointError(f"{path / f'rng_state_{rank}.json'}: missing; the checkpoint was written by "
+                                  f"a run with fewer processes than {world_size}")
+    state = json.loads((path / "trainer_state.json").read_text())
+    previous = state.get("fingerprint", {})
+    changed = [f"{key}: checkpoint has {previous.get(key)!r}, this run has {value!r}"
+               for key, value in fingerprint.items() if previous.get(key) != value]
+    if changed:
+        raise CheckpointError(f"{path / 'trainer_state.json'}: the checkpoint is from a different run ("
+                              + "; ".join(changed) + "); resume with the same settings or start a new output_dir")
+    return state
+
+
+def find_resume_checkpoint(output_dir: Path, setting: bool | str, fingerprint: dict[str, Any],
+                           world_size: int, warn: Any = print) -> tuple[Path, dict[str, Any]] | None:
+    """`true`: the newest checkpoint, refused if damaged; `latest`: the newest intact one; a path: that one."""
+    if isinstance(setting, str) and setting not in ("latest", "true"):
+        path = Path(setting)
+        if not path.is_dir():
+            raise CheckpointError(f"resume_from_checkpoint = {setting!r}: no such checkpoint directory")
+        return path, validate(path, fingerprint, world_size)
+    candidates = checkpoint_dirs(output_dir)
+    if not candidates:
+        return None
+    if setting == "latest":
+        for path in reversed(candidates):
+            try:
+                return path, validate(path, fingerprint, world_size)
+            except CheckpointError as err:
+                warn(f"skipping damaged checkpoint: {err}")
+        raise CheckpointError(f"{output_dir}: no intact checkpoint to resume from")
+    try:
+        return candidates[-1], validate(candidates[-1], fingerprint, world_size)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}. Set `resume_from_checkpoint: latest` to fall back to the newest intact "
+                              "checkpoint, or delete this one") from None
+
+
+def load_weights(model: torch.nn.Module, path: Path, finetuning: str) -> None:
+    if finetuning == "full":
+        from safetensors.torch import load_model
+
+        load_model(model, str(path / "model.safetensors"))
+    else:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise CheckpointError(f"{path / 'adapter_model.safetensors'}: does not fit this model ({unexpected[:3]} ...)")
+
+
+def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+               finetuning: str, rank: int) -> None:
+    """Restore weights, optimizer, scheduler and this process's RNG from a validated checkpoint."""
+    try:
+        load_weights(model, path, finetuning)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: the weights do not fit this model ({str(err).splitlines()[0]})") from None
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    plain = json.loads((path / f"rng_state_{rank}.json").read_text())
+    with safe_open(str(path / f"rng_torch_{rank}.safetensors"), "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    restore_rng(plain, tensors)

@@ -1,0 +1,77 @@
+"""The training forward pass: packed batches with block-diagonal attention, loss as a token sum.
+
+Packing must never let an example attend to its neighbours. We do not trust each attention backend
+to infer that from `position_ids` (with a KV cache built, transformers' sdpa/eager paths let a packed
+example see the previous ones); instead:
+
+    flash_attention_2   position_ids restart per example → varlen kernel with per-example cu_seqlens
+    sdpa                explicit (batch, 1, seq, seq) boolean block-causal mask
+    eager               the same mask as an additive float mask (0 / dtype min)
+
+`tests/test_packing_attention.py` proves, per backend, that each packed example's loss equals its
+loss computed alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sftkit.data.collate import block_causal_mask
+from sftkit.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
+
+# Configs whose logits are not plain `lm_head(hidden)`; the chunked loss would not be exact for them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers CausalLM inside a PEFT wrapper (LoRA layers are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def chunked_loss_is_exact(model: nn.Module) -> bool:
+    """True when logits are exactly `hidden @ lm_head.weight.T` (no bias, scaling or soft-capping)."""
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    config = lm.config
+    return (
+        type(head) is nn.Linear and head.bias is None and hasattr(lm, lm.base_model_prefix)
+        and not any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
+    )
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps the model so one call returns the summed loss of a batch.
+
+    Wrapping (rather than calling submodules from the loop) keeps DDP/FSDP hooks working when
+    accelerate prepares this module.
+    """
+
+    def __init__(self, model: nn.Module, attn_implementation: str, chunked: bool, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.attn_implementation = attn_implementation
+        self.chunked = chunked
+        self.chunk_size = chunk_size
+
+    def attention_inputs(self, segment_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.attn_implementation == "flash_attention_2":
+            return {}  # position_ids alone drive the varlen kernel
+        mask = block_causal_mask(segment_ids)  # (batch, 1, seq, seq) bool
+        if self.attn_implementation == "eager":
+            dtype = next(self.model.parameters()).dtype
+            dtype = dtype if dtype.is_floating_point else torch.float32
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return {"attention_mask": mask}
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor,
+                segment_ids: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy over the trained targets of the batch (a 0-d fp32 tensor)."""
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False,
+                  **self.attention_inputs(segment_ids)}
+        if not self.chunked:
+            logits = self.model(**inputs).logits  # (batch, seq, vocab)
+            return cross_entropy_sum(logits, targets)
+        lm = causal_lm(self.model)
+        hidden = getattr(lm, lm.base_model_prefix)(**inputs).last_hidden_state  # (batch, seq, hidden)
+        return chunked_cross_entropy_sum(hidden, lm.get_output_embeddings().weight, targets, self.chunk_size)

@@ -1,0 +1,475 @@
+"""The training loop: setup → train → save, readable top to bottom.
+
+One optimizer step is exactly one big batch: its loss is the sum of per-token losses over all its
+micro-batches on all processes, divided by the number of trained tokens in the whole step. Each
+micro-batch's backward uses `sum / N_step × world` (DDP averages gradients over processes), so
+micro 2 × GA 4 and 2 processes × GA 2 give the gradients of micro 8 × GA 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+
+from sftkit.config import SFTConfig, redacted, save_config
+from sftkit.data.collate import collate
+from sftkit.data.dataset import DataOptions, PreparedData, prepare_data
+from sftkit.data.inspect import data_stats
+from sftkit.data.packing import pack_balanced
+from sftkit.data.template import IGNORE_INDEX, resolve_chat_template
+from sftkit.model.adapters import AdapterOptions, apply_adapters, parameter_counts, quantization_config
+from sftkit.model.load import ModelError, load_model, load_tokenizer, resolve_dtype
+from sftkit.monitor.diagnosis import Monitor, MonitorSettings
+from sftkit.monitor.samples import generate_samples, load_sample_prompts
+from sftkit.train import checkpoint as ckpt
+from sftkit.train.batches import BatchPlan
+from sftkit.train.forward import CausalLMLoss, chunked_loss_is_exact
+from sftkit.train.metrics import MetricsWriter, memory_gb, truncate_after
+from sftkit.train.optim import build_optimizer
+from sftkit.train.schedule import build_scheduler, lr_multiplier, warmup_steps_for
+
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "diagnosis.jsonl", "run.json", "data_stats.json", "report.html")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue; the message says what to change."""
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    status: str  # finished | stopped | early_stopped
+    last_step: int
+    final_dir: Path | None
+    best_checkpoint: str | None
+    final_loss: float | None
+
+
+def train(config: SFTConfig, console: Console | None = None) -> RunResult:
+    console = console or Console()
+    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "fp16" if config.fp16 else "no")
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    say = console.print if main else (lambda *a, **k: None)
+    output_dir = Path(config.output_dir)
+    check_hardware(config)
+    if main:
+        prepare_output_dir(output_dir, config)
+    accelerator.wait_for_everyone()
+    set_seed(config.seed)
+
+    # ---- data: tokenized, masked, packed; the batch order is a pure function of (seed, step)
+    tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path, config.trust_remote_code)
+    template = resolve_chat_template(config.chat_template, tokenizer)
+    with accelerator.main_process_first():
+        data = prepare_data(DataOptions.from_config(config, template), tokenizer)
+    train_set, trained_per_example = columns_for_training(data.train.dataset)
+    lengths = data.train.dataset["length"]
+    sequences = pack_balanced(lengths, config.max_seq_length) if config.packing else [[i] for i in range(len(lengths))]
+    plan = BatchPlan(sequences, config.per_device_train_batch_size, config.gradient_accumulation_steps, world, config.seed)
+    total_steps = plan.total_steps(config.num_train_epochs, config.max_steps)
+    warmup = warmup_steps_for(total_steps, *config.warmup_fraction_or_steps)
+    stats = data_stats(data, config.max_seq_length, config.per_device_train_batch_size)
+
+    # ---- model: base weights, adapters, the loss wrapper, optimizer and schedule
+    model = load_model(config.model_name_or_path, resolve_dtype(config.torch_dtype, config.bf16, config.fp16),
+                       config.attn_implementation, config.trust_remote_code,
+                       quantization_config() if config.finetuning == "qlora" else None, vocab_size=len(tokenizer))
+    model = apply_adapters(model, AdapterOptions(
+        config.finetuning, config.lora_r, config.lora_alpha, config.lora_dropout,
+        tuple(config.lora_target_modules) if isinstance(config.lora_target_modules, list) else config.lora_target_modules,
+        config.gradient_checkpointing))
+    trainable, total_params = parameter_counts(model)
+    chunked = chunked_loss_is_exact(model) if config.chunked_loss == "auto" else config.chunked_loss
+    if chunked and not chunked_loss_is_exact(model):
+        raise ModelError("chunked_loss = true, but this model's logits are not a plain linear head "
+                         "(bias, scaling or soft-capping); set chunked_loss: auto")
+    loss_model = CausalLMLoss(model, config.attn_implementation, chunked, config.loss_chunk_size)
+    optimizer = build_optimizer(model, config.learning_rate, config.weight_decay,
+                                (config.adam_beta1, config.adam_beta2), config.adam_epsilon)
+    scheduler = build_scheduler(optimizer, total_steps, warmup, config.lr_scheduler_type, config.min_lr_ratio)
+    loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
+    unwrapped = accelerator.unwrap_model(loss_model).model
+
+    # ---- resume: weights, optimizer, schedule, RNG and position of the same run
+    fingerprint = run_fingerprint(config, world)
+    state: dict[str, Any] = {"step": 0, "best_eval_loss": None, "best_checkpoint": None, "evals_without_gain": 0,
+                             "window": empty_window(), "fingerprint": fingerprint}
+    if config.resume_from_checkpoint not in (None, False):
+        found = ckpt.find_resume_checkpoint(output_dir, "true" if config.resume_from_checkpoint is True
+                                            else config.resume_from_checkpoint, fingerprint, world, warn=say)
+        if found is None:
+            say(f"[yellow]resume_from_checkpoint: no checkpoint in {output_dir}; starting from step 0[/yellow]")
+        else:
+            path, state = found
+            ckpt.load_state(path, unwrapped, optimizer, scheduler, config.finetuning, rank)
+            say(f"Resumed from {path} at step {state['step']}")
+    start_step = state["step"]
+
+    # ---- run directory, sinks, monitor, samples
+    eval_steps = config.resolved_eval_steps
+    sample_steps = config.sample_steps or eval_steps or config.logging_steps * 10
+    prompts = load_sample_prompts(config.sample_prompts, data.eval_messages or [], count=4)
+    writer, monitor = None, None
+    if main:
+        for name in ("metrics.jsonl", "samples.jsonl", "diagnosis.jsonl"):
+            truncate_after(output_dir / name, start_step)
+        save_config(config, output_dir / "config.yaml")
+        (output_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
+        (output_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
+        writer = MetricsWriter(output_dir, config.report_sinks, output_dir.name, redacted(config))
+        monitor = Monitor(MonitorSettings(
+            learning_rate=config.learning_rate, total_steps=total_steps, warmup_steps=warmup,
+            expected_lr=lambda s: config.learning_rate * lr_multiplier(
+                s - 1, total_steps, warmup, config.lr_scheduler_type, config.min_lr_ratio),
+            trained_token_fraction=stats["trained_token_fraction"],
+            precision="bf16" if config.bf16 else "fp16" if config.fp16 else "fp32"), output_dir / "diagnosis.jsonl")
+    run_info = {
+        "status": "running", "model_name_or_path": config.model_name_or_path, "finetuning": config.finetuning,
+        "world_size": world, "micro_batch_size": config.per_device_train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "effective_batch": config.per_device_train_batch_size * config.gradient_accumulation_steps * world,
+        "sequences": len(sequences), "steps_per_epoch": plan.steps_per_epoch, "total_steps": total_steps,
+        "warmup_steps": warmup, "trainable_params": trainable, "total_params": total_params,
+        "trained_token_fraction": stats["trained_token_fraction"], "packing": config.packing, "chunked_loss": chunked,
+        "last_step": start_step, "best_checkpoint": state["best_checkpoint"],
+        "best_eval_loss": state["best_eval_loss"], "final_dir": None,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "finished_at": None,
+    }
+    write_run_info(output_dir, run_info, main)
+    say(f"[bold]Effective batch[/bold] = {config.per_device_train_batch_size} (micro) × "
+        f"{config.gradient_accumulation_steps} (GA) × {world} (processes) = {run_info['effective_batch']} sequences "
+        f"· {total_steps} steps ({plan.steps_per_epoch}/epoch) · warmup {warmup} · "
+        f"trainable {trainable:,} / {total_params:,} parameters ({trainable / total_params:.2%})")
+
+    def batch_of(sequence_ids: list[int] | None, fallback: list[int]) -> dict[str, torch.Tensor]:
+        """Collate a micro-batch; `None` stands for a process's empty slot: same shape, no targets."""
+        rows = [[train_set[e] for e in sequences[s]] for s in (sequence_ids or fallback)]
+        batch = collate(rows, tokenizer.pad_token_id)
+        if sequence_ids is None:
+            batch["targets"].fill_(IGNORE_INDEX)
+        return {k: v.to(accelerator.device) for k, v in batch.items()}
+
+    if data.eval is not None:
+        eval_set, eval_trained = columns_for_training(data.eval.dataset)
+        eval_sequences = (pack_balanced(data.eval.dataset["length"], config.max_seq_length) if config.packing
+                          else [[i] for i in range(len(eval_set))])
+        size = config.per_device_eval_batch_size
+        eval_micro = [eval_sequences[i:i + size] for i in range(0, len(eval_sequences), size)]
+        eval_tokens = sum(eval_trained)
+
+    def evaluate() -> float:
+        """Eval loss with the same token-sum normalisation as training, over every process's share."""
+        loss_sum = torch.zeros((), device=accelerator.device)
+        loss_model.eval()
+        with torch.no_grad():
+            for rows in eval_micro[rank::world]:
+                batch = collate([[eval_set[e] for e in seq] for seq in rows], tokenizer.pad_token_id)
+                loss_sum += loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()}).float()
+        loss_model.train()
+        return (accelerator.reduce(loss_sum, "sum") / eval_tokens).item()
+
+    def save(step: int, eval_loss: float | None = None) -> Path:
+        path = save_checkpoint(accelerator, output_dir, step, unwrapped, optimizer, scheduler,
+                               {**state, "step": step, "epoch": plan.epoch_of(step), "eval_loss": eval_loss},
+                               config, template)
+        if main:
+            keep = {output_dir / state["best_checkpoint"]} if state["best_checkpoint"] else set()
+            ckpt.prune(output_dir, config.save_total_limit, keep)
+        return path
+
+    # ---- the loop
+    step = start_step
+    status = "finished"
+    last_loss: float | None = None
+    window = state["window"]
+    bad_steps = 0
+    loss_model.train()
+    started = time.perf_counter()
+    progress = make_progress(console, main)
+    task = progress.add_task("training", total=total_steps, completed=start_step, loss=float("nan"), lr=0.0)
+    try:
+        with progress:
+            while step < total_steps:
+                group = plan.step_micro_batches(step)
+                step_trained = sum(trained_per_example[e] for mb in group for s in mb for e in sequences[s])
+                step_tokens = sum(lengths[e] for mb in group for s in mb for e in sequences[s])
+                mine = plan.for_rank(group, rank)
+                loss_sum = torch.zeros((), device=accelerator.device)
+                for index, sequence_ids in enumerate(mine):
+                    batch = batch_of(sequence_ids, group[0])
+                    last = index == len(mine) - 1
+                    with nullcontext() if last else accelerator.no_sync(loss_model):
+                        micro_loss = loss_model(**batch)
+                        accelerator.backward(micro_loss * world / step_trained)
+                    loss_sum += micro_loss.detach().float()
+                step_loss = (accelerator.reduce(loss_sum, "sum") / step_trained).item()
+                grad_norm = accelerator.clip_grad_norm_(
+                    loss_model.parameters(), config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
+                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+                lr = scheduler.get_last_lr()[0]
+                finite = math.isfinite(step_loss) and (config.fp16 or math.isfinite(grad_norm))
+                if finite:
+                    optimizer.step()
+                else:
+                    bad_steps += 1
+                    if bad_steps > config.max_bad_steps:
+                        if monitor:
+                            for finding in monitor.observe_step(step + 1, step_loss, grad_norm, lr, example_rows(data, group, sequences)):
+                                say(f"[bold yellow]diagnosis:[/bold yellow] {finding.message} — {finding.advice}")
+                        raise TrainingError(
+                            f"step {step + 1}: loss {step_loss} / grad norm {grad_norm} is not finite; the step was "
+                            "not applied. " + nonfinite_advice(config) + " (or allow skipping with max_bad_steps: N)")
+                    say(f"[yellow]step {step + 1}: non-finite loss or gradient, step skipped "
+                        f"({bad_steps}/{config.max_bad_steps} allowed)[/yellow]")
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                last_loss = step_loss if finite else last_loss
+                accumulate(window, step_loss * step_trained if finite else 0.0, step_trained, step_tokens, grad_norm)
+
+                if monitor:
+                    for finding in monitor.observe_step(step, step_loss, grad_norm, lr, example_rows(data, group, sequences)):
+                        say(f"[bold yellow]diagnosis:[/bold yellow] {finding.message} — {finding.advice}")
+                if step % config.logging_steps == 0 or step == total_steps:
+                    elapsed = time.perf_counter() - started
+                    row = window_row(window, step, plan.epoch_of(step), lr, grad_norm, elapsed, memory_gb())
+                    if writer:
+                        writer.log(row)
+                    window = state["window"] = empty_window()
+                progress.update(task, completed=step, loss=step_loss, lr=lr)
+
+                eval_loss = None
+                if eval_steps and (step % eval_steps == 0 or step == total_steps):
+                    eval_loss = evaluate()
+                    improved = state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]
+                    if improved:
+                        state["best_eval_loss"], state["evals_without_gain"] = eval_loss, 0
+                    else:
+                        state["evals_without_gain"] += 1
+                    if writer:
+                        writer.log({"step": step, "epoch": plan.epoch_of(step), "eval_loss": eval_loss,
+                                    "eval_tokens": eval_tokens})
+                    if improved and (config.early_stopping_patience or step % config.save_steps == 0):
+                        state["best_checkpoint"] = f"checkpoint-{step}"
+                        save(step, eval_loss)
+                    if monitor:
+                        for finding in monitor.observe_eval(step, last_loss or float("nan"), eval_loss, state["best_checkpoint"]):
+                            say(f"[bold yellow]diagnosis:[/bold yellow] {finding.message} — {finding.advice}")
+                if prompts and (step % sample_steps == 0 or step == total_steps):
+                    if main:
+                        samples = generate_samples(unwrapped, tokenizer, template, prompts, config.max_new_tokens)
+                        log_samples(output_dir, writer, step, samples, console)
+                        for finding in monitor.observe_samples(step, samples):
+                            say(f"[bold yellow]diagnosis:[/bold yellow] {finding.message} — {finding.advice}")
+                    accelerator.wait_for_everyone()
+                if step % config.save_steps == 0 and not (output_dir / f"checkpoint-{step}").exists():
+                    save(step, eval_loss)
+                run_info.update(last_step=step, best_checkpoint=state["best_checkpoint"],
+                                best_eval_loss=state["best_eval_loss"])
+                if step % config.logging_steps == 0:
+                    write_run_info(output_dir, run_info, main)
+                if (config.early_stopping_patience and eval_loss is not None
+                        and state["evals_without_gain"] >= config.early_stopping_patience):
+                    say(f"Early stopping at step {step}: eval loss has not improved for "
+                        f"{config.early_stopping_patience} evals; best is {state['best_checkpoint']} "
+                        f"({state['best_eval_loss']:.4f})")
+                    status = "early_stopped"
+                    break
+    except KeyboardInterrupt:
+        status = "stopped"
+        say(f"[yellow]Interrupted at step {step}.[/yellow]")
+        if config.save_on_interrupt and step > start_step:
+            path = save(step)
+            say(f"Saved {path}; resume with `--resume_from_checkpoint true`.")
+        run_info.update(status=status, last_step=step)
+        write_run_info(output_dir, run_info, main)
+        return RunResult(output_dir, status, step, None, state["best_checkpoint"], last_loss)
+    except BaseException:
+        run_info.update(status="crashed", last_step=step)
+        write_run_info(output_dir, run_info, main)
+        raise
+    finally:
+        if writer:
+            writer.close()
+
+    # ---- save: a last checkpoint, and the final adapter or model with its tokenizer and template
+    if not (output_dir / f"checkpoint-{step}").exists():
+        save(step)
+    final_dir = output_dir / ("model" if config.finetuning == "full" else "adapter")
+    if main:
+        save_final(unwrapped, tokenizer, template, final_dir)
+    accelerator.wait_for_everyone()
+    run_info.update(status=status, last_step=step, final_dir=str(final_dir),
+                    finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    write_run_info(output_dir, run_info, main)
+    say(f"[bold green]Done[/bold green]: {step} steps, final loss {last_loss:.4f}. Weights: {final_dir}. "
+        f"Report: `sftkit report {output_dir}`")
+    return RunResult(output_dir, status, step, final_dir, state["best_checkpoint"], last_loss)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def check_hardware(config: SFTConfig) -> None:
+    """Settings the hardware cannot honour fail before any model is loaded."""
+    if config.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ModelError("bf16 = true but this GPU has no bfloat16 support (pre-Ampere); use fp16: true")
+    if config.fp16 and not torch.cuda.is_available():
+        raise ModelError("fp16 = true needs a CUDA GPU (fp16 autocast with loss scaling); on CPU use bf16: true or neither")
+    if config.finetuning == "qlora" and not torch.cuda.is_available():
+        raise ModelError("finetuning = 'qlora' needs a CUDA GPU (bitsandbytes 4-bit); use finetuning: lora on this machine")
+
+
+def prepare_output_dir(output_dir: Path, config: SFTConfig) -> None:
+    """Refuse to mix two runs in one directory unless the user resumes or overwrites."""
+    holds_run = any((output_dir / name).exists() for name in ("run.json", "metrics.jsonl")) or any(
+        output_dir.glob("checkpoint-*"))
+    if holds_run and not config.resume_from_checkpoint:
+        if not config.overwrite_output_dir:
+            raise ModelError(f"output_dir {output_dir} already holds a run; set `resume_from_checkpoint: true` to "
+                             "continue it, `overwrite_output_dir: true` to replace it, or choose another output_dir")
+        for name in RUN_FILES:
+            (output_dir / name).unlink(missing_ok=True)
+        for path in [*output_dir.glob("checkpoint-*"), *output_dir.glob(".tmp-checkpoint-*"),
+                     output_dir / "adapter", output_dir / "model", output_dir / "tensorboard"]:
+            shutil.rmtree(path, ignore_errors=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ModelError(f"output_dir {output_dir}: cannot write there ({err.strerror}); choose a writable directory") from None
+
+
+def columns_for_training(dataset: Any) -> tuple[list[dict[str, list[int]]], list[int]]:
+    """Examples as plain lists (fast random access) and each one's count of trained targets."""
+    ids, labels = dataset["input_ids"], dataset["labels"]
+    examples = [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
+    trained = [sum(1 for label in l[1:] if label != IGNORE_INDEX) for l in labels]
+    return examples, trained
+
+
+def run_fingerprint(config: SFTConfig, world: int) -> dict[str, Any]:
+    """Settings that must not change between a checkpoint and the run that resumes it."""
+    return {
+        "model_name_or_path": config.model_name_or_path, "finetuning": config.finetuning,
+        "lora": [config.lora_r, config.lora_alpha, config.lora_target_modules] if config.finetuning != "full" else None,
+        "datasets": [d.model_dump() for d in config.datasets], "max_seq_length": config.max_seq_length,
+        "packing": config.packing, "seed": config.seed, "per_device_train_batch_size": config.per_device_train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps, "world_size": world,
+    }
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, model: torch.nn.Module,
+                    optimizer: Any, scheduler: Any, trainer_state: dict[str, Any], config: SFTConfig,
+                    template: str) -> Path:
+    """Every process writes its RNG state, the main process the rest; then one atomic rename."""
+    import yaml
+
+    temp = ckpt.temp_dir_for(output_dir, step)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(temp, ignore_errors=True)
+            temp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        ckpt.write_process_state(temp, accelerator.process_index)
+        if accelerator.is_main_process:
+            ckpt.write_main_state(temp, model, optimizer, scheduler, trainer_state, config.finetuning,
+                                  yaml.safe_dump(redacted(config), sort_keys=False), template)
+        accelerator.wait_for_everyone()
+        final = ckpt.finalize(temp, output_dir, step) if accelerator.is_main_process else output_dir / f"checkpoint-{step}"
+        accelerator.wait_for_everyone()
+        return final
+    except OSError as err:
+        shutil.rmtree(temp, ignore_errors=True)
+        previous = [p.name for p in ckpt.checkpoint_dirs(output_dir)]
+        raise TrainingError(
+            f"could not write checkpoint-{step} in {output_dir}: {err.strerror or err}. "
+            f"Earlier checkpoints are intact ({', '.join(previous) or 'none yet'}); free disk space or fix "
+            "permissions, then resume with `--resume_from_checkpoint true`") from None
+
+
+def save_final(model: torch.nn.Module, tokenizer: Any, template: str, final_dir: Path) -> None:
+    """The final weights with the tokenizer whose chat template is the one trained with."""
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    model.save_pretrained(final_dir, safe_serialization=True)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(final_dir)
+    (final_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
+
+
+def write_run_info(output_dir: Path, info: dict[str, Any], main: bool) -> None:
+    if main:
+        temp = output_dir / ".run.json.tmp"
+        temp.write_text(json.dumps(info, indent=2))
+        temp.replace(output_dir / "run.json")
+
+
+def empty_window() -> dict[str, float]:
+    return {"loss_sum": 0.0, "trained": 0, "tokens": 0, "steps": 0, "time": time.time()}
+
+
+def accumulate(window: dict[str, float], loss_sum: float, trained: int, tokens: int, grad_norm: float) -> None:
+    window["loss_sum"] += loss_sum
+    window["trained"] += trained
+    window["tokens"] += tokens
+    window["steps"] += 1
+
+
+def window_row(window: dict[str, float], step: int, epoch: float, lr: float, grad_norm: float,
+               elapsed: float, memory: float) -> dict[str, Any]:
+    seconds = max(time.time() - window["time"], 1e-9)
+    return {"step": step, "epoch": round(epoch, 4), "loss": window["loss_sum"] / max(window["trained"], 1),
+            "lr": lr, "grad_norm": grad_norm, "trained_tokens": window["trained"], "tokens": window["tokens"],
+            "trained_tokens_per_s": window["trained"] / seconds, "tokens_per_s": window["tokens"] / seconds,
+            "elapsed_s": round(elapsed, 2), "memory_gb": round(memory, 3)}
+
+
+def example_rows(data: PreparedData, group: list[list[int]], sequences: list[list[int]]) -> list[int]:
+    """Dataset rows (1-based, as in the source file) of the examples in a step, for spike reports."""
+    rows = data.train.dataset["source_row"]
+    return sorted(rows[e] + 1 for mb in group for s in mb for e in sequences[s])
+
+
+def nonfinite_advice(config: SFTConfig) -> str:
+    hints = ["lower learning_rate", "lengthen warmup (warmup_ratio: 0.03-0.1)"]
+    if config.fp16:
+        hints.insert(0, "fp16 overflows easily: use bf16: true on GPUs that support it")
+    return "Try: " + "; ".join(hints)
+
+
+def log_samples(output_dir: Path, writer: MetricsWriter | None, step: int, samples: list[dict], console: Console) -> None:
+    with (output_dir / "samples.jsonl").open("a", encoding="utf-8") as handle:
+        for sample in samples:
+            handle.write(json.dumps({"step": step, **sample}) + "\n")
+    text = "\n\n".join(f"**{s['prompt']}**\n\n{s['completion']}" for s in samples)
+    if writer:
+        writer.text("samples", text, step)
+    first = samples[0] if samples else None
+    if first:
+        console.print(f"[dim]sample @ {step}:[/dim] {first['prompt'][:60]!r} → {first['completion'][:120]!r}",
+                      highlight=False)
+
+
+def make_progress(console: Console, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f} · lr {task.fields[lr]:.2e}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, disable=not enabled, transient=False)
