@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import FIXTURES
+from tests.conftest import FIXTURES
 from sftkit.data.template import (
     BUILTIN_TEMPLATES,
     IGNORE_INDEX,

@@ -65,7 +65,8 @@ def data_inspect(
     stats = data_stats(data, cfg.max_seq_length, cfg.per_device_train_batch_size)
     if dump is not None:
         written = dump_examples(data, dump[0], dump[1])
-        console.print(f"wrote {written} examples to {dump[1]}")
+        # With --json, stdout holds the JSON document only, so `| jq` works.
+        (Console(stderr=True) if as_json else console).print(f"wrote {written} examples to {dump[1]}")
     if as_json:
         print(json.dumps(stats, indent=2))
         return

@@ -241,13 +241,13 @@ def trace_activations(model: nn.Module, micro_batch: int, seq_len: int, attn_imp
                                                layer.register_forward_hook(after))]
     input_ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
     # sftkit's batches carry a (batch, 1, seq, seq) block-causal mask for sdpa (boolean) and eager
-    # (additive, in the compute dtype); flash_attention_2 reads position_ids instead.
+    # (additive, in the hidden states' dtype); flash_attention_2 reads position_ids instead.
     mask = None
     if attn_implementation == "sdpa":
         mask = torch.ones(micro_batch, 1, seq_len, seq_len, dtype=torch.bool, device="meta")
     elif attn_implementation == "eager":
-        compute = autocast_dtype or base.get_input_embeddings().weight.dtype
-        mask = torch.zeros(micro_batch, 1, seq_len, seq_len, dtype=compute, device="meta")
+        mask = torch.zeros(micro_batch, 1, seq_len, seq_len, dtype=base.get_input_embeddings().weight.dtype,
+                           device="meta")
     try:
         was_training = model.training
         model.train()

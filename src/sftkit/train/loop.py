@@ -205,15 +205,8 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 group = plan.step_micro_batches(step)
                 step_trained = sum(trained_per_example[e] for mb in group for s in mb for e in sequences[s])
                 step_tokens = sum(lengths[e] for mb in group for s in mb for e in sequences[s])
-                mine = plan.for_rank(group, rank)
-                loss_sum = torch.zeros((), device=accelerator.device)
-                for index, sequence_ids in enumerate(mine):
-                    batch = batch_of(sequence_ids, group[0])
-                    last = index == len(mine) - 1
-                    with nullcontext() if last else accelerator.no_sync(loss_model):
-                        micro_loss = loss_model(**batch)
-                        accelerator.backward(micro_loss * world / step_trained)
-                    loss_sum += micro_loss.detach().float()
+                batches = [batch_of(sequence_ids, group[0]) for sequence_ids in plan.for_rank(group, rank)]
+                loss_sum = accumulate_gradients(loss_model, accelerator, batches, step_trained)
                 step_loss = (accelerator.reduce(loss_sum, "sum") / step_trained).item()
                 grad_norm = accelerator.clip_grad_norm_(
                     loss_model.parameters(), config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
@@ -320,6 +313,25 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def accumulate_gradients(loss_model: torch.nn.Module, accelerator: Accelerator, batches: list[dict[str, torch.Tensor]],
+                         step_trained: int) -> torch.Tensor:
+    """Backward over this process's micro-batches of one optimizer step; returns their summed loss.
+
+    Each micro-batch contributes sum_loss / N_step, N_step counting the trained tokens of the whole
+    step on all processes; × world because DDP averages gradients. Gradients are only all-reduced
+    on the last micro-batch.
+    """
+    world = accelerator.num_processes
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for index, batch in enumerate(batches):
+        last = index == len(batches) - 1
+        with nullcontext() if last else accelerator.no_sync(loss_model):
+            micro_loss = loss_model(**batch)
+            accelerator.backward(micro_loss * world / step_trained)
+        loss_sum += micro_loss.detach().float()
+    return loss_sum
 
 
 def check_hardware(config: SFTConfig) -> None:

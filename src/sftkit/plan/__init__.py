@@ -1,0 +1,173 @@
+"""`sftkit plan`: will the run fit, what schedule will it follow, how long will it take, what to change.
+
+Answers in seconds with no GPU time spent and no weights downloaded: the model is built on the
+`meta` device from its config (see `memory`), the data is tokenized like training does it, and the
+schedule comes from the same functions the training loop uses.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from sftkit.config import ConfigError, SFTConfig
+from sftkit.model.adapters import AdapterOptions
+from sftkit.model.load import load_model_config, resolve_dtype
+from sftkit.plan.advice import Setting, advise
+from sftkit.plan.gpus import KNOWN_GPUS, Gpu, resolve_gpu
+from sftkit.plan.memory import MemoryInputs, MetaModel, estimate_memory
+from sftkit.plan.schedule import ScheduleInputs, plan_schedule
+from sftkit.plan.throughput import default_throughput, flops_per_token, probe_throughput
+
+__all__ = ["run_plan", "build_plan"]
+
+DEFAULT_GPU = KNOWN_GPUS["h100"]
+
+
+def run_plan(config: SFTConfig, gpu: str | None = None, gpu_memory: str | None = None, num_gpus: int = 1,
+             probe: bool = False, as_json: bool = False, console: Any = None) -> dict[str, Any]:
+    """Build the plan and print it (rich tables, or JSON with `as_json`); returns the plan."""
+    plan = build_plan(config, resolve_gpu(gpu, gpu_memory), num_gpus, probe)
+    if as_json:
+        print(json.dumps(plan, indent=2))
+    else:
+        from sftkit.plan.render import print_plan
+
+        print_plan(plan, console)
+    return plan
+
+
+def chunked_loss_on(setting: bool | str, model_config: Any) -> bool:
+    """`auto`: on unless the model post-processes its logits (soft-capping), where chunking is not exact."""
+    if setting != "auto":
+        return bool(setting)
+    return getattr(model_config, "final_logit_softcapping", None) is None
+
+
+def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: bool = False) -> dict[str, Any]:
+    """Every figure of the plan as plain JSON-able values."""
+    if num_gpus < 1:
+        raise ConfigError(f"--num-gpus = {num_gpus}: must be at least 1")
+    notes: list[str] = []
+    if gpu is None:
+        gpu = DEFAULT_GPU
+        notes.append(f"no --gpu or --gpu-memory given: planned for one {gpu.name} ({gpu.memory_bytes / 2**30:.0f} GiB)")
+    model_config = load_model_config(config.model_name_or_path, config.trust_remote_code)
+    data, full_lengths, vocab_size = _read_data(config)
+
+    # --- batch and schedule
+    schedule_inputs = ScheduleInputs(
+        micro_batch=config.per_device_train_batch_size, gradient_accumulation=config.gradient_accumulation_steps,
+        num_gpus=num_gpus, learning_rate=config.learning_rate, finetuning=config.finetuning,
+        scheduler=config.lr_scheduler_type, min_lr_ratio=config.min_lr_ratio, warmup_ratio=config.warmup_ratio or 0.0,
+        warmup_steps=config.warmup_steps or 0, num_train_epochs=config.num_train_epochs, max_steps=config.max_steps)
+    sequences = examples = None
+    if "error" not in data:
+        examples = data["train_examples"]
+        sequences = data["packed_sequences"] if config.packing else examples
+    schedule = plan_schedule(schedule_inputs, sequences, examples)
+
+    # --- memory
+    weight_dtype = resolve_dtype(config.torch_dtype, config.bf16, config.fp16)
+    autocast = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else None
+    targets = config.lora_target_modules
+    metas: dict[str, MetaModel] = {}
+
+    def meta_for(finetuning: str) -> MetaModel:
+        if finetuning not in metas:
+            adapter = AdapterOptions(finetuning=finetuning, r=config.lora_r, alpha=config.lora_alpha,
+                                     dropout=config.lora_dropout,
+                                     target_modules=targets if isinstance(targets, str) else tuple(targets))
+            dtype = torch.bfloat16 if finetuning == "qlora" and weight_dtype == torch.float32 else weight_dtype
+            metas[finetuning] = MetaModel.build(model_config, dtype, adapter, config.attn_implementation, vocab_size)
+        return metas[finetuning]
+
+    inputs = MemoryInputs(
+        gradient_checkpointing=config.gradient_checkpointing, autocast_dtype=autocast,
+        attn_implementation=config.attn_implementation, micro_batch=config.per_device_train_batch_size,
+        seq_len=config.max_seq_length, chunked_loss=chunked_loss_on(config.chunked_loss, model_config),
+        loss_chunk_size=config.loss_chunk_size)
+    meta = meta_for(config.finetuning)
+    estimate = estimate_memory(meta, inputs)
+    fits = estimate.total <= gpu.memory_bytes
+    changes = advise(Setting(inputs, config.finetuning, config.gradient_accumulation_steps), estimate.total,
+                     gpu.memory_bytes, meta_for, full_lengths)
+
+    # --- time
+    flops = flops_per_token(model_config, meta.params.total_params, config.max_seq_length, config.finetuning,
+                            config.gradient_checkpointing)
+    if probe:
+        throughput = probe_throughput(model_config, config.finetuning, weight_dtype, config.max_seq_length,
+                                      config.per_device_train_batch_size, flops)
+    else:
+        throughput = default_throughput(gpu, flops, config.finetuning)
+    tokens, tokens_note = _tokens_to_train(data, schedule, config.max_seq_length)
+    hours = None
+    if throughput is not None and tokens is not None:
+        hours = tokens / (throughput.tokens_per_second * num_gpus) / 3600
+
+    return {
+        "model": {"name": config.model_name_or_path, "type": model_config.model_type,
+                  "parameters": meta.params.total_params, "trainable_parameters": meta.params.trainable_params,
+                  "finetuning": config.finetuning, "weight_dtype": str(weight_dtype).removeprefix("torch."),
+                  "attn_implementation": config.attn_implementation, "chunked_loss": inputs.chunked_loss},
+        "data": data,
+        "schedule": {
+            "micro_batch": config.per_device_train_batch_size, "gradient_accumulation": config.gradient_accumulation_steps,
+            "num_gpus": num_gpus, "effective_batch": schedule.effective_batch,
+            "sequences_per_epoch": schedule.sequences_per_epoch, "steps_per_epoch": schedule.steps_per_epoch,
+            "total_steps": schedule.total_steps, "epochs": schedule.epochs, "warmup_steps": schedule.warmup_steps,
+            "learning_rate": config.learning_rate, "lr_scheduler_type": config.lr_scheduler_type,
+            "lr_points": schedule.lr_points, "warnings": schedule.warnings},
+        "memory": {
+            "gpu": gpu.name, "gpu_bytes": gpu.memory_bytes, "parts": estimate.parts, "total_bytes": estimate.total,
+            "weights_by_dtype": meta.params.weights_by_dtype,
+            "activations_without_checkpointing": estimate.activations_without_checkpointing,
+            "activations_with_checkpointing": estimate.activations_with_checkpointing,
+            "gradient_checkpointing": config.gradient_checkpointing,
+            "micro_batch": config.per_device_train_batch_size, "seq_len": config.max_seq_length},
+        "fits": fits,
+        "changes": [{"change": c.what, "total_bytes": c.total, "fits": c.fits, "note": c.note} for c in changes],
+        "time": {"tokens": tokens, "tokens_note": tokens_note, "flops_per_token": flops,
+                 "tokens_per_second_per_gpu": throughput.tokens_per_second if throughput else None,
+                 "throughput_source": throughput.source if throughput else "unknown GPU: give --gpu or --probe",
+                 "hours": hours},
+        "known_gpus": [{"gpu": g.name, "memory_bytes": g.memory_bytes, "fits": estimate.total <= g.memory_bytes}
+                       for g in KNOWN_GPUS.values()],
+        "notes": notes,
+    }
+
+
+def _read_data(config: SFTConfig) -> tuple[dict[str, Any], list[int] | None, int | None]:
+    """(data inspect figures or {"error": why}, untruncated example lengths, tokenizer size)."""
+    from sftkit.data.dataset import DataOptions, prepare_data
+    from sftkit.data.inspect import data_stats
+    from sftkit.data.template import resolve_chat_template
+    from sftkit.model.load import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path, config.trust_remote_code)
+    except Exception as err:  # offline hub id, missing folder: the plan goes on without data
+        return {"error": f"tokenizer could not be loaded: {err}"}, None, None
+    try:
+        template = resolve_chat_template(config.chat_template, tokenizer)
+        data = prepare_data(DataOptions.from_config(config, template), tokenizer)
+    except Exception as err:  # hub dataset offline, bad rows: said, and the schedule falls back to max_steps
+        return {"error": f"data could not be read: {err}"}, None, len(tokenizer)
+    stats = data_stats(data, config.max_seq_length, config.per_device_train_batch_size)
+    stats["efficiency"] = stats["packing_efficiency"] if config.packing else stats["padding_efficiency"]
+    return stats, list(data.train.dataset["full_length"]), len(tokenizer)
+
+
+def _tokens_to_train(data: dict[str, Any], schedule: Any, max_seq_length: int) -> tuple[int | None, str]:
+    """Token positions the GPUs process (padding included), and how they were counted."""
+    if schedule.total_steps is None:
+        return None, "unknown: no data and no max_steps"
+    if "error" in data or not schedule.steps_per_epoch:
+        tokens = schedule.total_steps * schedule.effective_batch * max_seq_length
+        return tokens, "at most: steps × effective batch × max_seq_length (data not read)"
+    per_epoch = data["total_tokens"] / data["efficiency"]
+    epochs = schedule.total_steps / schedule.steps_per_epoch
+    return round(per_epoch * epochs), "data tokens / packing or padding efficiency × epochs"

@@ -1,0 +1,124 @@
+"""The cheapest changes to a run that does not fit (or fits with much room), each with its new estimate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from sftkit.plan.memory import MemoryInputs, MetaModel, estimate_memory
+
+ROOMY = 0.5  # a run using less than this fraction of the GPU has room to go faster
+FSDP_SIZES = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class Change:
+    what: str  # e.g. "gradient_checkpointing: true"
+    total: int  # new bytes per GPU
+    fits: bool
+    note: str = ""  # what it costs
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A point in the space of settings the advice moves through."""
+
+    inputs: MemoryInputs
+    finetuning: str
+    gradient_accumulation: int
+
+
+def advise(setting: Setting, total: int, gpu_bytes: int, meta_for: Callable[[str], MetaModel],
+           full_lengths: list[int] | None) -> list[Change]:
+    """`meta_for(finetuning)` builds (or reuses) the meta model of another fine-tuning method;
+    `full_lengths`: untruncated example lengths, to count what a shorter max_seq_length truncates."""
+
+    def estimate(candidate: Setting) -> int:
+        return estimate_memory(meta_for(candidate.finetuning), candidate.inputs).total
+
+    changes: list[Change] = []
+    if total <= gpu_bytes * ROOMY:
+        return _roomy(setting, gpu_bytes, estimate)
+    if total <= gpu_bytes:
+        return changes
+    singles = _single_changes(setting, full_lengths)
+    for what, change, note in singles:
+        new_total = estimate(change(setting))
+        changes.append(Change(what, new_total, new_total <= gpu_bytes, note))
+    changes.sort(key=lambda change: (not change.fits, "FSDP" in change.what, change.total))
+    if not any(change.fits for change in changes):
+        changes.insert(0, _combined(setting, singles, gpu_bytes, estimate))
+    return changes
+
+
+Transform = Callable[[Setting], Setting]
+
+
+def _single_changes(setting: Setting, full_lengths: list[int] | None) -> list[tuple[str, Transform, str]]:
+    """(what to write in the config, the change, what it costs), each applicable to any setting."""
+    inputs = setting.inputs
+    singles: list[tuple[str, Transform, str]] = []
+    if not inputs.gradient_checkpointing:
+        singles.append(("gradient_checkpointing: true",
+                        lambda s: replace(s, inputs=replace(s.inputs, gradient_checkpointing=True)),
+                        "~30% slower steps (layers are recomputed in backward)"))
+    if inputs.micro_batch > 1:
+        singles.append((f"per_device_train_batch_size: {inputs.micro_batch // 2}, "
+                        f"gradient_accumulation_steps: {setting.gradient_accumulation * 2}",
+                        lambda s: Setting(replace(s.inputs, micro_batch=max(1, s.inputs.micro_batch // 2)),
+                                          s.finetuning, s.gradient_accumulation * 2),
+                        "same effective batch, smaller matmuls"))
+    if not inputs.chunked_loss:
+        singles.append(("chunked_loss: true", lambda s: replace(s, inputs=replace(s.inputs, chunked_loss=True)),
+                        "same loss, the logits are never held whole"))
+    if setting.finetuning == "full":
+        singles.append(("finetuning: lora", lambda s: replace(s, finetuning="lora"),
+                        "trains adapters, not all weights"))
+    if setting.finetuning in ("full", "lora"):
+        singles.append(("finetuning: qlora", lambda s: replace(s, finetuning="qlora"),
+                        "4-bit base weights: slower steps, slightly lower quality"))
+    shorter = inputs.seq_len // 2
+    if shorter >= 128:
+        truncated = sum(n > shorter for n in full_lengths) if full_lengths is not None else None
+        note = (f"truncates {truncated:,} of {len(full_lengths):,} examples" if full_lengths is not None
+                else "how many examples it truncates is unknown (data not read)")
+        singles.append((f"max_seq_length: {shorter}",
+                        lambda s: replace(s, inputs=replace(s.inputs, seq_len=shorter)), note))
+    for shards in FSDP_SIZES:
+        if shards > inputs.shards:
+            singles.append((f"FSDP across {shards} GPUs",
+                            lambda s, n=shards: replace(s, inputs=replace(s.inputs, shards=n)),
+                            "weights, gradients and optimizer states split across the GPUs"))
+    return singles
+
+
+def _combined(setting: Setting, singles: list[tuple[str, Transform, str]], gpu_bytes: int,
+              estimate: Callable[[Setting], int]) -> Change:
+    """The single-GPU changes applied one after another until the run fits."""
+    applied, new_total = [], 0
+    for what, change, _ in singles:
+        if "FSDP" in what:
+            continue
+        setting = change(setting)
+        applied.append(what)
+        new_total = estimate(setting)
+        if new_total <= gpu_bytes:
+            break
+    return Change(" + ".join(applied), new_total, new_total <= gpu_bytes, "these together")
+
+
+def _roomy(setting: Setting, gpu_bytes: int, estimate: Callable[[Setting], int]) -> list[Change]:
+    """Ways to spend spare memory on speed."""
+    inputs, changes = setting.inputs, []
+    if inputs.gradient_checkpointing:
+        candidate = replace(setting, inputs=replace(inputs, gradient_checkpointing=False))
+        total = estimate(candidate)
+        changes.append(Change("gradient_checkpointing: false", total, total <= gpu_bytes,
+                              "~25% faster steps (no recomputation)"))
+    if setting.gradient_accumulation > 1:
+        accumulation = max(1, setting.gradient_accumulation // 2)
+        micro = inputs.micro_batch * setting.gradient_accumulation // accumulation
+        candidate = Setting(replace(inputs, micro_batch=micro), setting.finetuning, accumulation)
+        total = estimate(candidate)
+        changes.append(Change(f"per_device_train_batch_size: {micro}, gradient_accumulation_steps: {accumulation}",
+                              total, total <= gpu_bytes, "same effective batch, better GPU utilisation"))
+    return [change for change in changes if change.fits]

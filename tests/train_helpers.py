@@ -1,0 +1,56 @@
+"""Small builders for end-to-end training tests: a chat dataset file and a config for the tiny model."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from sftkit.config import SFTConfig, validate_config
+
+WORDS = "the quick brown fox jumps over lazy dog what is plus answer hello how can help you today".split()
+
+
+def write_chat_data(path: Path, rows: int = 48, seed: int = 0) -> Path:
+    """Conversations of very uneven length, some multi-turn, as `messages` JSONL."""
+    rng = random.Random(seed)
+    with path.open("w") as handle:
+        for _ in range(rows):
+            messages = []
+            for _ in range(rng.choice([1, 1, 2, 3])):
+                messages.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(2, 25)))})
+                messages.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(1, 40)))})
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def tiny_config(model_dir: Path, data: Path, output_dir: Path, **overrides: Any) -> SFTConfig:
+    values: dict[str, Any] = dict(
+        model_name_or_path=str(model_dir), chat_template="chatml", max_seq_length=256,
+        datasets=[{"path": str(data)}], finetuning="lora", lora_r=4, lora_alpha=8, lora_dropout=0.1,
+        per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=8, learning_rate=5e-3,
+        warmup_steps=2, logging_steps=1, save_steps=3, output_dir=str(output_dir), report_to="none", seed=7,
+    )
+    values.update(overrides)
+    return validate_config(values)
+
+
+def final_weights(output_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    folder = output_dir / "adapter"
+    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() else None
+    if name is None:
+        folder, name = output_dir / "model", "model.safetensors"
+    return load_file(str(folder / name))
+
+
+def max_weight_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def logged_losses(output_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
