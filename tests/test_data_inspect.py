@@ -50,7 +50,7 @@ def private_datasets_cache(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def chat_config(tmp_path, tiny_tokenizer_dir) -> Path:
     return write_config(tmp_path, model_name_or_path=str(tiny_tokenizer_dir), chat_template="chatml",
-                        max_seq_length=256, per_device_train_batch_size=2, datasets=[{"path": str(CHAT)}])
+                        max_seq_length=1024, per_device_train_batch_size=2, datasets=[{"path": str(CHAT)}])
 
 
 @requires(LLAMA2_TOKENIZER)
@@ -109,6 +109,7 @@ def test_dump_writes_the_tokenized_examples_with_masked_labels(tmp_path, chat_co
 
 def test_tokenization_is_served_from_the_cache_on_a_second_run(chat_config, private_datasets_cache):
     first = json.loads(inspect(chat_config, "--json").stdout)
+    assert (first["train_examples"], first["truncated_examples"]) == (24, 0)
     cached = {path: path.stat().st_mtime_ns for path in private_datasets_cache.rglob("cache-*.arrow")}
     assert len(cached) >= 2  # the normalised rows and the tokenized rows
     second = json.loads(inspect(chat_config, "--json").stdout)
@@ -119,9 +120,10 @@ def test_tokenization_is_served_from_the_cache_on_a_second_run(chat_config, priv
 def test_human_readable_report_and_cli_overrides(chat_config, private_datasets_cache):
     output = inspect(chat_config, "--max_seq_length", "128").stdout
     for title in ("Data sources", "Token lengths (24 train examples, 0 eval)", "Training tokens and waste",
-                  "packs of <= 128", "First example"):
+                  "packs of <= 128", "First example"):  # 128: the command-line value, not the file's 1024
         assert title in output
     assert "Answer 0.0: the quick brown fox" in output
+
 
 
 def test_missing_data_file_is_a_clean_error(tmp_path, tiny_tokenizer_dir):

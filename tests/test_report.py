@@ -102,7 +102,7 @@ def test_report_of_a_running_run_with_a_cut_line_and_repeated_steps(tmp_path):
     record = read_run(run_dir)
     assert [row["step"] for row in record.train_rows][-3:] == [50, 55, 60]
     assert [row["loss"] for row in record.train_rows if row["step"] == 55] == [0.123]
-    assert record.notes == ["metrics.jsonl: skipped 1 unreadable line(s) (16); a line cut short by a crash or a run "
+    assert record.notes == ["metrics.jsonl: skipped 1 unreadable line(s) (15); a line cut short by a crash or a run "
                             "still writing"]
     html, printed = report_text(run_dir)
     assert "running" in printed and "skipped 1 unreadable line" in html

@@ -66,7 +66,7 @@ def data_inspect(
     if dump is not None:
         written = dump_examples(data, dump[0], dump[1])
         # With --json, stdout holds the JSON document only, so `| jq` works.
-        (Console(stderr=True) if as_json else console).print(f"wrote {written} examples to {dump[1]}")
+        (Console(stderr=True) if as_json else console).print(f"wrote {written} examples to {dump[1]}", soft_wrap=True)
     if as_json:
         print(json.dumps(stats, indent=2))
         return

@@ -19,6 +19,8 @@ def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int
 
     Deterministic: ties are broken by example index. O(n log n) plus list moves.
     """
+    # A list, not a datasets Column (`dataset["length"]`), whose every index is an Arrow lookup.
+    lengths = list(lengths)
     too_long = [i for i, n in enumerate(lengths) if n > capacity]
     if too_long:
         raise ValueError(f"{len(too_long)} examples are longer than the pack capacity {capacity} (first: index {too_long[0]})")
@@ -46,6 +48,7 @@ def pack_balanced(lengths: list[int], capacity: int) -> list[list[int]]:
     longest pack. Searching the smallest capacity that still needs no more packs spreads the slack
     evenly, so the packs of a batch are near-equal and almost no position is padding.
     """
+    lengths = list(lengths)
     bins = pack_best_fit_decreasing(lengths, capacity)
     if not bins:
         return bins
@@ -63,6 +66,7 @@ def pack_balanced(lengths: list[int], capacity: int) -> list[list[int]]:
 def packing_efficiency(lengths: list[int], bins: list[list[int]], batch_size: int) -> float:
     """Fraction of real tokens in the batches the loop builds: `batch_size` packs per micro-batch,
     padded to the longest pack of the micro-batch."""
+    lengths = list(lengths)
     pack_lengths = [sum(lengths[i] for i in b) for b in bins]
     return padding_efficiency(pack_lengths, batch_size)
 

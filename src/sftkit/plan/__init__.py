@@ -110,7 +110,7 @@ def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: boo
 
     return {
         "model": {"name": config.model_name_or_path, "type": model_config.model_type,
-                  "parameters": meta.params.total_params, "trainable_parameters": meta.params.trainable_params,
+                  "parameters": meta.params.base_params, "trainable_parameters": meta.params.trainable_params,
                   "finetuning": config.finetuning, "weight_dtype": str(weight_dtype).removeprefix("torch."),
                   "attn_implementation": config.attn_implementation, "chunked_loss": inputs.chunked_loss},
         "data": data,

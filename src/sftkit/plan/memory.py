@@ -26,7 +26,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -57,6 +57,7 @@ class MemoryInputs:
 
 @dataclass(frozen=True)
 class ParameterBytes:
+    base_params: int  # the model's own parameters (what a model card counts)
     total_params: int
     trainable_params: int
     weights: int
@@ -129,7 +130,7 @@ def parameter_bytes(model: nn.Module, quantized: set[int]) -> ParameterBytes:
     head = model.get_output_embeddings()
     head_trainable = head is not None and head.weight.requires_grad
     weights = adapters = gradients = optimizer = 0
-    total = trainable = 0
+    total = trainable = adapter_params = 0
     by_dtype: dict[str, int] = {}
     for name, param in model.named_parameters():
         numel, size = param.numel(), param.numel() * param.element_size()
@@ -144,10 +145,11 @@ def parameter_bytes(model: nn.Module, quantized: set[int]) -> ParameterBytes:
             optimizer += 2 * size + 4  # exp_avg, exp_avg_sq like the parameter; `step` is an fp32 scalar
         if param.requires_grad and "lora_" in name:
             adapters += size
+            adapter_params += numel
         else:
             weights += size
             by_dtype[dtype] = by_dtype.get(dtype, 0) + size
-    return ParameterBytes(total, trainable, weights, adapters, gradients, optimizer, by_dtype, head_trainable)
+    return ParameterBytes(total - adapter_params, total, trainable, weights, adapters, gradients, optimizer, by_dtype, head_trainable)
 
 
 # --------------------------------------------------------------------------- activations
@@ -290,11 +292,18 @@ def loss_bytes(tokens: int, vocab: int, hidden: int, logits_dtype_bytes: int, ch
 
 @dataclass
 class MetaModel:
-    """A model built once on meta, estimated for as many micro-batch / sequence settings as asked."""
+    """A model built once on meta, estimated for as many micro-batch / sequence settings as asked.
+
+    Every tensor autograd keeps has the micro batch as its first dimension (hidden states, masks,
+    attention rows), so one trace at micro batch 1 per sequence length serves every micro batch;
+    only the rotary cos/sin tables (seq × head_dim, shared by all rows) are over-counted, by
+    (micro batch − 1) × a few hundred KiB.
+    """
 
     model: nn.Module
     quantized: set[int]
     params: ParameterBytes
+    traces: dict[tuple, ActivationTrace] = field(default_factory=dict)
 
     @classmethod
     def build(cls, model_config: Any, weight_dtype: torch.dtype, adapter: AdapterOptions, attn_implementation: str,
@@ -302,12 +311,20 @@ class MetaModel:
         model, quantized = build_meta_model(model_config, weight_dtype, adapter, attn_implementation, vocab_size)
         return cls(model, quantized, parameter_bytes(model, quantized))
 
+    def activations(self, micro_batch: int, seq_len: int, attn_implementation: str,
+                    autocast_dtype: torch.dtype | None) -> ActivationTrace:
+        key = (seq_len, attn_implementation, autocast_dtype)
+        if key not in self.traces:
+            self.traces[key] = trace_activations(self.model, 1, seq_len, attn_implementation, autocast_dtype)
+        one = self.traces[key]
+        return ActivationTrace(one.outside_layers * micro_batch, [n * micro_batch for n in one.per_layer],
+                               one.layer_input * micro_batch, one.hidden_dtype_bytes)
+
 
 def estimate_memory(meta: MetaModel, inputs: MemoryInputs, cuda_overhead: bool = True) -> MemoryEstimate:
     """Per-GPU bytes of one training step; `cuda_overhead` adds context and allocator slack."""
     params = meta.params
-    trace = trace_activations(meta.model, inputs.micro_batch, inputs.seq_len, inputs.attn_implementation,
-                              inputs.autocast_dtype)
+    trace = meta.activations(inputs.micro_batch, inputs.seq_len, inputs.attn_implementation, inputs.autocast_dtype)
     without, with_ = sum(trace.per_layer) + trace.outside_layers, checkpointed(trace)
     head = meta.model.get_output_embeddings()
     vocab, hidden = head.weight.shape

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 
 from sftkit.report import summary
@@ -43,8 +43,9 @@ def print_summary(record: RunRecord, console: Console) -> None:
     console.print(_pairs(summary.headline_rows(record)))
     for note in record.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-    facts = Table.grid(padding=(0, 3))  # the three fact tables side by side
-    facts.add_row(*(_pairs(rows, title) for title, rows in summary.fact_sections(record)))
+    (config_title, config), *others = summary.fact_sections(record)
+    facts = Table.grid(padding=(0, 4))  # config on the left, data and schedule stacked on the right
+    facts.add_row(_pairs(config, config_title), Group(*(_pairs(rows, title) for title, rows in others)))
     console.print(facts)
     if record.findings:
         table = Table(title="Diagnosis", title_justify="left", show_lines=True)
@@ -73,7 +74,7 @@ def print_summary(record: RunRecord, console: Console) -> None:
 
 def _pairs(rows: list[tuple[str, str]], title: str | None = None) -> Table:
     table = Table(title=title, title_justify="left", show_header=False, box=None, padding=(0, 1))
-    table.add_column(style="dim")
+    table.add_column(style="dim", no_wrap=True)
     table.add_column(overflow="fold")
     for label, value in rows:
         table.add_row(label, value)

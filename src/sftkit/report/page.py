@@ -29,14 +29,17 @@ PAGE = jinja2.Template("""<!DOCTYPE html>
   .headline b { display: block; font-size: 12px; color: #5b6575; font-weight: 500; }
   .headline span { font-size: 17px; font-weight: 600; }
   .notes { background: #fff8e1; border: 1px solid #f0d78c; border-radius: 8px; padding: 8px 16px; margin-top: 12px; }
-  .facts { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 14px; }
+  .facts { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 14px; align-items: start; }
+  .facts .card:first-child { grid-row: span 2; }  /* config on the left, data and schedule stacked right */
   .plots { display: grid; grid-template-columns: 1fr 1fr; gap: 14px; }
+  @media (max-width: 960px) { .facts, .plots { grid-template-columns: 1fr; } }
   .plots .wide { grid-column: 1 / -1; }
   .plots img { width: 100%; height: auto; display: block; }
   table { border-collapse: collapse; width: 100%; }
   th, td { text-align: left; vertical-align: top; padding: 5px 8px; border-bottom: 1px solid #e8ebf0; }
   th { font-size: 12px; color: #5b6575; font-weight: 600; }
-  td.key { color: #5b6575; width: 45%; } td.num { white-space: nowrap; width: 1%; }
+  td.key { color: #5b6575; white-space: nowrap; width: 1%; padding-right: 18px; }
+  td.num { white-space: nowrap; width: 1%; } td { overflow-wrap: break-word; }
   td.text { white-space: pre-wrap; word-break: break-word; font-family: ui-monospace, "DejaVu Sans Mono", monospace;
             font-size: 12.5px; }
   .kind { font-family: ui-monospace, monospace; font-weight: 600; color: #8c4a00; white-space: nowrap; }
@@ -71,8 +74,8 @@ with the end-of-turn token.</p>
 {% else %}<div class="card empty">No samples were generated (yet).</div>{% endif %}
 
 <h2>Checkpoints</h2>
-<div class="card">{% if checkpoints %}<table><tr><th>folder</th><th>step</th><th></th></tr>
-{% for c in checkpoints %}<tr><td>{{ c.name }}</td><td class="num">{{ c.step }}</td><td>{{ c.note }}</td></tr>{% endfor %}
+<div class="card">{% if checkpoints %}<table><tr><th>folder</th><th>step</th><th>note</th></tr>
+{% for c in checkpoints %}<tr><td class="num">{{ c.name }}</td><td class="num">{{ c.step }}</td><td>{{ c.note }}</td></tr>{% endfor %}
 </table>{% else %}<span class="empty">No checkpoints saved (yet).</span>{% endif %}</div>
 
 <h2>Run</h2>

@@ -65,8 +65,10 @@ def loss_plot(record: RunRecord) -> bytes:
     return _png(figure)
 
 
-def metric_plot(record: RunRecord, title: str, ylabel: str, keys: dict[str, str], log_scale: bool = False) -> bytes | None:
-    """One small plot of train-row metrics (`keys` maps metric to legend label); None when none were logged."""
+def metric_plot(record: RunRecord, title: str, ylabel: str, keys: dict[str, str], log_scale: bool = False,
+                from_zero: bool = False) -> bytes | None:
+    """One small plot of train-row metrics (`keys` maps metric to legend label); None when none were logged.
+    `from_zero` keeps 0 on the axis, so a flat throughput or memory curve does not look noisy."""
     curves = {label: _series(record.train_rows, key) for key, label in keys.items()}
     curves = {label: series for label, series in curves.items() if _has_values(series[1])}
     if not curves:
@@ -76,6 +78,8 @@ def metric_plot(record: RunRecord, title: str, ylabel: str, keys: dict[str, str]
         axes.plot(steps, values, linewidth=1.3, label=label)
     if log_scale and all(value > 0 for _, values in curves.values() for value in values if not math.isnan(value)):
         axes.set_yscale("log")
+    if from_zero:
+        axes.set_ylim(bottom=0, top=axes.get_ylim()[1] * 1.05)
     if len(curves) > 1:
         axes.legend(fontsize=9)
     return _png(figure)
@@ -89,8 +93,8 @@ def all_plots(record: RunRecord) -> dict[str, bytes]:
         "Gradient norm": metric_plot(record, "Gradient norm (before clipping)", "grad norm",
                                      {"grad_norm": "grad norm"}, log_scale=True),
         "Throughput": metric_plot(record, "Throughput", "tokens / s",
-                                  {"tokens_per_s": "all tokens", "trained_tokens_per_s": "trained tokens"}),
-        "Memory": metric_plot(record, "Peak memory", "GiB", {"memory_gb": "peak memory"}),
+                                  {"tokens_per_s": "all tokens", "trained_tokens_per_s": "trained tokens"}, from_zero=True),
+        "Memory": metric_plot(record, "Peak memory", "GiB", {"memory_gb": "peak memory"}, from_zero=True),
     }
     plots.update({title: png for title, png in small.items() if png is not None})
     return plots

@@ -62,7 +62,7 @@ def data_rows(record: RunRecord) -> list[tuple[str, str]]:
     rows = [(label, fmt(stats[key], key)) for key, label in DATA_KEYS.items() if key in stats]
     lengths = stats.get("example_tokens")
     if isinstance(lengths, dict):
-        rows.append(("tokens per example (median / p95 / max)",
+        rows.append(("example tokens (median/p95/max)",
                      " / ".join(fmt(lengths.get(k)) for k in ("median", "p95", "max"))))
     return rows
 

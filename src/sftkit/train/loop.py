@@ -59,7 +59,9 @@ class RunResult:
 
 def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     console = console or Console()
-    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "fp16" if config.fp16 else "no")
+    # cpu=True without CUDA so `torchrun`/`accelerate launch` on CPU machines form a gloo process group
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision="bf16" if config.bf16 else "fp16" if config.fp16 else "no")
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     say = console.print if main else (lambda *a, **k: None)
     output_dir = Path(config.output_dir)

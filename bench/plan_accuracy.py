@@ -1,0 +1,138 @@
+"""How close `sftkit plan`'s memory estimate is to a real training step's peak.
+
+For each (model shape, fine-tuning, micro batch, sequence length, checkpointing, attention) of a
+grid, one real step is run (forward, sftkit's loss, backward, AdamW step) after a warm-up step that
+creates the optimizer state, and its peak is compared with the estimate.
+
+Measured peak:
+  CUDA  torch.cuda.max_memory_allocated() over the step (what tensors hold; the estimate is
+        compared without its CUDA-context / fragmentation line, which the allocator does not count).
+  CPU   torch keeps no allocator statistics on CPU, and a process's RSS high-water mark mixes in the
+        Python heap and freed-but-kept pages, so the peak is taken from
+        torch.distributed._tools.mem_tracker.MemTracker: it follows every tensor storage created
+        under a dispatch mode (plus parameters, gradients and optimizer states) and reports the
+        largest sum of live storage bytes: the same quantity max_memory_allocated measures on CUDA.
+
+    python bench/plan_accuracy.py            # the CPU grid (~2 minutes)
+    python bench/plan_accuracy.py --quick    # four rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from sftkit.data.collate import block_causal_mask
+from sftkit.model.adapters import AdapterOptions, apply_adapters
+from sftkit.plan.memory import MemoryInputs, MetaModel, estimate_memory
+from sftkit.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
+
+MIB = 2**20
+SHAPES = {
+    "llama-h256": LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
+                              num_key_value_heads=4, vocab_size=2048, tie_word_embeddings=False),
+    "qwen2-h192": Qwen2Config(hidden_size=192, intermediate_size=512, num_hidden_layers=3, num_attention_heads=6,
+                              num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: str
+    finetuning: str
+    micro_batch: int
+    seq_len: int
+    checkpointing: bool
+    attn: str = "sdpa"
+    chunked: bool = True
+
+
+def grid(quick: bool) -> list[Case]:
+    cases = [Case(shape, ft, b, s, ckpt)
+             for shape in SHAPES for ft in ("lora", "full") for b, s in ((2, 256), (1, 512)) for ckpt in (False, True)]
+    cases += [Case("llama-h256", "lora", 2, 256, False, attn="eager"), Case("llama-h256", "full", 2, 256, False, chunked=False)]
+    return cases[:4] if quick else cases
+
+
+def run_step(model, optimizer, input_ids, targets, mask, chunked: bool) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if chunked:
+        hidden = base.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (batch, seq, hidden)
+        loss = chunked_cross_entropy_sum(hidden, base.get_output_embeddings().weight, targets, 1024)
+    else:
+        logits = model(input_ids=input_ids, attention_mask=mask).logits  # (batch, seq, vocab)
+        loss = cross_entropy_sum(logits, targets)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def measure(case: Case, device: str) -> int:
+    torch.manual_seed(0)
+    config = SHAPES[case.shape]
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=case.attn)
+    model.config.use_cache = False
+    model = apply_adapters(model, AdapterOptions(finetuning=case.finetuning, gradient_checkpointing=case.checkpointing))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    input_ids = torch.randint(0, config.vocab_size, (case.micro_batch, case.seq_len), device=device)
+    targets = torch.roll(input_ids, -1, dims=1)
+    segments = torch.ones_like(input_ids)
+    mask = block_causal_mask(segments)  # (batch, 1, seq, seq) bool, as sftkit's batches carry
+    if case.attn == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    run_step(model, optimizer, input_ids, targets, mask, case.chunked)  # warm-up: creates the AdamW state
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        run_step(model, optimizer, input_ids, targets, mask, case.chunked)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer, input_ids, targets, mask)
+    with tracker:
+        run_step(model, optimizer, input_ids, targets, mask, case.chunked)
+    return tracker.get_tracker_snapshot("peak")[torch.device(device)]["Total"]
+
+
+def estimate(case: Case) -> int:
+    adapter = AdapterOptions(finetuning=case.finetuning)
+    meta = MetaModel.build(SHAPES[case.shape], torch.float32, adapter, case.attn)
+    inputs = MemoryInputs(gradient_checkpointing=case.checkpointing, autocast_dtype=None, attn_implementation=case.attn,
+                          micro_batch=case.micro_batch, seq_len=case.seq_len, chunked_loss=case.chunked,
+                          loss_chunk_size=1024)
+    return estimate_memory(meta, inputs, cuda_overhead=False).total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    method = "torch.cuda.max_memory_allocated" if device == "cuda" else "MemTracker peak of live tensor storage"
+    print(f"device: {device}; measured: {method}; fp32 weights, AdamW, sftkit loss (chunk 1024)")
+    header = f"{'shape':<11} {'ft':<5} {'batch':>5} {'seq':>5} {'ckpt':<4} {'attn':<6} {'loss':<7} " \
+             f"{'estimate':>10} {'measured':>10} {'error':>7}"
+    print(header)
+    print("-" * len(header))
+    start, errors = time.perf_counter(), []
+    for case in grid(args.quick):
+        estimated, measured = estimate(case), measure(case, device)
+        error = (estimated - measured) / measured
+        errors.append(abs(error))
+        print(f"{case.shape:<11} {case.finetuning:<5} {case.micro_batch:>5} {case.seq_len:>5} "
+              f"{'on' if case.checkpointing else 'off':<4} {case.attn:<6} {'chunked' if case.chunked else 'full':<7} "
+              f"{estimated / MIB:>8.1f}Mi {measured / MIB:>8.1f}Mi {error:>+7.1%}", flush=True)
+    print(f"mean |error| {sum(errors) / len(errors):.1%}, max {max(errors):.1%}; "
+          f"{time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

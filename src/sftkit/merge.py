@@ -1,0 +1,33 @@
+"""`sftkit merge`: fold a LoRA adapter into its base weights and save a model that needs neither peft nor
+the base: safetensors shards, the tokenizer and the training chat template, loadable with
+`AutoModelForCausalLM.from_pretrained(out)` or by `sftkit generate out`.
+
+The base is loaded in the dtype it was saved in, unquantized, also for QLoRA adapters: merging into
+4-bit weights would round the adapter's update away.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sftkit.generate import TEMPLATE_FILE, load_trained, resolve_weights
+from sftkit.model.load import ModelError
+
+
+def merge_adapter(run_dir: Path, out: Path, max_shard_size: str = "5GB") -> Path:
+    """Merge RUN_DIR/adapter (or an adapter folder) into its base and write the standalone model to `out`."""
+    folder = resolve_weights(run_dir)
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelError(f"{folder}: is not a LoRA adapter (no adapter_config.json); a full fine-tune's model/ is "
+                         "already a standalone model, nothing to merge")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ModelError(f"--out {out}: already holds files; give a new or empty folder")
+    model, tokenizer, template = load_trained(folder)
+    merged = model.merge_and_unload()  # W + (alpha / r) B A in every adapted layer; plain transformers model
+    merged.config.use_cache = True  # training turned the KV cache off; inference wants it
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, max_shard_size=max_shard_size)  # safetensors
+    tokenizer.save_pretrained(out)
+    (out / TEMPLATE_FILE).write_text(template, encoding="utf-8")  # after the tokenizer, which may write its own
+    return out

@@ -1,0 +1,46 @@
+"""`sftkit train CONFIG` in a child process, with test-only pauses so a test can kill it at a chosen moment.
+
+    python tests/run_train.py CONFIG.yaml [--key value ...]
+
+Environment (both optional; neither changes the numbers the run computes):
+    SFTKIT_TEST_STEP_DELAY=SECONDS   sleep after each step's forward/backward, when dropout has
+                                     already drawn from the RNG but the optimizer has not stepped
+    SFTKIT_TEST_HANG_IN_SAVE=STEP    hang after the weights of checkpoint-STEP are written into
+                                     .tmp-checkpoint-STEP/, before the optimizer and the manifest
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import sftkit.train.checkpoint as ckpt
+import sftkit.train.loop as loop
+from sftkit.cli import app
+
+step_delay = float(os.environ.get("SFTKIT_TEST_STEP_DELAY", "0"))
+hang_in_save = os.environ.get("SFTKIT_TEST_HANG_IN_SAVE")
+
+if step_delay:
+    accumulate_gradients = loop.accumulate_gradients
+
+    def slow_accumulate_gradients(*args, **kwargs):
+        loss_sum = accumulate_gradients(*args, **kwargs)
+        time.sleep(step_delay)
+        return loss_sum
+
+    loop.accumulate_gradients = slow_accumulate_gradients
+
+if hang_in_save:
+    write_weights = ckpt.write_weights
+
+    def write_weights_then_hang(model, directory, finetuning):
+        write_weights(model, directory, finetuning)
+        if directory.name == f".tmp-checkpoint-{hang_in_save}":
+            time.sleep(3600)
+
+    ckpt.write_weights = write_weights_then_hang
+
+if __name__ == "__main__":
+    app(["train", *sys.argv[1:]], prog_name="sftkit")

@@ -1,0 +1,36 @@
+"""Two processes (gloo, CPU) × GA 2 train exactly like one process × GA 4."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.train_helpers import final_weights, logged_losses, max_weight_difference, tiny_config, write_chat_data
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_processes_equal_one_process_with_double_accumulation(tmp_path, tiny_model_dir):
+    data = write_chat_data(tmp_path / "chat.jsonl", rows=40)
+    common = dict(max_steps=3, lora_dropout=0.0, per_device_train_batch_size=2, save_steps=100)
+    single = tiny_config(tiny_model_dir, data, tmp_path / "one", gradient_accumulation_steps=4, **common)
+    double = tiny_config(tiny_model_dir, data, tmp_path / "two", gradient_accumulation_steps=2, **common)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for name, config, procs in (("one", single, 1), ("two", double, 2)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+                   "-m", "sftkit.cli", "train", str(path)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    difference = max_weight_difference(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
+    print(f"max |w_1proc - w_2proc| = {difference:.3e}")
+    assert difference <= 1e-6
+    one, two = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
+    assert one.keys() == two.keys() == {1, 2, 3}
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-6)
