@@ -8,10 +8,11 @@ Measured peak:
   CUDA  torch.cuda.max_memory_allocated() over the step (what tensors hold; the estimate is
         compared without its CUDA-context / fragmentation line, which the allocator does not count).
   CPU   torch keeps no allocator statistics on CPU, and a process's RSS high-water mark mixes in the
-        Python heap and freed-but-kept pages, so the peak is taken from
-        torch.distributed._tools.mem_tracker.MemTracker: it follows every tensor storage created
-        under a dispatch mode (plus parameters, gradients and optimizer states) and reports the
-        largest sum of live storage bytes: the same quantity max_memory_allocated measures on CUDA.
+        Python heap and freed-but-kept pages, so `LiveStorage` below counts it: a dispatch mode sees
+        every tensor any op creates (forward, backward, optimizer), adds its storage's bytes when
+        first seen and subtracts them when the storage is freed, on top of what already lived
+        before the step (parameters, optimizer state, the batch). Its peak is the largest sum of live
+        storage bytes: the quantity max_memory_allocated measures on CUDA, less rounding to blocks.
 
     python bench/plan_accuracy.py            # the CPU grid (~2 minutes)
     python bench/plan_accuracy.py --quick    # four rows
@@ -21,9 +22,13 @@ from __future__ import annotations
 
 import argparse
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from sftkit.data.collate import block_causal_mask
@@ -49,6 +54,37 @@ class Case:
     checkpointing: bool
     attn: str = "sdpa"
     chunked: bool = True
+
+
+class LiveStorage(TorchDispatchMode):
+    """Peak bytes of live tensor storage over the ops run inside it (see the module docstring)."""
+
+    def __init__(self, existing: list[torch.Tensor]):
+        super().__init__()
+        self.seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.live = self.peak = 0
+        for tensor in existing:
+            self._track(tensor)
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage in self.seen:
+            return
+        size = storage.nbytes()
+        self.seen[storage] = size
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, size)
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+                self._track(leaf)
+        return out
 
 
 def grid(quick: bool) -> list[Case]:
@@ -93,13 +129,10 @@ def measure(case: Case, device: str) -> int:
         run_step(model, optimizer, input_ids, targets, mask, case.chunked)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    tracker = MemTracker()
-    tracker.track_external(model, optimizer, input_ids, targets, mask)
-    with tracker:
+    states = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    with LiveStorage([*model.parameters(), *model.buffers(), *states, input_ids, targets, mask]) as tracker:
         run_step(model, optimizer, input_ids, targets, mask, case.chunked)
-    return tracker.get_tracker_snapshot("peak")[torch.device(device)]["Total"]
+    return tracker.peak
 
 
 def estimate(case: Case) -> int:
@@ -116,7 +149,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    method = "torch.cuda.max_memory_allocated" if device == "cuda" else "MemTracker peak of live tensor storage"
+    method = "torch.cuda.max_memory_allocated" if device == "cuda" else "peak of live tensor storage (LiveStorage)"
     print(f"device: {device}; measured: {method}; fp32 weights, AdamW, sftkit loss (chunk 1024)")
     header = f"{'shape':<11} {'ft':<5} {'batch':>5} {'seq':>5} {'ckpt':<4} {'attn':<6} {'loss':<7} " \
              f"{'estimate':>10} {'measured':>10} {'error':>7}"

@@ -25,7 +25,7 @@ from rich.console import Console
 
 from sftkit.config import SFTConfig, redacted, save_config
 from sftkit.data.collate import collate
-from sftkit.data.dataset import DataOptions, PreparedData, prepare_data
+from sftkit.data.dataset import DataOptions, prepare_data
 from sftkit.data.inspect import data_stats
 from sftkit.data.packing import pack_balanced
 from sftkit.data.template import IGNORE_INDEX, resolve_chat_template
@@ -78,6 +78,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
         data = prepare_data(DataOptions.from_config(config, template), tokenizer)
     train_set, trained_per_example = columns_for_training(data.train.dataset)
     lengths = data.train.dataset["length"]
+    source_rows = data.train.dataset["source_row"]
     sequences = pack_balanced(lengths, config.max_seq_length) if config.packing else [[i] for i in range(len(lengths))]
     plan = BatchPlan(sequences, config.per_device_train_batch_size, config.gradient_accumulation_steps, world, config.seed)
     total_steps = plan.total_steps(config.num_train_epochs, config.max_steps)
@@ -221,7 +222,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                     bad_steps += 1
                     if bad_steps > config.max_bad_steps:
                         if monitor:
-                            for finding in monitor.observe_step(step + 1, step_loss, grad_norm, lr, example_rows(data, group, sequences)):
+                            for finding in monitor.observe_step(step + 1, step_loss, grad_norm, lr, example_rows(source_rows, group, sequences)):
                                 say(f"[bold yellow]diagnosis:[/bold yellow] {finding.message} — {finding.advice}")
                         raise TrainingError(
                             f"step {step + 1}: loss {step_loss} / grad norm {grad_norm} is not finite; the step was "
@@ -235,7 +236,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 accumulate(window, step_loss * step_trained if finite else 0.0, step_trained, step_tokens, grad_norm)
 
                 if monitor:
-                    for finding in monitor.observe_step(step, step_loss, grad_norm, lr, example_rows(data, group, sequences)):
+                    for finding in monitor.observe_step(step, step_loss, grad_norm, lr, example_rows(source_rows, group, sequences)):
                         say(f"[bold yellow]diagnosis:[/bold yellow] {finding.message} — {finding.advice}")
                 if step % config.logging_steps == 0 or step == total_steps:
                     elapsed = time.perf_counter() - started
@@ -453,10 +454,9 @@ def window_row(window: dict[str, float], step: int, epoch: float, lr: float, gra
             "elapsed_s": round(elapsed, 2), "memory_gb": round(memory, 3)}
 
 
-def example_rows(data: PreparedData, group: list[list[int]], sequences: list[list[int]]) -> list[int]:
-    """Dataset rows (1-based, as in the source file) of the examples in a step, for spike reports."""
-    rows = data.train.dataset["source_row"]
-    return sorted(rows[e] + 1 for mb in group for s in mb for e in sequences[s])
+def example_rows(source_rows: list[int], group: list[list[int]], sequences: list[list[int]]) -> list[int]:
+    """Rows (1-based, as in the source file) of the examples in a step, for spike reports."""
+    return sorted(source_rows[e] + 1 for mb in group for s in mb for e in sequences[s])
 
 
 def nonfinite_advice(config: SFTConfig) -> str:
