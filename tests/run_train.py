@@ -4,7 +4,9 @@
 
 Environment (both optional; neither changes the numbers the run computes):
     SFTKIT_TEST_STEP_DELAY=SECONDS   sleep after each step's forward/backward, when dropout has
-                                     already drawn from the RNG but the optimizer has not stepped
+                                     already drawn from the RNG but the optimizer has not stepped;
+                                     with SFTKIT_TEST_STEP_MARKER=FILE, the 1-based number of the
+                                     step being delayed is written to FILE as the sleep starts
     SFTKIT_TEST_HANG_IN_SAVE=STEP    hang after the weights of checkpoint-STEP are written into
                                      .tmp-checkpoint-STEP/, before the optimizer and the manifest
 """
@@ -20,13 +22,20 @@ import sftkit.train.loop as loop
 from sftkit.cli import app
 
 step_delay = float(os.environ.get("SFTKIT_TEST_STEP_DELAY", "0"))
+step_marker = os.environ.get("SFTKIT_TEST_STEP_MARKER")
 hang_in_save = os.environ.get("SFTKIT_TEST_HANG_IN_SAVE")
 
 if step_delay:
     accumulate_gradients = loop.accumulate_gradients
+    steps_begun = 0
 
     def slow_accumulate_gradients(*args, **kwargs):
+        global steps_begun
         loss_sum = accumulate_gradients(*args, **kwargs)
+        steps_begun += 1
+        if step_marker:
+            with open(step_marker, "w") as handle:
+                handle.write(str(steps_begun))
         time.sleep(step_delay)
         return loss_sum
 

@@ -41,17 +41,28 @@ def tokenizer(request):
     return request.getfixturevalue("tiny_tokenizer" if request.param == "tiny" else "llama2_tokenizer")
 
 
-def trained_runs(labels: list[int]) -> int:
-    return sum(1 for i, label in enumerate(labels) if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX))
+def trained_runs(labels: list[int]) -> list[list[int]]:
+    """The trained tokens, one list per maximal run of trained positions."""
+    runs: list[list[int]] = []
+    for i, label in enumerate(labels):
+        if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX):
+            runs.append([])
+        if label != IGNORE_INDEX:
+            runs[-1].append(label)
+    return runs
 
 
 @PROPERTY_SETTINGS
 @given(messages=conversations(), name=st.sampled_from(BUILTIN_TEMPLATES))
-def test_one_trained_run_per_reply(tokenizer, messages, name):
+def test_one_trained_run_per_reply_holding_the_reply(tokenizer, messages, name):
     template = resolve_chat_template(name, tokenizer)
     row = tokenize_row({"messages": messages, "text": ""}, tokenizer, TokenizeOptions(template, max_seq_length=100_000))
     assert row["drop_reason"] == ""
-    assert trained_runs(row["labels"]) == sum(m["role"] == "assistant" for m in messages)
+    runs = trained_runs(row["labels"])
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert len(runs) == len(replies)
+    for run, reply in zip(runs, replies):
+        assert reply.strip() in tokenizer.decode(run)
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(row["input_ids"], row["labels"]))
     assert row["response_tokens"] + row["prompt_tokens"] == row["full_length"] == len(row["input_ids"])
 

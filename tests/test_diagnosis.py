@@ -187,3 +187,86 @@ def test_a_resumed_run_does_not_warn_again(tmp_path):
     resumed = Monitor(settings(), path)
     assert kinds(resumed.findings) == ["non_finite"]
     assert run_steps(resumed, range(3, 5), grad_norm=lambda s: math.nan) == []
+
+
+# --------------------------------------------------------------------------- end to end: the real loop, induced failures
+
+
+def train_quietly(config):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from sftkit.train.loop import train
+
+    return train(config, console=Console(file=StringIO(), width=200))
+
+
+def diagnosis_rows(output_dir) -> list[dict]:
+    path = output_dir / "diagnosis.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    from tests.train_helpers import write_chat_data
+
+    return write_chat_data(tmp_path_factory.mktemp("diagnosis_data") / "chat.jsonl")
+
+
+@pytest.mark.slow
+def test_e2e_overflowing_model_reports_non_finite_loss(tmp_path, tiny_model_dir, chat_data):
+    # learning_rate is capped at 1.0 by the config and Adam's steps are bounded, so an LR too high does not
+    # reliably overflow fp32 on a tiny model; an inf weight overflows as fp16 activations would.
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sftkit.train.loop import TrainingError
+    from tests.train_helpers import tiny_config
+
+    model_dir = tmp_path / "overflowing"
+    shutil.copytree(tiny_model_dir, model_dir)
+    weights = load_file(model_dir / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = torch.inf
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(TrainingError, match="not finite"):
+        train_quietly(tiny_config(model_dir, chat_data, tmp_path / "run", max_steps=4))
+    rows = diagnosis_rows(tmp_path / "run")
+    assert [(row["step"], row["kind"]) for row in rows] == [(1, "non_finite")]
+    assert rows[0]["evidence"]["example_ids"]  # the batch, to look at
+
+
+@pytest.mark.slow
+def test_e2e_learning_rate_too_low_reports_flat_loss(tmp_path, tiny_model_dir, chat_data):
+    from tests.train_helpers import tiny_config
+
+    train_quietly(tiny_config(tiny_model_dir, chat_data, tmp_path / "run", learning_rate=1e-8, max_steps=10,
+                              warmup_steps=0))
+    rows = diagnosis_rows(tmp_path / "run")
+    assert [row["kind"] for row in rows] == ["loss_flat"]
+    assert "learning rate" in rows[0]["advice"] and rows[0]["evidence"]["trained_token_fraction"] > 0.05
+
+
+@pytest.mark.slow
+def test_e2e_three_examples_overfit_and_the_report_names_the_best_checkpoint(tmp_path, tiny_model_dir, chat_data):
+    from sftkit.report import build_report
+    from tests.train_helpers import tiny_config
+
+    lines = chat_data.read_text().splitlines(keepends=True)
+    (tmp_path / "three.jsonl").write_text("".join(lines[:3]))
+    (tmp_path / "eval.jsonl").write_text("".join(lines[10:20]))
+    # Full fine-tuning at a constant, high LR memorises 3 examples within 40 steps; eval loss turns up.
+    output_dir = tmp_path / "run"
+    train_quietly(tiny_config(
+        tiny_model_dir, tmp_path / "three.jsonl", output_dir, finetuning="full", learning_rate=1e-2,
+        lr_scheduler_type="constant", max_steps=40, packing=False, per_device_train_batch_size=3,
+        gradient_accumulation_steps=1, lora_dropout=0.0, eval_dataset={"path": str(tmp_path / "eval.jsonl")},
+        eval_steps=5, save_steps=5, sample_steps=20, max_new_tokens=8))
+    overfitting = [row for row in diagnosis_rows(output_dir) if row["kind"] == "overfitting"]
+    assert len(overfitting) == 1
+    best = overfitting[0]["evidence"]["best_checkpoint"]
+    assert best == f"checkpoint-{overfitting[0]['evidence']['best_step']}" and best in overfitting[0]["advice"]
+    html = build_report(output_dir).read_text()
+    assert "overfitting" in html and best in html and html.count("data:image/png;base64,") == 5

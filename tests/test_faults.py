@@ -155,14 +155,16 @@ def test_sigkill_then_resume_matches_uninterrupted_run(kill_point, tmp_path, tin
 def test_ctrl_c_saves_stops_cleanly_and_resumes(tmp_path, tiny_model_dir, chat_data, uninterrupted):
     output_dir = tmp_path / "run"
     config_path = write_yaml(tiny_config(tiny_model_dir, chat_data, output_dir, **SETTINGS), tmp_path / "run.yaml")
-    # The signal lands while a step is half done (dropout has drawn from the RNG, no optimizer step yet).
-    stopped, seen = run_and_signal(config_path, output_dir, logged(3), signal.SIGINT, {"SFTKIT_TEST_STEP_DELAY": "0.5"})
+    # The signal lands while step 4 is half done: dropout has drawn from the RNG, the optimizer has not stepped.
+    marker = tmp_path / "step_in_progress"
+    stopped, seen = run_and_signal(config_path, output_dir, lambda _: marker.exists() and marker.read_text() == "4",
+                                   signal.SIGINT, {"SFTKIT_TEST_STEP_DELAY": "2", "SFTKIT_TEST_STEP_MARKER": str(marker)})
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr and "Traceback" not in stopped.stdout
     run_info = json.loads((output_dir / "run.json").read_text())
     assert run_info["status"] == "stopped"
     stopped_at = run_info["last_step"]
-    assert stopped_at >= seen["last_step"]
+    assert stopped_at == seen["last_step"] == 3
     ckpt.validate(output_dir / f"checkpoint-{stopped_at}", loop.run_fingerprint(
         tiny_config(tiny_model_dir, chat_data, output_dir, **SETTINGS), 1), 1)
     assert not list(output_dir.glob(".tmp-checkpoint-*"))

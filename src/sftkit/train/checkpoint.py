@@ -108,9 +108,12 @@ def write_process_state(directory: Path, rank: int) -> None:
 
 def write_main_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      scheduler: Any, trainer_state: dict[str, Any], finetuning: str,
-                     config_yaml: str, template: str) -> None:
-    write_weights(model, directory, finetuning)
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+                     config_yaml: str, template: str, sharded: bool = False) -> None:
+    """Everything but the RNG; weights and optimizer only when not sharded (FSDP/DeepSpeed write
+    theirs through `accelerator.save_state` into `sharded_state/`)."""
+    if not sharded:
+        write_weights(model, directory, finetuning)
+        torch.save(optimizer.state_dict(), directory / "optimizer.pt")
     (directory / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
     (directory / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     (directory / "config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -119,8 +122,8 @@ def write_main_state(directory: Path, model: torch.nn.Module, optimizer: torch.o
 
 def finalize(directory: Path, output_dir: Path, step: int) -> Path:
     """Write the manifest last, then rename the directory into place (atomic on one filesystem)."""
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(directory.iterdir()) if p.is_file()}
+    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file()}
     (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
     final = output_dir / f"checkpoint-{step}"
     if final.exists():
@@ -162,7 +165,8 @@ def validate(path: Path, fingerprint: dict[str, Any], world_size: int) -> dict[s
             raise CheckpointError(f"{file}: {file.stat().st_size} bytes, expected {meta['size']}; the file is truncated or was changed")
         if _sha256(file) != meta["sha256"]:
             raise CheckpointError(f"{file}: content does not match its SHA-256 in the manifest; the file is damaged")
-    for name in ("optimizer.pt", "trainer_state.json", "scheduler.json"):
+    sharded = any(name.startswith("sharded_state/") for name in manifest["files"])
+    for name in ("trainer_state.json", "scheduler.json", *(() if sharded else ("optimizer.pt",))):
         if name not in manifest["files"]:
             raise CheckpointError(f"{path / name}: missing from the checkpoint")
     for rank in range(world_size):
@@ -219,13 +223,16 @@ def load_weights(model: torch.nn.Module, path: Path, finetuning: str) -> None:
 
 
 def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               finetuning: str, rank: int) -> None:
+               finetuning: str, rank: int, accelerator: Any = None) -> None:
     """Restore weights, optimizer, scheduler and this process's RNG from a validated checkpoint."""
-    try:
-        load_weights(model, path, finetuning)
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path}: the weights do not fit this model ({str(err).splitlines()[0]})") from None
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    if (path / "sharded_state").is_dir():
+        accelerator.load_state(str(path / "sharded_state"))
+    else:
+        try:
+            load_weights(model, path, finetuning)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{path}: the weights do not fit this model ({str(err).splitlines()[0]})") from None
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     plain = json.loads((path / f"rng_state_{rank}.json").read_text())
     with safe_open(str(path / f"rng_torch_{rank}.safetensors"), "pt") as handle:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from rich.console import Console
 
 from sftkit.config import SFTConfig, redacted, save_config
@@ -116,7 +116,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
             say(f"[yellow]resume_from_checkpoint: no checkpoint in {output_dir}; starting from step 0[/yellow]")
         else:
             path, state = found
-            ckpt.load_state(path, unwrapped, optimizer, scheduler, config.finetuning, rank)
+            ckpt.load_state(path, unwrapped, optimizer, scheduler, config.finetuning, rank, accelerator)
             say(f"Resumed from {path} at step {state['step']}")
     start_step = state["step"]
 
@@ -304,8 +304,11 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     if not (output_dir / f"checkpoint-{step}").exists():
         save(step)
     final_dir = output_dir / ("model" if config.finetuning == "full" else "adapter")
+    # Under FSDP/DeepSpeed the full weights must be gathered by every process first.
+    gathered = accelerator.get_state_dict(loss_model) if is_sharded(accelerator) else None
     if main:
-        save_final(unwrapped, tokenizer, template, final_dir)
+        state_dict = {k.removeprefix("model."): v for k, v in gathered.items()} if gathered else None
+        save_final(unwrapped, tokenizer, template, final_dir, state_dict)
     accelerator.wait_for_everyone()
     run_info.update(status=status, last_step=step, final_dir=str(final_dir),
                     finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -330,6 +333,8 @@ def accumulate_gradients(loss_model: torch.nn.Module, accelerator: Accelerator, 
     loss_sum = torch.zeros((), device=accelerator.device)
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
+        # DeepSpeed steps inside backward when gradients sync: only on the last micro-batch.
+        accelerator.gradient_state._set_sync_gradients(last)
         with nullcontext() if last else accelerator.no_sync(loss_model):
             micro_loss = loss_model(**batch)
             accelerator.backward(micro_loss * world / step_trained)
@@ -401,9 +406,12 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, model
             temp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         ckpt.write_process_state(temp, accelerator.process_index)
+        if is_sharded(accelerator):  # FSDP/DeepSpeed: every process writes its shard
+            accelerator.save_state(str(temp / "sharded_state"))
         if accelerator.is_main_process:
             ckpt.write_main_state(temp, model, optimizer, scheduler, trainer_state, config.finetuning,
-                                  yaml.safe_dump(redacted(config), sort_keys=False), template)
+                                  yaml.safe_dump(redacted(config), sort_keys=False), template,
+                                  sharded=is_sharded(accelerator))
         accelerator.wait_for_everyone()
         final = ckpt.finalize(temp, output_dir, step) if accelerator.is_main_process else output_dir / f"checkpoint-{step}"
         accelerator.wait_for_everyone()
@@ -417,11 +425,16 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, model
             "permissions, then resume with `--resume_from_checkpoint true`") from None
 
 
-def save_final(model: torch.nn.Module, tokenizer: Any, template: str, final_dir: Path) -> None:
+def is_sharded(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def save_final(model: torch.nn.Module, tokenizer: Any, template: str, final_dir: Path,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """The final weights with the tokenizer whose chat template is the one trained with."""
     if final_dir.exists():
         shutil.rmtree(final_dir)
-    model.save_pretrained(final_dir, safe_serialization=True)
+    model.save_pretrained(final_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.chat_template = template
     tokenizer.save_pretrained(final_dir)
     (final_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
