@@ -47,13 +47,13 @@ def write_synthetic_run(run_dir: Path, total_steps: int = 200, status: str = "fi
     for step in range(5, total_steps + 1, 5):
         progress = step / total_steps
         lr = 2e-4 * min(1.0, step / 10) * 0.5 * (1 + math.cos(math.pi * progress))
-        rows.append({"step": step, "epoch": 3 * progress, "loss": 0.8 + 1.2 * math.exp(-step / 30) + 0.03 * math.sin(step),
-                     "lr": lr, "grad_norm": 1.5 if step == 120 else 0.4 + 0.05 * math.cos(step), "trained_tokens": 4000,
+        loss = 0.8 + 1.2 * math.exp(-step / 30) + 0.03 * math.sin(step)
+        rows.append({"step": step, "epoch": 3 * progress, "loss": loss, "lr": lr, "grad_norm": 1.5 if step == 120 else 0.4 + 0.05 * math.cos(step), "trained_tokens": 4000,
                      "tokens": 9800, "trained_tokens_per_s": 4100.0, "tokens_per_s": 10050.0 + 30 * math.sin(step),
                      "elapsed_s": step * 0.98, "memory_gb": 9.6})
         if step % 50 == 0:
-            rows.append({"step": step, "epoch": 3 * progress, "eval_loss": 1.4 - 0.4 * min(step, 100) / 100 + 0.001 * max(0, step - 100),
-                         "eval_tokens": 60000})
+            eval_loss = 1.4 - 0.4 * min(step, 100) / 100 + 0.001 * max(0, step - 100)  # best at 100
+            rows.append({"step": step, "epoch": 3 * progress, "eval_loss": eval_loss, "eval_tokens": 60000})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     samples = [{"step": step, "prompt": prompt, "completion": completion, "ended": ended}
                for step, (completions, ended) in COMPLETIONS.items() if step <= total_steps
@@ -80,6 +80,8 @@ def report_text(run_dir: Path) -> tuple[str, str]:
 
 def test_report_of_a_finished_run(tmp_path):
     run_dir = write_synthetic_run(tmp_path / "run")
+    with (run_dir / "samples.jsonl").open("a") as handle:
+        handle.write(json.dumps({"step": 200, "prompt": "[INST] hi", "completion": "[/INST] [bold]x", "ended": True}) + "\n")
     html, printed = report_text(run_dir)
     assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', html)) == 5  # loss, lr, grad, tok/s, mem
     assert not re.search(r'(src|href)="(https?:|//|file:)', html)  # self-contained
@@ -90,6 +92,7 @@ def test_report_of_a_finished_run(tmp_path):
     assert "trained token fraction" in html and "41.0%" in html and "effective batch" in html
     assert "meta-llama/Llama-3.2-1B" in printed and "finished" in printed and "grad_norm_spike" in printed
     assert "12 plus 30 is 42." in printed and "report written to" in printed
+    assert "[/INST] [bold]x" in printed  # user text is never rich markup
     assert "1 at step 100" in printed  # best eval loss 1 (1.4 - 0.4) at step 100
 
 

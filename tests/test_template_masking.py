@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import FIXTURES
 from sftkit.data.template import (
     BUILTIN_TEMPLATES,
     IGNORE_INDEX,
@@ -22,6 +21,7 @@ from sftkit.data.template import (
     resolve_chat_template,
     tokenize_conversation,
 )
+from tests.conftest import FIXTURES
 
 TEMPLATES = FIXTURES / "templates"
 
@@ -186,9 +186,10 @@ def test_template_that_moves_the_system_prompt_masks_the_reply_not_the_user_echo
     assert_trained_text(tokenizer, tokenize_conversation(messages, template, tokenizer), ["Sure</s>", "Sure</s>"])
 
 
-def test_user_and_system_text_never_trained(tokenizer):
-    """Every token of the rendering that lies outside the replies' spans is masked."""
-    template = resolve_chat_template("chatml", tokenizer)
+@pytest.mark.parametrize("name", BUILTIN_TEMPLATES)
+def test_user_and_system_text_never_trained(tokenizer, name):
+    """A token is trained exactly when it overlaps a reply's span: all else (system, user, headers) is masked."""
+    template = resolve_chat_template(name, tokenizer)
     messages = CONVERSATIONS["with_system"]
     full, spans = assistant_spans(messages, template, tokenizer)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.text import Text
 
 from sftkit.config import ConfigError
 from sftkit.model.load import ModelError, load_model, load_model_config, load_tokenizer
@@ -96,11 +97,12 @@ def generate_cli(model: Path, prompts: list[str], prompts_file: Path | None, max
     samples = generate_samples(loaded.to(device), tokenizer, template, conversations, max_new_tokens,
                                temperature=temperature, top_p=top_p)
     if console is not None:
-        console.print(f"[dim]{folder}[/dim]")
+        console.print(Text(str(folder), style="dim"))
         for sample in samples:
             console.rule(style="dim")
-            console.print(f"[bold]user:[/bold] {sample['prompt']}", highlight=False)
-            console.print(f"[bold]assistant:[/bold] {sample['completion']}", highlight=False)
+            # Text, not markup: replies may contain "[INST]" and the like
+            console.print(Text.assemble(("user: ", "bold"), sample["prompt"]))
+            console.print(Text.assemble(("assistant: ", "bold"), sample["completion"]))
             if not sample["ended"]:
                 console.print(f"[yellow](stopped at max_new_tokens = {max_new_tokens})[/yellow]")
     return samples

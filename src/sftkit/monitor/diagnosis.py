@@ -26,7 +26,7 @@ import statistics
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 SPIKE_HISTORY = 50  # steps in the running median that spikes are measured against
 SPIKE_MIN_HISTORY = 10  # finite steps seen before a spike can be called
@@ -124,7 +124,9 @@ class Monitor:
     # ------------------------------------------------------------------ detectors
 
     def _non_finite(self, step: int, loss: float, grad_norm: float, lr: float, example_ids: list[int]) -> Finding | None:
-        if math.isfinite(loss) and math.isfinite(grad_norm):
+        # fp16 loss scaling overflows the gradients now and then by design: the scaler skips the step
+        # and lowers the scale. Only a non-finite loss is a problem there.
+        if math.isfinite(loss) and (math.isfinite(grad_norm) or self.settings.precision == "fp16"):
             return None
         advice = f"lower the learning rate (it is {lr:g}) or lengthen the warmup"
         if self.settings.precision == "fp16":
@@ -252,8 +254,19 @@ class Monitor:
         if new and self.path is not None:
             with self.path.open("a", encoding="utf-8") as handle:
                 for finding in new:
-                    handle.write(json.dumps(asdict(finding), default=str) + "\n")
+                    handle.write(json.dumps(_json_safe(asdict(finding))) + "\n")
         return new
+
+
+def _json_safe(value: Any) -> Any:
+    """Strict JSON (jq and browsers reject NaN): non-finite floats become "nan" / "inf" / "-inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
 
 
 def _read_findings(path: Path | None) -> list[Finding]:

@@ -124,8 +124,9 @@ def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: boo
         "memory": {
             "gpu": gpu.name, "gpu_bytes": gpu.memory_bytes, "parts": estimate.parts, "total_bytes": estimate.total,
             "weights_by_dtype": meta.params.weights_by_dtype,
-            "activations_without_checkpointing": estimate.activations_without_checkpointing,
-            "activations_with_checkpointing": estimate.activations_with_checkpointing,
+            "loss_bytes": estimate.loss,
+            "activations_without_checkpointing": estimate.activations[False],
+            "activations_with_checkpointing": estimate.activations[True],
             "gradient_checkpointing": config.gradient_checkpointing,
             "micro_batch": config.per_device_train_batch_size, "seq_len": config.max_seq_length},
         "fits": fits,

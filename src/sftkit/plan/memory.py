@@ -82,8 +82,8 @@ class MemoryEstimate:
 
     parts: dict[str, int]
     params: ParameterBytes
-    activations_without_checkpointing: int
-    activations_with_checkpointing: int
+    loss: int  # head + cross-entropy peak
+    activations: dict[bool, int]  # kept + backward working set, by gradient checkpointing off / on
 
     @property
     def total(self) -> int:
@@ -266,9 +266,20 @@ def trace_activations(model: nn.Module, micro_batch: int, seq_len: int, attn_imp
                            layer_input=layer_input[-1][0], hidden_dtype_bytes=layer_input[-1][1])
 
 
-def checkpointed(trace: ActivationTrace) -> int:
-    """With checkpointing each layer keeps its input; backward recomputes one layer at a time."""
-    return trace.outside_layers + len(trace.per_layer) * trace.layer_input + max(trace.per_layer)
+BACKWARD_BUFFERS = 3  # hidden-state-sized gradients alive in a layer's backward (in, out, residual)
+
+
+def kept_for_backward(trace: ActivationTrace, gradient_checkpointing: bool) -> int:
+    """Held from the end of forward: everything saved, or with checkpointing each layer's input."""
+    if gradient_checkpointing:
+        return trace.outside_layers + len(trace.per_layer) * trace.layer_input
+    return trace.outside_layers + sum(trace.per_layer)
+
+
+def backward_working_set(trace: ActivationTrace, gradient_checkpointing: bool) -> int:
+    """On top of what is kept: one layer recomputed (checkpointing) and the gradients flowing through it."""
+    recomputed = max(trace.per_layer) if gradient_checkpointing else 0
+    return recomputed + BACKWARD_BUFFERS * trace.layer_input
 
 
 def loss_bytes(tokens: int, vocab: int, hidden: int, logits_dtype_bytes: int, chunked: bool, chunk_size: int,
@@ -276,15 +287,17 @@ def loss_bytes(tokens: int, vocab: int, hidden: int, logits_dtype_bytes: int, ch
     """Peak of the head + cross-entropy.
 
     Unchunked: the logits (tokens × vocab) in the head's dtype, the fp32 log-softmax that CE keeps,
-    and in backward an fp32 gradient of the same size: tokens × vocab × (dtype + 8).
-    Chunked (sftkit.train.loss): one chunk's fp32 logits, softmax and gradient plus its copy in the
-    hidden dtype; the gradient w.r.t. the hidden states (tokens × hidden); and an fp32 gradient of
-    the head weight when the head is trained.
+    and in its backward the fp32 gradient from nll_loss, exp(log-softmax) and the gradient of the
+    logits: tokens × vocab × (dtype + 12), as measured (bench/plan_accuracy.py).
+    Chunked (sftkit.train.loss): one chunk's fp32 logits and softmax-gradient, plus that gradient's
+    copy in the hidden dtype when it is not fp32; the gradient w.r.t. the hidden states
+    (tokens × hidden); and an fp32 gradient of the head weight when the head is trained.
     """
     if not chunked:
-        return tokens * vocab * (logits_dtype_bytes + 8)
+        return tokens * vocab * (logits_dtype_bytes + 12)
     chunk = min(chunk_size, tokens)
-    total = chunk * vocab * (12 + hidden_dtype_bytes) + tokens * hidden * hidden_dtype_bytes
+    copy_bytes = hidden_dtype_bytes if hidden_dtype_bytes != 4 else 0
+    total = chunk * vocab * (8 + copy_bytes) + tokens * hidden * hidden_dtype_bytes
     return total + (vocab * hidden * 4 if head_trainable else 0)
 
 
@@ -325,7 +338,7 @@ def estimate_memory(meta: MetaModel, inputs: MemoryInputs, cuda_overhead: bool =
     """Per-GPU bytes of one training step; `cuda_overhead` adds context and allocator slack."""
     params = meta.params
     trace = meta.activations(inputs.micro_batch, inputs.seq_len, inputs.attn_implementation, inputs.autocast_dtype)
-    without, with_ = sum(trace.per_layer) + trace.outside_layers, checkpointed(trace)
+    checkpointing = inputs.gradient_checkpointing
     head = meta.model.get_output_embeddings()
     vocab, hidden = head.weight.shape
     logits_dtype = inputs.autocast_dtype or head.weight.dtype  # QLoRA's head is fp32 (peft upcasts it)
@@ -337,9 +350,11 @@ def estimate_memory(meta: MetaModel, inputs: MemoryInputs, cuda_overhead: bool =
         "adapters": math.ceil(params.adapters / shards),
         "gradients": math.ceil(params.gradients / shards),
         "optimizer states": math.ceil(params.optimizer / shards),
-        "activations": with_ if inputs.gradient_checkpointing else without,
-        "logits and loss": loss,
+        "activations": kept_for_backward(trace, checkpointing),
+        # The loss peaks at the end of forward, a checkpointed layer's recomputation in backward: never together.
+        "loss or backward working set": max(loss, backward_working_set(trace, checkpointing)),
     }
     if cuda_overhead:
         parts["CUDA context + allocator"] = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * sum(parts.values()))
-    return MemoryEstimate(parts, params, without, with_)
+    return MemoryEstimate(parts, params, loss, {on: kept_for_backward(trace, on) + backward_working_set(trace, on)
+                                                for on in (False, True)})

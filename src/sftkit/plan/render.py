@@ -95,8 +95,10 @@ def _print_memory(plan: dict[str, Any], console: Console) -> None:
         if part == "weights":
             detail = " (" + ", ".join(f"{k} {_gib(v)}" for k, v in memory["weights_by_dtype"].items()) + ")"
         if part == "activations":
-            detail = (f" (checkpointing off {_gib(memory['activations_without_checkpointing'])}, "
+            detail = (f" (with backward: checkpointing off {_gib(memory['activations_without_checkpointing'])}, "
                       f"on {_gib(memory['activations_with_checkpointing'])})")
+        if part.startswith("loss"):
+            detail = f" (logits and loss {_gib(memory['loss_bytes'])})"
         table.add_row(part + detail, _gib(value))
     verdict = "[green]fits[/green]" if plan["fits"] else "[red]does not fit[/red]"
     table.add_row(f"[bold]total vs {memory['gpu']} ({_gib(memory['gpu_bytes'])})[/bold]",

@@ -12,7 +12,9 @@ import os
 from pathlib import Path
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from sftkit.report import summary
 from sftkit.report.page import render_page
@@ -20,7 +22,8 @@ from sftkit.report.plots import all_plots
 from sftkit.report.read import RunRecord, read_run
 
 __all__ = ["build_report", "read_run", "RunRecord"]
-STATUS_STYLE = {"finished": "green", "running": "blue", "crashed": "red", "stopped": "yellow"}
+STATUS_STYLE = {"finished": "green", "early_stopped": "green", "running": "blue", "crashed": "red",
+                "stopped": "yellow"}
 
 
 def build_report(run_dir: Path, console: Console | None = None) -> Path:
@@ -33,43 +36,48 @@ def build_report(run_dir: Path, console: Console | None = None) -> Path:
     os.replace(partial, path)  # a browser open on the old page never sees half a file
     if console is not None:
         print_summary(record, console)
-        console.print(f"report written to [bold]{path}[/bold]")
+        console.print(f"report written to [bold]{escape(str(path))}[/bold]")
     return path
 
 
 def print_summary(record: RunRecord, console: Console) -> None:
     style = STATUS_STYLE.get(record.status, "yellow")
-    console.rule(f"[bold]{record.run_dir}[/bold]  [{style}]{record.status}[/{style}]")
+    console.rule(f"[bold]{escape(str(record.run_dir))}[/bold]  [{style}]{escape(record.status)}[/{style}]")
     console.print(_pairs(summary.headline_rows(record)))
     for note in record.notes:
-        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
     (config_title, config), *others = summary.fact_sections(record)
-    facts = Table.grid(padding=(0, 4))  # config on the left, data and schedule stacked on the right
-    facts.add_row(_pairs(config, config_title), Group(*(_pairs(rows, title) for title, rows in others)))
-    console.print(facts)
+    right = Group(*(_pairs(rows, title) for title, rows in others))
+    if console.width >= 120:  # config on the left, data and schedule stacked on the right
+        facts = Table.grid(padding=(0, 4))
+        facts.add_row(_pairs(config, config_title), right)
+        console.print(facts)
+    else:
+        console.print(_pairs(config, config_title), right)
     if record.findings:
         table = Table(title="Diagnosis", title_justify="left", show_lines=True)
         for column in ("step", "kind", "message", "advice"):
             table.add_column(column, overflow="fold")
         for finding in record.findings:
-            table.add_row(str(finding["step"]), finding["kind"], finding["message"], finding["advice"])
+            table.add_row(*(Text(str(finding[key])) for key in ("step", "kind", "message", "advice")))
         console.print(table)
     else:
         console.print("[green]Diagnosis: no problems detected.[/green]")
     samples = summary.samples_by_prompt(record)
     if samples:
         table = Table(title="Samples (first and last sample step)", title_justify="left", show_lines=True)
-        for column in ("prompt", "step", "ended", "completion"):
+        table.add_column("prompt", overflow="fold", max_width=32)
+        for column in ("step", "ended", "completion"):
             table.add_column(column, overflow="fold")
         for prompt, rows in samples.items():
             for sample in {id(row): row for row in (rows[0], rows[-1])}.values():
-                table.add_row(_clip(prompt, 60), str(sample["step"]), "yes" if sample["ended"] else "no",
-                              _clip(sample["completion"], 240))
+                table.add_row(Text(_clip(prompt, 60)), str(sample["step"]), "yes" if sample["ended"] else "no",
+                              Text(_clip(sample["completion"], 240)))
         console.print(table)
     checkpoints = summary.checkpoint_rows(record)
     if checkpoints:
-        console.print("checkpoints: " + ", ".join(
-            f"{row['name']}" + (f" ({row['note']})" if row["note"] else "") for row in checkpoints), highlight=False)
+        console.print(Text("checkpoints: " + ", ".join(
+            row["name"] + (f" ({row['note']})" if row["note"] else "") for row in checkpoints)))
 
 
 def _pairs(rows: list[tuple[str, str]], title: str | None = None) -> Table:
@@ -77,7 +85,7 @@ def _pairs(rows: list[tuple[str, str]], title: str | None = None) -> Table:
     table.add_column(style="dim", no_wrap=True)
     table.add_column(overflow="fold")
     for label, value in rows:
-        table.add_row(label, value)
+        table.add_row(label, Text(value))  # Text: user content like "[INST]" is not markup
     return table
 
 

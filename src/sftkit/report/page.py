@@ -22,7 +22,7 @@ PAGE = jinja2.Template("""<!DOCTYPE html>
   .sub { color: #5b6575; margin-bottom: 16px; word-break: break-all; }
   .card { background: #fff; border: 1px solid #dde2ea; border-radius: 8px; padding: 14px 16px; }
   .badge { display: inline-block; padding: 1px 9px; border-radius: 10px; font-weight: 600; font-size: 13px; }
-  .finished { background: #d9f2e1; color: #17633a; } .running { background: #dbe9fb; color: #174f8f; }
+  .finished, .early_stopped { background: #d9f2e1; color: #17633a; } .running { background: #dbe9fb; color: #174f8f; }
   .crashed { background: #fbdcdc; color: #8c1c1c; } .stopped, .unknown { background: #ece6d6; color: #6a5414; }
   .headline { display: grid; grid-template-columns: repeat(auto-fit, minmax(150px, 1fr)); gap: 10px; }
   .headline div { background: #fff; border: 1px solid #dde2ea; border-radius: 8px; padding: 8px 12px; }

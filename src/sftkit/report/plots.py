@@ -93,7 +93,8 @@ def all_plots(record: RunRecord) -> dict[str, bytes]:
         "Gradient norm": metric_plot(record, "Gradient norm (before clipping)", "grad norm",
                                      {"grad_norm": "grad norm"}, log_scale=True),
         "Throughput": metric_plot(record, "Throughput", "tokens / s",
-                                  {"tokens_per_s": "all tokens", "trained_tokens_per_s": "trained tokens"}, from_zero=True),
+                                  {"tokens_per_s": "all tokens", "trained_tokens_per_s": "trained tokens"},
+                                  from_zero=True),
         "Memory": metric_plot(record, "Peak memory", "GiB", {"memory_gb": "peak memory"}, from_zero=True),
     }
     plots.update({title: png for title, png in small.items() if png is not None})

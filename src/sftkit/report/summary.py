@@ -37,6 +37,8 @@ def fmt(value: Any, key: str = "") -> str:
         return f"{value:.4g}"
     if isinstance(value, list):
         return ", ".join(fmt(item) for item in value)
+    if isinstance(value, dict):  # e.g. skipped rows per reason
+        return ", ".join(f"{k}: {fmt(v)}" for k, v in value.items()) or "none"
     return str(value)
 
 
@@ -48,8 +50,8 @@ def config_rows(record: RunRecord) -> list[tuple[str, str]]:
             continue
         if key in LORA_ONLY and config.get("finetuning") == "full":
             continue
-        if key == "max_steps" and config[key] <= 0 or key == "num_train_epochs" and config.get("max_steps", -1) > 0:
-            continue
+        if (key == "max_steps" and config[key] <= 0) or (key == "num_train_epochs" and config.get("max_steps", -1) > 0):
+            continue  # only the one of the two that decides the run's length
         rows.append((key, fmt(config[key], key)))
     datasets = [spec.get("path", "?") for spec in config.get("datasets", []) if isinstance(spec, dict)]
     if datasets:

@@ -183,7 +183,12 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
         loss_model.train()
         return (accelerator.reduce(loss_sum, "sum") / eval_tokens).item()
 
+    # Steps checkpointed by this run (and the one it resumed from): any other checkpoint-STEP in the
+    # directory, e.g. a damaged one that `resume_from_checkpoint: latest` skipped, is written again.
+    saved_steps = {start_step}
+
     def save(step: int, eval_loss: float | None = None) -> Path:
+        saved_steps.add(step)
         path = save_checkpoint(accelerator, output_dir, step, unwrapped, optimizer, scheduler,
                                {**state, "step": step, "epoch": plan.epoch_of(step), "eval_loss": eval_loss},
                                config, template)
@@ -202,9 +207,11 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     started = time.perf_counter()
     progress = make_progress(console, main)
     task = progress.add_task("training", total=total_steps, completed=start_step, loss=float("nan"), lr=0.0)
+    applying, rng_at_step_start = False, None
     try:
         with progress:
             while step < total_steps:
+                rng_at_step_start = ckpt.capture_rng()  # Ctrl-C mid-step saves the RNG this step began with
                 group = plan.step_micro_batches(step)
                 step_trained = sum(trained_per_example[e] for mb in group for s in mb for e in sequences[s])
                 step_tokens = sum(lengths[e] for mb in group for s in mb for e in sequences[s])
@@ -216,6 +223,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
                 lr = scheduler.get_last_lr()[0]
                 finite = math.isfinite(step_loss) and (config.fp16 or math.isfinite(grad_norm))
+                applying = True  # from here until `step += 1` the weights and the step count disagree
                 if finite:
                     optimizer.step()
                 else:
@@ -232,6 +240,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
+                applying, rng_at_step_start = False, None
                 last_loss = step_loss if finite else last_loss
                 accumulate(window, step_loss * step_trained if finite else 0.0, step_trained, step_tokens, grad_norm)
 
@@ -270,7 +279,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                         for finding in monitor.observe_samples(step, samples):
                             say(f"[bold yellow]diagnosis:[/bold yellow] {finding.message} — {finding.advice}")
                     accelerator.wait_for_everyone()
-                if step % config.save_steps == 0 and not (output_dir / f"checkpoint-{step}").exists():
+                if step % config.save_steps == 0 and step not in saved_steps:
                     save(step, eval_loss)
                 run_info.update(last_step=step, best_checkpoint=state["best_checkpoint"],
                                 best_eval_loss=state["best_eval_loss"])
@@ -286,7 +295,12 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     except KeyboardInterrupt:
         status = "stopped"
         say(f"[yellow]Interrupted at step {step}.[/yellow]")
-        if config.save_on_interrupt and step > start_step:
+        if config.save_on_interrupt and step > start_step and applying:
+            say(f"[yellow]Not saved: interrupted while applying step {step + 1}; resume from the newest "
+                "checkpoint with `--resume_from_checkpoint true`.[/yellow]")
+        elif config.save_on_interrupt and step > start_step:
+            if rng_at_step_start is not None:  # a step was half done: its dropout draws are redone on resume
+                ckpt.restore_rng(*rng_at_step_start)
             path = save(step)
             say(f"Saved {path}; resume with `--resume_from_checkpoint true`.")
         run_info.update(status=status, last_step=step)
@@ -301,7 +315,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
             writer.close()
 
     # ---- save: a last checkpoint, and the final adapter or model with its tokenizer and template
-    if not (output_dir / f"checkpoint-{step}").exists():
+    if step not in saved_steps:
         save(step)
     final_dir = output_dir / ("model" if config.finetuning == "full" else "adapter")
     # Under FSDP/DeepSpeed the full weights must be gathered by every process first.
