@@ -131,7 +131,7 @@ def test_schedule_counts_steps_like_the_loop():
     assert plan.total_steps == 378 and plan.warmup_steps == 38  # ceil(0.1 × 378)
     assert len(plan.lr_points) == 11
     assert plan.lr_points[0]["step"] == 1 and plan.lr_points[-1]["step"] == 378
-    assert plan.lr_points[0]["fraction_of_peak"] == pytest.approx(1 / 11)
+    assert plan.lr_points[0]["fraction_of_peak"] == pytest.approx(1 / 39)  # (step + 1) / (warmup + 1)
     assert plan.lr_points[-1]["lr"] < 1e-6
     assert plan.warnings == []
     overridden = plan_schedule(_schedule(max_steps=500), sequences=4001, examples=20_000)
@@ -141,11 +141,11 @@ def test_schedule_counts_steps_like_the_loop():
 
 
 def test_schedule_warnings():
-    plan = plan_schedule(_schedule(micro_batch=1, gradient_accumulation=2, num_gpus=1, learning_rate=1e-3,
+    plan = plan_schedule(_schedule(micro_batch=1, gradient_accumulation=8, num_gpus=1, learning_rate=1e-3,
                                    num_train_epochs=5), sequences=100, examples=100)
     text = "\n".join(plan.warnings)
-    assert "effective batch 2 is outside the usual 16–128" in text
-    assert "optimizer steps (fewer than ~100)" in text
+    assert "effective batch 8 is outside the usual 16–128" in text
+    assert "only 65 optimizer steps (fewer than ~100)" in text
     assert "learning_rate 0.001 is far from the usual 0.0001–0.0002 for lora" in text
     assert "5.0 epochs over 100 examples" in text
     full = plan_schedule(_schedule(finetuning="full", learning_rate=2e-4), sequences=1000, examples=20_000)

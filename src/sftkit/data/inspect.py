@@ -24,8 +24,8 @@ def _length_stats(values: list[int]) -> dict[str, float]:
 def data_stats(data: PreparedData, max_seq_length: int, batch_size: int) -> dict[str, Any]:
     """Everything `data inspect` prints, as plain JSON-able values."""
     train = data.train.dataset
-    lengths = train["length"]
-    labels = train["labels"]
+    lengths = list(train["length"])  # plain lists: a datasets Column indexes through Arrow
+    labels = list(train["labels"])
     trained = sum(sum(1 for label in row[1:] if label != IGNORE_INDEX) for row in labels)
     total = sum(lengths)
     bins = pack_balanced(lengths, max_seq_length)

@@ -123,6 +123,7 @@ def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: boo
             "lr_points": schedule.lr_points, "warnings": schedule.warnings},
         "memory": {
             "gpu": gpu.name, "gpu_bytes": gpu.memory_bytes, "parts": estimate.parts, "total_bytes": estimate.total,
+            "held_at_peak": [name for name in estimate.parts if name in estimate.counted],
             "weights_by_dtype": meta.params.weights_by_dtype,
             "loss_bytes": estimate.loss,
             "activations_without_checkpointing": estimate.activations[False],

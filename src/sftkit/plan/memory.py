@@ -9,6 +9,7 @@ optimizer-state bytes are sums over the very tensors training would create:
     gradients   one per trainable parameter, in the parameter's dtype
     optimizer   AdamW: exp_avg + exp_avg_sq like the parameter, plus a 4-byte `step` per tensor;
                 the optimizer updates weights in their own dtype, so there is no fp32 master copy
+                (bf16 weights train in bf16; fp32 weights under bf16 autocast are the master copy)
 
 Activations are traced, not guessed: one forward of the decoder on meta tensors of shape
 (micro batch, max_seq_length) runs inside `saved_tensors_hooks`, which sees every tensor autograd
@@ -78,16 +79,17 @@ class ActivationTrace:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per GPU; `parts` in the order they are shown."""
+    """Bytes per GPU; `parts` in the order they are shown, `counted` those held at the peak."""
 
     parts: dict[str, int]
+    counted: set[str]
     params: ParameterBytes
     loss: int  # head + cross-entropy peak
     activations: dict[bool, int]  # kept + backward working set, by gradient checkpointing off / on
 
     @property
     def total(self) -> int:
-        return sum(self.parts.values())
+        return sum(self.parts[name] for name in self.counted)
 
 
 # --------------------------------------------------------------------------- building on meta
@@ -345,16 +347,27 @@ def estimate_memory(meta: MetaModel, inputs: MemoryInputs, cuda_overhead: bool =
     loss = loss_bytes(inputs.micro_batch * inputs.seq_len, vocab, hidden, logits_dtype.itemsize, inputs.chunked_loss,
                       inputs.loss_chunk_size, params.head_trainable, trace.hidden_dtype_bytes)
     shards = inputs.shards
+    gradients = math.ceil(params.gradients / shards)
     parts = {
         "weights": math.ceil(params.weights / shards),
         "adapters": math.ceil(params.adapters / shards),
-        "gradients": math.ceil(params.gradients / shards),
         "optimizer states": math.ceil(params.optimizer / shards),
         "activations": kept_for_backward(trace, checkpointing),
         # The loss peaks at the end of forward, a checkpointed layer's recomputation in backward: never together.
         "loss or backward working set": max(loss, backward_working_set(trace, checkpointing)),
+        "gradients": gradients,
+        "AdamW step buffers": gradients,  # foreach AdamW's sqrt(exp_avg_sq): one copy of the trainable weights
     }
+    # Gradients are freed after each step (zero_grad(set_to_none=True)) and grow during backward
+    # while activations are released layer by layer, so the peak is the larger of two moments:
+    # the end of forward (activations + loss) and the optimizer step (gradients + AdamW buffers).
+    forward_end = parts["activations"] + parts["loss or backward working set"]
+    peak_moment = ("activations", "loss or backward working set") if forward_end >= 2 * gradients else \
+        ("gradients", "AdamW step buffers")
+    counted = {"weights", "adapters", "optimizer states", *peak_moment}
     if cuda_overhead:
-        parts["CUDA context + allocator"] = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * sum(parts.values()))
-    return MemoryEstimate(parts, params, loss, {on: kept_for_backward(trace, on) + backward_working_set(trace, on)
-                                                for on in (False, True)})
+        held = sum(parts[name] for name in counted)
+        parts["CUDA context + allocator"] = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * held)
+        counted.add("CUDA context + allocator")
+    return MemoryEstimate(parts, counted, params, loss,
+                          {on: kept_for_backward(trace, on) + backward_working_set(trace, on) for on in (False, True)})

@@ -90,6 +90,8 @@ def _print_memory(plan: dict[str, Any], console: Console) -> None:
     title = (f"Memory per GPU (micro batch {memory['micro_batch']} × {memory['seq_len']} tokens, "
              f"gradient checkpointing {'on' if memory['gradient_checkpointing'] else 'off'})")
     table = _table(title, "part", "bytes")
+    table.caption = ("Gradients grow in backward as activations are freed: the peak is the end of forward "
+                     "(activations + loss) or the optimizer step (gradients + AdamW buffers), whichever is larger.")
     for part, value in memory["parts"].items():
         detail = ""
         if part == "weights":
@@ -99,7 +101,8 @@ def _print_memory(plan: dict[str, Any], console: Console) -> None:
                       f"on {_gib(memory['activations_with_checkpointing'])})")
         if part.startswith("loss"):
             detail = f" (logits and loss {_gib(memory['loss_bytes'])})"
-        table.add_row(part + detail, _gib(value))
+        held = part in memory["held_at_peak"]
+        table.add_row(part + detail, _gib(value) if held else f"[dim]{_gib(value)}, not at the peak[/dim]")
     verdict = "[green]fits[/green]" if plan["fits"] else "[red]does not fit[/red]"
     table.add_row(f"[bold]total vs {memory['gpu']} ({_gib(memory['gpu_bytes'])})[/bold]",
                   f"[bold]{_gib(memory['total_bytes'])}[/bold] {verdict}")

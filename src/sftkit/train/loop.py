@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from rich.console import Console
+from rich.markup import escape
 
 from sftkit.config import SFTConfig, redacted, save_config
 from sftkit.data.collate import collate
@@ -77,8 +78,8 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     with accelerator.main_process_first():
         data = prepare_data(DataOptions.from_config(config, template), tokenizer)
     train_set, trained_per_example = columns_for_training(data.train.dataset)
-    lengths = data.train.dataset["length"]
-    source_rows = data.train.dataset["source_row"]
+    lengths = list(data.train.dataset["length"])  # plain lists: a datasets Column indexes through Arrow
+    source_rows = list(data.train.dataset["source_row"])
     sequences = pack_balanced(lengths, config.max_seq_length) if config.packing else [[i] for i in range(len(lengths))]
     plan = BatchPlan(sequences, config.per_device_train_batch_size, config.gradient_accumulation_steps, world, config.seed)
     total_steps = plan.total_steps(config.num_train_epochs, config.max_steps)
@@ -231,7 +232,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                     if bad_steps > config.max_bad_steps:
                         if monitor:
                             for finding in monitor.observe_step(step + 1, step_loss, grad_norm, lr, example_rows(source_rows, group, sequences)):
-                                say(f"[bold yellow]diagnosis:[/bold yellow] {finding.message} — {finding.advice}")
+                                say(f"[bold yellow]diagnosis:[/bold yellow] {escape(finding.message)} — {escape(finding.advice)}")
                         raise TrainingError(
                             f"step {step + 1}: loss {step_loss} / grad norm {grad_norm} is not finite; the step was "
                             "not applied. " + nonfinite_advice(config) + " (or allow skipping with max_bad_steps: N)")
@@ -246,7 +247,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
 
                 if monitor:
                     for finding in monitor.observe_step(step, step_loss, grad_norm, lr, example_rows(source_rows, group, sequences)):
-                        say(f"[bold yellow]diagnosis:[/bold yellow] {finding.message} — {finding.advice}")
+                        say(f"[bold yellow]diagnosis:[/bold yellow] {escape(finding.message)} — {escape(finding.advice)}")
                 if step % config.logging_steps == 0 or step == total_steps:
                     elapsed = time.perf_counter() - started
                     row = window_row(window, step, plan.epoch_of(step), lr, grad_norm, elapsed, memory_gb())
@@ -271,13 +272,14 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                         save(step, eval_loss)
                     if monitor:
                         for finding in monitor.observe_eval(step, last_loss or float("nan"), eval_loss, state["best_checkpoint"]):
-                            say(f"[bold yellow]diagnosis:[/bold yellow] {finding.message} — {finding.advice}")
-                if prompts and (step % sample_steps == 0 or step == total_steps):
+                            say(f"[bold yellow]diagnosis:[/bold yellow] {escape(finding.message)} — {escape(finding.advice)}")
+                # Samples run on the main process alone, which a sharded (FSDP/DeepSpeed) model cannot do.
+                if prompts and not is_sharded(accelerator) and (step % sample_steps == 0 or step == total_steps):
                     if main:
                         samples = generate_samples(unwrapped, tokenizer, template, prompts, config.max_new_tokens)
                         log_samples(output_dir, writer, step, samples, console)
                         for finding in monitor.observe_samples(step, samples):
-                            say(f"[bold yellow]diagnosis:[/bold yellow] {finding.message} — {finding.advice}")
+                            say(f"[bold yellow]diagnosis:[/bold yellow] {escape(finding.message)} — {escape(finding.advice)}")
                     accelerator.wait_for_everyone()
                 if step % config.save_steps == 0 and step not in saved_steps:
                     save(step, eval_loss)
@@ -390,7 +392,7 @@ def prepare_output_dir(output_dir: Path, config: SFTConfig) -> None:
 
 def columns_for_training(dataset: Any) -> tuple[list[dict[str, list[int]]], list[int]]:
     """Examples as plain lists (fast random access) and each one's count of trained targets."""
-    ids, labels = dataset["input_ids"], dataset["labels"]
+    ids, labels = list(dataset["input_ids"]), list(dataset["labels"])
     examples = [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
     trained = [sum(1 for label in l[1:] if label != IGNORE_INDEX) for l in labels]
     return examples, trained
@@ -401,7 +403,7 @@ def run_fingerprint(config: SFTConfig, world: int) -> dict[str, Any]:
     return {
         "model_name_or_path": config.model_name_or_path, "finetuning": config.finetuning,
         "lora": [config.lora_r, config.lora_alpha, config.lora_target_modules] if config.finetuning != "full" else None,
-        "datasets": [d.model_dump() for d in config.datasets], "max_seq_length": config.max_seq_length,
+        "datasets": redacted(config)["datasets"], "max_seq_length": config.max_seq_length,
         "packing": config.packing, "seed": config.seed, "per_device_train_batch_size": config.per_device_train_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps, "world_size": world,
     }
@@ -502,8 +504,8 @@ def log_samples(output_dir: Path, writer: MetricsWriter | None, step: int, sampl
         writer.text("samples", text, step)
     first = samples[0] if samples else None
     if first:
-        console.print(f"[dim]sample @ {step}:[/dim] {first['prompt'][:60]!r} → {first['completion'][:120]!r}",
-                      highlight=False)
+        console.print(f"[dim]sample @ {step}:[/dim] {escape(repr(first['prompt'][:60]))} → "
+                      f"{escape(repr(first['completion'][:120]))}", highlight=False)
 
 
 def make_progress(console: Console, enabled: bool):
