@@ -54,6 +54,11 @@ class Case:
     checkpointing: bool
     attn: str = "sdpa"
     chunked: bool = True
+    bf16: bool = False  # bf16 weights under bf16 autocast, as `bf16: true` trains
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
 
 
 class LiveStorage(TorchDispatchMode):
@@ -91,17 +96,19 @@ def grid(quick: bool) -> list[Case]:
     cases = [Case(shape, ft, 2, 256, ckpt) for shape in SHAPES for ft in ("lora", "full") for ckpt in (False, True)]
     cases += [Case("llama-h256", ft, 1, 512, ckpt) for ft in ("lora", "full") for ckpt in (False, True)]
     cases += [Case("llama-h256", "lora", 2, 256, False, attn="eager"), Case("llama-h256", "full", 2, 256, False, chunked=False)]
+    cases += [Case("llama-h256", ft, 2, 256, ckpt, bf16=True) for ft in ("lora", "full") for ckpt in (False, True)]
     return cases[:4] if quick else cases
 
 
-def run_step(model, optimizer, input_ids, targets, mask, chunked: bool) -> None:
+def run_step(model, optimizer, input_ids, targets, mask, case: Case) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if chunked:
-        hidden = base.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (batch, seq, hidden)
-        loss = chunked_cross_entropy_sum(hidden, base.get_output_embeddings().weight, targets, 1024)
-    else:
-        logits = model(input_ids=input_ids, attention_mask=mask).logits  # (batch, seq, vocab)
-        loss = cross_entropy_sum(logits, targets)
+    with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=case.bf16):
+        if case.chunked:
+            hidden = base.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (batch, seq, hidden)
+            loss = chunked_cross_entropy_sum(hidden, base.get_output_embeddings().weight, targets, 1024)
+        else:
+            logits = model(input_ids=input_ids, attention_mask=mask).logits  # (batch, seq, vocab)
+            loss = cross_entropy_sum(logits, targets)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -111,7 +118,7 @@ def measure(case: Case, device: str) -> int:
     torch.manual_seed(0)
     config = SHAPES[case.shape]
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=case.attn)
+        model = AutoModelForCausalLM.from_config(config, dtype=case.dtype, attn_implementation=case.attn)
     model.config.use_cache = False
     model = apply_adapters(model, AdapterOptions(finetuning=case.finetuning, gradient_checkpointing=case.checkpointing))
     model.train()
@@ -121,24 +128,24 @@ def measure(case: Case, device: str) -> int:
     segments = torch.ones_like(input_ids)
     mask = block_causal_mask(segments)  # (batch, 1, seq, seq) bool, as sftkit's batches carry
     if case.attn == "eager":  # eager adds the mask to the scores
-        mask = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    run_step(model, optimizer, input_ids, targets, mask, case.chunked)  # warm-up: creates the AdamW state
+        mask = torch.zeros(mask.shape, dtype=case.dtype, device=device).masked_fill(~mask, torch.finfo(case.dtype).min)
+    run_step(model, optimizer, input_ids, targets, mask, case)  # warm-up: creates the AdamW state
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        run_step(model, optimizer, input_ids, targets, mask, case.chunked)
+        run_step(model, optimizer, input_ids, targets, mask, case)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
     states = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
     with LiveStorage([*model.parameters(), *model.buffers(), *states, input_ids, targets, mask]) as tracker:
-        run_step(model, optimizer, input_ids, targets, mask, case.chunked)
+        run_step(model, optimizer, input_ids, targets, mask, case)
     return tracker.peak
 
 
 def estimate(case: Case) -> int:
     adapter = AdapterOptions(finetuning=case.finetuning)
-    meta = MetaModel.build(SHAPES[case.shape], torch.float32, adapter, case.attn)
-    inputs = MemoryInputs(gradient_checkpointing=case.checkpointing, autocast_dtype=None, attn_implementation=case.attn,
+    meta = MetaModel.build(SHAPES[case.shape], case.dtype, adapter, case.attn)
+    inputs = MemoryInputs(gradient_checkpointing=case.checkpointing, autocast_dtype=torch.bfloat16 if case.bf16 else None, attn_implementation=case.attn,
                           micro_batch=case.micro_batch, seq_len=case.seq_len, chunked_loss=case.chunked,
                           loss_chunk_size=1024)
     return estimate_memory(meta, inputs, cuda_overhead=False).total
@@ -150,8 +157,9 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     method = "torch.cuda.max_memory_allocated" if device == "cuda" else "peak of live tensor storage (LiveStorage)"
-    print(f"device: {device}; measured: {method}; fp32 weights, AdamW, sftkit loss (chunk 1024)")
-    header = f"{'shape':<11} {'ft':<5} {'batch':>5} {'seq':>5} {'ckpt':<4} {'attn':<6} {'loss':<7} " \
+    print(f"device: {device}; measured: {method}; AdamW, sftkit loss (chunk 1024); "
+          "bf16 = bf16 weights under bf16 autocast")
+    header = f"{'shape':<11} {'ft':<5} {'dtype':<5} {'batch':>5} {'seq':>5} {'ckpt':<4} {'attn':<6} {'loss':<7} " \
              f"{'estimate':>10} {'measured':>10} {'error':>7}"
     print(header)
     print("-" * len(header))
@@ -160,7 +168,7 @@ def main() -> None:
         estimated, measured = estimate(case), measure(case, device)
         error = (estimated - measured) / measured
         errors.append(abs(error))
-        print(f"{case.shape:<11} {case.finetuning:<5} {case.micro_batch:>5} {case.seq_len:>5} "
+        print(f"{case.shape:<11} {case.finetuning:<5} {'bf16' if case.bf16 else 'fp32':<5} {case.micro_batch:>5} {case.seq_len:>5} "
               f"{'on' if case.checkpointing else 'off':<4} {case.attn:<6} {'chunked' if case.chunked else 'full':<7} "
               f"{estimated / MIB:>8.1f}Mi {measured / MIB:>8.1f}Mi {error:>+7.1%}", flush=True)
     print(f"mean |error| {sum(errors) / len(errors):.1%}, max {max(errors):.1%}; "

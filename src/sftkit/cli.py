@@ -12,6 +12,8 @@ from rich.console import Console
 from sftkit.config import ConfigError, SFTConfig, load_config, parse_cli_overrides
 from sftkit.data.formats import DataError
 from sftkit.model.load import ModelError
+from sftkit.train.checkpoint import CheckpointError
+from sftkit.train.errors import TrainingError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Supervised fine-tuning of causal language models: plan, train, monitor, report, merge.")
@@ -19,7 +21,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Look at training data before 
 app.add_typer(data_app, name="data")
 console = Console()
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
-USER_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingError, FileNotFoundError)
 
 
 def _fail(err: Exception) -> None:
@@ -51,7 +53,12 @@ def data_inspect(
 ) -> None:
     """Rows, formats, token lengths, trained-token fraction, padding vs packing waste, one masked example."""
     from sftkit.data.dataset import DataOptions, prepare_data
-    from sftkit.data.inspect import data_stats, dump_examples, masked_segments, print_stats
+    from sftkit.data.inspect import (
+        data_stats,
+        dump_examples,
+        masked_segments,
+        print_stats,
+    )
     from sftkit.data.template import resolve_chat_template
     from sftkit.model.load import load_tokenizer
 

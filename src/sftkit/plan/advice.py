@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from sftkit.plan.memory import MemoryInputs, MetaModel, estimate_memory
 
 ROOMY = 0.5  # a run using less than this fraction of the GPU has room to go faster
+COMFORTABLE = 0.9  # estimates are ±15%: a change that leaves less than 10% free gets a safer combination too
 FSDP_SIZES = (2, 4, 8)
 
 
@@ -43,10 +44,12 @@ def advise(setting: Setting, total: int, gpu_bytes: int, meta_for: Callable[[str
     singles = _single_changes(setting, full_lengths)
     for what, change, note in singles:
         new_total = estimate(change(setting))
+        if "FSDP" in what and (new_total > gpu_bytes or any("FSDP" in c.what for c in changes)):
+            continue  # only the fewest GPUs that make it fit: sharding does not touch activations
         changes.append(Change(what, new_total, new_total <= gpu_bytes, note))
     changes.sort(key=lambda change: (not change.fits, "FSDP" in change.what, change.total))
-    if not any(change.fits for change in changes):
-        changes.insert(0, _combined(setting, singles, gpu_bytes, estimate))
+    if not any(change.total <= gpu_bytes * COMFORTABLE for change in changes):
+        changes.insert(0, _combined(setting, singles, gpu_bytes * COMFORTABLE, estimate))
     return changes
 
 
@@ -91,9 +94,9 @@ def _single_changes(setting: Setting, full_lengths: list[int] | None) -> list[tu
     return singles
 
 
-def _combined(setting: Setting, singles: list[tuple[str, Transform, str]], gpu_bytes: int,
+def _combined(setting: Setting, singles: list[tuple[str, Transform, str]], budget: float,
               estimate: Callable[[Setting], int]) -> Change:
-    """The single-GPU changes applied one after another until the run fits."""
+    """The single-GPU changes applied one after another until the run fits in `budget` bytes."""
     applied, new_total = [], 0
     for what, change, _ in singles:
         if "FSDP" in what:
@@ -101,9 +104,10 @@ def _combined(setting: Setting, singles: list[tuple[str, Transform, str]], gpu_b
         setting = change(setting)
         applied.append(what)
         new_total = estimate(setting)
-        if new_total <= gpu_bytes:
+        if new_total <= budget:
             break
-    return Change(" + ".join(applied), new_total, new_total <= gpu_bytes, "these together")
+    return Change(" + ".join(applied), new_total, new_total <= budget / COMFORTABLE,
+                  "these together, leaving 10% free")
 
 
 def _roomy(setting: Setting, gpu_bytes: int, estimate: Callable[[Setting], int]) -> list[Change]:

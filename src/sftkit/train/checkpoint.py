@@ -26,8 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from sftkit.train.errors import CheckpointWriteError
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
@@ -238,3 +242,41 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     with safe_open(str(path / f"rng_torch_{rank}.safetensors"), "pt") as handle:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     restore_rng(plain, tensors)
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, model: torch.nn.Module,
+                    optimizer: Any, scheduler: Any, trainer_state: dict[str, Any], config: Any,
+                    template: str) -> Path:
+    """Every process writes its RNG state, the main process the rest; then one atomic rename."""
+    import yaml
+
+    from sftkit.config import redacted
+
+    temp = temp_dir_for(output_dir, step)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(temp, ignore_errors=True)
+            temp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        write_process_state(temp, accelerator.process_index)
+        if is_sharded(accelerator):  # FSDP/DeepSpeed: every process writes its shard
+            accelerator.save_state(str(temp / "sharded_state"))
+        if accelerator.is_main_process:
+            write_main_state(temp, model, optimizer, scheduler, trainer_state, config.finetuning,
+                                  yaml.safe_dump(redacted(config), sort_keys=False), template,
+                                  sharded=is_sharded(accelerator))
+        accelerator.wait_for_everyone()
+        final = finalize(temp, output_dir, step) if accelerator.is_main_process else output_dir / f"checkpoint-{step}"
+        accelerator.wait_for_everyone()
+        return final
+    except OSError as err:
+        shutil.rmtree(temp, ignore_errors=True)
+        previous = [p.name for p in checkpoint_dirs(output_dir)]
+        raise CheckpointWriteError(
+            f"could not write checkpoint-{step} in {output_dir}: {err.strerror or err}. "
+            f"Earlier checkpoints are intact ({', '.join(previous) or 'none yet'}); free disk space or fix "
+            "permissions, then resume with `--resume_from_checkpoint true`") from None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from rich.console import Console
 from rich.markup import escape
 
@@ -30,22 +29,36 @@ from sftkit.data.dataset import DataOptions, prepare_data
 from sftkit.data.inspect import data_stats
 from sftkit.data.packing import pack_balanced
 from sftkit.data.template import IGNORE_INDEX, resolve_chat_template
-from sftkit.model.adapters import AdapterOptions, apply_adapters, parameter_counts, quantization_config
+from sftkit.model.adapters import (
+    AdapterOptions,
+    apply_adapters,
+    parameter_counts,
+    quantization_config,
+)
 from sftkit.model.load import ModelError, load_model, load_tokenizer, resolve_dtype
 from sftkit.monitor.diagnosis import Monitor, MonitorSettings
 from sftkit.monitor.samples import generate_samples, load_sample_prompts
 from sftkit.train import checkpoint as ckpt
 from sftkit.train.batches import BatchPlan
+from sftkit.train.checkpoint import is_sharded, save_checkpoint
+from sftkit.train.errors import TrainingError
 from sftkit.train.forward import CausalLMLoss, chunked_loss_is_exact
-from sftkit.train.metrics import MetricsWriter, memory_gb, truncate_after
+from sftkit.train.metrics import (
+    MetricsWriter,
+    accumulate,
+    empty_window,
+    memory_gb,
+    truncate_after,
+    window_row,
+)
 from sftkit.train.optim import build_optimizer
+from sftkit.train.outputs import (
+    log_samples,
+    prepare_output_dir,
+    save_final,
+    write_run_info,
+)
 from sftkit.train.schedule import build_scheduler, lr_multiplier, warmup_steps_for
-
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "diagnosis.jsonl", "run.json", "data_stats.json", "report.html")
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue; the message says what to change."""
 
 
 @dataclass
@@ -329,7 +342,8 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     run_info.update(status=status, last_step=step, final_dir=str(final_dir),
                     finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     write_run_info(output_dir, run_info, main)
-    say(f"[bold green]Done[/bold green]: {step} steps, final loss {last_loss:.4f}. Weights: {final_dir}. "
+    loss_text = "n/a (no step run since the resumed checkpoint)" if last_loss is None else f"{last_loss:.4f}"
+    say(f"[bold green]Done[/bold green]: {step} steps, final loss {loss_text}. Weights: {final_dir}. "
         f"Report: `sftkit report {output_dir}`")
     return RunResult(output_dir, status, step, final_dir, state["best_checkpoint"], last_loss)
 
@@ -368,28 +382,6 @@ def check_hardware(config: SFTConfig) -> None:
         raise ModelError("finetuning = 'qlora' needs a CUDA GPU (bitsandbytes 4-bit); use finetuning: lora on this machine")
 
 
-def prepare_output_dir(output_dir: Path, config: SFTConfig) -> None:
-    """Refuse to mix two runs in one directory unless the user resumes or overwrites."""
-    holds_run = any((output_dir / name).exists() for name in ("run.json", "metrics.jsonl")) or any(
-        output_dir.glob("checkpoint-*"))
-    if holds_run and not config.resume_from_checkpoint:
-        if not config.overwrite_output_dir:
-            raise ModelError(f"output_dir {output_dir} already holds a run; set `resume_from_checkpoint: true` to "
-                             "continue it, `overwrite_output_dir: true` to replace it, or choose another output_dir")
-        for name in RUN_FILES:
-            (output_dir / name).unlink(missing_ok=True)
-        for path in [*output_dir.glob("checkpoint-*"), *output_dir.glob(".tmp-checkpoint-*"),
-                     output_dir / "adapter", output_dir / "model", output_dir / "tensorboard"]:
-            shutil.rmtree(path, ignore_errors=True)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ModelError(f"output_dir {output_dir}: cannot write there ({err.strerror}); choose a writable directory") from None
-
-
 def columns_for_training(dataset: Any) -> tuple[list[dict[str, list[int]]], list[int]]:
     """Examples as plain lists (fast random access) and each one's count of trained targets."""
     ids, labels = list(dataset["input_ids"]), list(dataset["labels"])
@@ -409,80 +401,6 @@ def run_fingerprint(config: SFTConfig, world: int) -> dict[str, Any]:
     }
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, model: torch.nn.Module,
-                    optimizer: Any, scheduler: Any, trainer_state: dict[str, Any], config: SFTConfig,
-                    template: str) -> Path:
-    """Every process writes its RNG state, the main process the rest; then one atomic rename."""
-    import yaml
-
-    temp = ckpt.temp_dir_for(output_dir, step)
-    try:
-        if accelerator.is_main_process:
-            shutil.rmtree(temp, ignore_errors=True)
-            temp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        ckpt.write_process_state(temp, accelerator.process_index)
-        if is_sharded(accelerator):  # FSDP/DeepSpeed: every process writes its shard
-            accelerator.save_state(str(temp / "sharded_state"))
-        if accelerator.is_main_process:
-            ckpt.write_main_state(temp, model, optimizer, scheduler, trainer_state, config.finetuning,
-                                  yaml.safe_dump(redacted(config), sort_keys=False), template,
-                                  sharded=is_sharded(accelerator))
-        accelerator.wait_for_everyone()
-        final = ckpt.finalize(temp, output_dir, step) if accelerator.is_main_process else output_dir / f"checkpoint-{step}"
-        accelerator.wait_for_everyone()
-        return final
-    except OSError as err:
-        shutil.rmtree(temp, ignore_errors=True)
-        previous = [p.name for p in ckpt.checkpoint_dirs(output_dir)]
-        raise TrainingError(
-            f"could not write checkpoint-{step} in {output_dir}: {err.strerror or err}. "
-            f"Earlier checkpoints are intact ({', '.join(previous) or 'none yet'}); free disk space or fix "
-            "permissions, then resume with `--resume_from_checkpoint true`") from None
-
-
-def is_sharded(accelerator: Accelerator) -> bool:
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
-
-def save_final(model: torch.nn.Module, tokenizer: Any, template: str, final_dir: Path,
-               state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """The final weights with the tokenizer whose chat template is the one trained with."""
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    model.save_pretrained(final_dir, safe_serialization=True, state_dict=state_dict)
-    tokenizer.chat_template = template
-    tokenizer.save_pretrained(final_dir)
-    (final_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
-
-
-def write_run_info(output_dir: Path, info: dict[str, Any], main: bool) -> None:
-    if main:
-        temp = output_dir / ".run.json.tmp"
-        temp.write_text(json.dumps(info, indent=2))
-        temp.replace(output_dir / "run.json")
-
-
-def empty_window() -> dict[str, float]:
-    return {"loss_sum": 0.0, "trained": 0, "tokens": 0, "steps": 0, "time": time.time()}
-
-
-def accumulate(window: dict[str, float], loss_sum: float, trained: int, tokens: int, grad_norm: float) -> None:
-    window["loss_sum"] += loss_sum
-    window["trained"] += trained
-    window["tokens"] += tokens
-    window["steps"] += 1
-
-
-def window_row(window: dict[str, float], step: int, epoch: float, lr: float, grad_norm: float,
-               elapsed: float, memory: float) -> dict[str, Any]:
-    seconds = max(time.time() - window["time"], 1e-9)
-    return {"step": step, "epoch": round(epoch, 4), "loss": window["loss_sum"] / max(window["trained"], 1),
-            "lr": lr, "grad_norm": grad_norm, "trained_tokens": window["trained"], "tokens": window["tokens"],
-            "trained_tokens_per_s": window["trained"] / seconds, "tokens_per_s": window["tokens"] / seconds,
-            "elapsed_s": round(elapsed, 2), "memory_gb": round(memory, 3)}
-
-
 def example_rows(source_rows: list[int], group: list[list[int]], sequences: list[list[int]]) -> list[int]:
     """Rows (1-based, as in the source file) of the examples in a step, for spike reports."""
     return sorted(source_rows[e] + 1 for mb in group for s in mb for e in sequences[s])
@@ -495,21 +413,15 @@ def nonfinite_advice(config: SFTConfig) -> str:
     return "Try: " + "; ".join(hints)
 
 
-def log_samples(output_dir: Path, writer: MetricsWriter | None, step: int, samples: list[dict], console: Console) -> None:
-    with (output_dir / "samples.jsonl").open("a", encoding="utf-8") as handle:
-        for sample in samples:
-            handle.write(json.dumps({"step": step, **sample}) + "\n")
-    text = "\n\n".join(f"**{s['prompt']}**\n\n{s['completion']}" for s in samples)
-    if writer:
-        writer.text("samples", text, step)
-    first = samples[0] if samples else None
-    if first:
-        console.print(f"[dim]sample @ {step}:[/dim] {escape(repr(first['prompt'][:60]))} → "
-                      f"{escape(repr(first['completion'][:120]))}", highlight=False)
-
-
 def make_progress(console: Console, enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),

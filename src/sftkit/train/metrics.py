@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import resource
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,23 @@ class MetricsWriter:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def empty_window() -> dict[str, float]:
+    return {"loss_sum": 0.0, "trained": 0, "tokens": 0, "steps": 0, "time": time.time()}
+
+
+def accumulate(window: dict[str, float], loss_sum: float, trained: int, tokens: int, grad_norm: float) -> None:
+    window["loss_sum"] += loss_sum
+    window["trained"] += trained
+    window["tokens"] += tokens
+    window["steps"] += 1
+
+
+def window_row(window: dict[str, float], step: int, epoch: float, lr: float, grad_norm: float,
+               elapsed: float, memory: float) -> dict[str, Any]:
+    seconds = max(time.time() - window["time"], 1e-9)
+    return {"step": step, "epoch": round(epoch, 4), "loss": window["loss_sum"] / max(window["trained"], 1),
+            "lr": lr, "grad_norm": grad_norm, "trained_tokens": window["trained"], "tokens": window["tokens"],
+            "trained_tokens_per_s": window["trained"] / seconds, "tokens_per_s": window["tokens"] / seconds,
+            "elapsed_s": round(elapsed, 2), "memory_gb": round(memory, 3)}

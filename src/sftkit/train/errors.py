@@ -1,0 +1,9 @@
+"""Errors a run stops with; each message says what to change."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue; the message says what to change."""
+
+
+class CheckpointWriteError(TrainingError):
+    """A checkpoint could not be written (disk full, permissions); earlier ones are intact."""
