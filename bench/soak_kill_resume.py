@@ -46,6 +46,17 @@ def last_logged_step(output_dir: Path, since: float = 0.0) -> int:
     return max((json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")), default=0)
 
 
+def saving_since(output_dir: Path, since: float) -> bool:
+    """A `.tmp-checkpoint-*` created by this attempt exists (not one an earlier kill left behind)."""
+    for path in output_dir.glob(".tmp-checkpoint-*"):
+        try:
+            if path.stat().st_mtime >= since:
+                return True
+        except FileNotFoundError:  # renamed into place while we looked
+            pass
+    return False
+
+
 def complete_checkpoints(output_dir: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in output_dir.glob("checkpoint-*") if (p / "manifest.json").exists())
 
@@ -70,7 +81,7 @@ def kill_at_random_moment(process: subprocess.Popen, output_dir: Path, rng: rand
     else:
         kind, target, delay = "after step", rng.randint(first_step + 1, max_steps), rng.uniform(0.0, 1.5)
     while process.poll() is None:
-        if kind == "mid-save" and any(p.stat().st_mtime >= started for p in output_dir.glob(".tmp-checkpoint-*")):
+        if kind == "mid-save" and saving_since(output_dir, started):
             break
         if kind == "after step" and last_logged_step(output_dir, since=started) >= target:
             time.sleep(delay)

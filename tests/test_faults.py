@@ -148,6 +148,28 @@ def test_sigkill_then_resume_matches_uninterrupted_run(kill_point, tmp_path, tin
     assert difference <= 1e-6, difference
 
 
+@pytest.mark.slow
+def test_crash_after_the_last_checkpoint_resumes_to_the_final_weights(tmp_path, tiny_model_dir, chat_data,
+                                                                      uninterrupted, monkeypatch):
+    """Killed after checkpoint-6 (the last step) but before adapter/ is written: resuming runs no step."""
+    output_dir = tmp_path / "run"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "save_final", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            loop.train(tiny_config(tiny_model_dir, chat_data, output_dir, **SETTINGS), console=Console(file=StringIO()))
+    assert (output_dir / f"checkpoint-{MAX_STEPS}").is_dir() and not (output_dir / "adapter").exists()
+
+    resumed, console_text = resume_in_process(
+        tiny_config(tiny_model_dir, chat_data, output_dir, resume_from_checkpoint=True, **SETTINGS))
+    assert resumed_step(console_text) == MAX_STEPS and resumed.status == "finished"
+    assert json.loads((output_dir / "run.json").read_text())["status"] == "finished"
+    assert max_weight_difference(uninterrupted, final_weights(output_dir)) <= 1e-6
+
+
 # --------------------------------------------------------------------------- Ctrl-C
 
 

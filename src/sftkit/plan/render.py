@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 GIB = 2**30
+TIGHT = 0.9  # estimates are within ~15%: less than 10% free is worth a word
 
 
 def _gib(value: int) -> str:
@@ -103,7 +104,10 @@ def _print_memory(plan: dict[str, Any], console: Console) -> None:
             detail = f" (logits and loss {_gib(memory['loss_bytes'])})"
         held = part in memory["held_at_peak"]
         table.add_row(part + detail, _gib(value) if held else f"[dim]{_gib(value)}, not at the peak[/dim]")
-    verdict = "[green]fits[/green]" if plan["fits"] else "[red]does not fit[/red]"
+    verdict = "[red]does not fit[/red]"
+    if plan["fits"]:
+        verdict = "[green]fits[/green]" if memory["total_bytes"] <= TIGHT * memory["gpu_bytes"] else \
+            "[yellow]fits, tight (< 10% free)[/yellow]"
     table.add_row(f"[bold]total vs {memory['gpu']} ({_gib(memory['gpu_bytes'])})[/bold]",
                   f"[bold]{_gib(memory['total_bytes'])}[/bold] {verdict}")
     console.print(table)
@@ -111,7 +115,8 @@ def _print_memory(plan: dict[str, Any], console: Console) -> None:
         title = "Changes that make it fit" if not plan["fits"] else "Room to spare: changes that go faster"
         changes = _table(title, "change", "new estimate", "fits", "cost")
         for change in plan["changes"]:
-            changes.add_row(change["change"], _gib(change["total_bytes"]), "yes" if change["fits"] else "no",
+            fits = "no" if not change["fits"] else "yes" if change["total_bytes"] <= TIGHT * memory["gpu_bytes"] else "tight"
+            changes.add_row(change["change"], _gib(change["total_bytes"]), fits,
                             change["note"])
         console.print(changes)
 

@@ -266,6 +266,9 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                     row = window_row(window, step, plan.epoch_of(step), lr, grad_norm, elapsed, memory_gb())
                     if writer:
                         writer.log(row)
+                        if not console.is_terminal:  # logs to a file get a line per row instead of a bar
+                            say(f"step {step}/{total_steps} loss {row['loss']:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} "
+                                f"{row['trained_tokens_per_s']:.0f} trained tok/s", highlight=False)
                     window = state["window"] = empty_window()
                 progress.update(task, completed=step, loss=step_loss, lr=lr)
 
