@@ -79,7 +79,7 @@ def kill_at_random_moment(process: subprocess.Popen, output_dir: Path, rng: rand
     if rng.random() < 0.35:
         kind, target, delay = "mid-save", None, 0.0
     else:
-        kind, target, delay = "after step", rng.randint(first_step + 1, max_steps), rng.uniform(0.0, 1.5)
+        kind, target, delay = "after step", rng.randint(min(first_step + 1, max_steps), max_steps), rng.uniform(0.0, 1.5)
     while process.poll() is None:
         if kind == "mid-save" and saving_since(output_dir, started):
             break

@@ -59,7 +59,7 @@ def run_and_signal(config_path: Path, output_dir: Path, moment, sig: int, env: d
     try:
         while not moment(output_dir):
             if process.poll() is not None:
-                out, err = process.communicate()
+                _, err = process.communicate()
                 pytest.fail(f"training ended (rc {process.returncode}) before the kill point:\n{err[-3000:]}")
             if time.monotonic() > deadline:
                 pytest.fail("kill point not reached in time")
@@ -116,9 +116,9 @@ def logged(step: int):
 
 KILL_POINTS = {
     # name: (moment, test-only env, the checkpoint resume must take)
-    "right after checkpoint-2 appears": (checkpoint_appeared(2), {"SFTKIT_TEST_STEP_DELAY": "0.5"}, 2),
+    "right after checkpoint-2 appears": (checkpoint_appeared(2), {"SFTKIT_TEST_STEP_DELAY": "0.3"}, 2),
     "while writing checkpoint-4": (inside_save_of(4), {"SFTKIT_TEST_HANG_IN_SAVE": "4"}, 2),
-    "between checkpoint-4 and checkpoint-6": (logged(5), {"SFTKIT_TEST_STEP_DELAY": "0.5"}, 4),
+    "between checkpoint-4 and checkpoint-6": (logged(5), {"SFTKIT_TEST_STEP_DELAY": "0.3"}, 4),
 }
 
 
@@ -180,7 +180,7 @@ def test_ctrl_c_saves_stops_cleanly_and_resumes(tmp_path, tiny_model_dir, chat_d
     # The signal lands while step 4 is half done: dropout has drawn from the RNG, the optimizer has not stepped.
     marker = tmp_path / "step_in_progress"
     stopped, seen = run_and_signal(config_path, output_dir, lambda _: marker.exists() and marker.read_text() == "4",
-                                   signal.SIGINT, {"SFTKIT_TEST_STEP_DELAY": "2", "SFTKIT_TEST_STEP_MARKER": str(marker)})
+                                   signal.SIGINT, {"SFTKIT_TEST_STEP_DELAY": "1", "SFTKIT_TEST_STEP_MARKER": str(marker)})
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr and "Traceback" not in stopped.stdout
     run_info = json.loads((output_dir / "run.json").read_text())

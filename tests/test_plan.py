@@ -4,6 +4,7 @@ and the command's output on tiny models (no GPU, no network)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,8 @@ from sftkit.plan.gpus import GIB, Gpu, parse_gpu_memory, resolve_gpu
 from sftkit.plan.memory import MemoryInputs, MetaModel, estimate_memory
 from sftkit.plan.schedule import ScheduleInputs, plan_schedule
 
-TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=320, max_position_embeddings=512)
+TINY = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 512}
 CONFIGS = {
     "llama": lambda: LlamaConfig(**TINY, tie_word_embeddings=False),
     "mistral": lambda: MistralConfig(**TINY, sliding_window=64, tie_word_embeddings=False),
@@ -56,8 +57,8 @@ def test_parameter_gradient_and_adamw_bytes_equal_real_tensors(arch, finetuning,
     assert estimate.base_params == sum(p.numel() for p in parameters) - sum(p.numel() for p in adapters)
 
 
-LLAMA_31_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                   num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+LLAMA_31_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
 
 
 def test_llama_31_8b_on_meta_has_its_known_parameter_count():
@@ -79,8 +80,8 @@ def test_qlora_stores_linear_weights_in_nf4_and_the_rest_in_fp32():
 
 
 def _inputs(**overrides) -> MemoryInputs:
-    values = dict(gradient_checkpointing=False, autocast_dtype=None, attn_implementation="sdpa", micro_batch=2,
-                  seq_len=256, chunked_loss=True, loss_chunk_size=64)
+    values = {"gradient_checkpointing": False, "autocast_dtype": None, "attn_implementation": "sdpa",
+              "micro_batch": 2, "seq_len": 256, "chunked_loss": True, "loss_chunk_size": 64}
     return MemoryInputs(**{**values, **overrides})
 
 
@@ -118,16 +119,16 @@ def test_gpu_names_and_bad_sizes():
 
 
 def _schedule(**overrides) -> ScheduleInputs:
-    values = dict(micro_batch=4, gradient_accumulation=4, num_gpus=2, learning_rate=2e-4, finetuning="lora",
-                  scheduler="cosine", min_lr_ratio=0.0, warmup_ratio=0.1, warmup_steps=0, num_train_epochs=3,
-                  max_steps=-1)
+    values = {"micro_batch": 4, "gradient_accumulation": 4, "num_gpus": 2, "learning_rate": 2e-4,
+              "finetuning": "lora", "scheduler": "cosine", "min_lr_ratio": 0.0, "warmup_ratio": 0.1,
+              "warmup_steps": 0, "num_train_epochs": 3, "max_steps": -1}
     return ScheduleInputs(**{**values, **overrides})
 
 
 def test_schedule_counts_steps_like_the_loop():
     plan = plan_schedule(_schedule(), sequences=4001, examples=20_000)
     assert plan.effective_batch == 32
-    assert plan.steps_per_epoch == 126  # ceil(ceil(4001 / (4 × 2)) / 4) = ceil(501 / 4)
+    assert plan.steps_per_epoch == 126  # ceil(ceil(4001 / 4) / (4 × 2)) micro-batches, as the loop counts
     assert plan.total_steps == 378 and plan.warmup_steps == 38  # ceil(0.1 × 378)
     assert len(plan.lr_points) == 11
     assert plan.lr_points[0]["step"] == 1 and plan.lr_points[-1]["step"] == 378
@@ -172,9 +173,9 @@ def plan_config(tmp_path: Path, tiny_model_dir: Path):
 
 
 def test_plan_command_prints_json_with_a_boolean_fits(plan_config, tmp_path, monkeypatch):
+    import yaml
     from typer.testing import CliRunner
 
-    import yaml
     from sftkit.cli import app
 
     path = tmp_path / "cfg.yaml"
@@ -185,7 +186,7 @@ def test_plan_command_prints_json_with_a_boolean_fits(plan_config, tmp_path, mon
     assert plan["fits"] is True
     assert plan["data"]["train_examples"] == 40
     sequences = plan["data"]["packed_sequences"]
-    assert plan["schedule"]["steps_per_epoch"] == -(-(-(-sequences // 2)) // 2)
+    assert plan["schedule"]["steps_per_epoch"] == math.ceil(math.ceil(sequences / 2) / 2)  # micro 2, GA 2
     assert plan["memory"]["gpu_bytes"] == 24 * GIB
     assert plan["time"]["hours"] is None  # an unnamed GPU has no default throughput
 

@@ -154,7 +154,10 @@ def demo(
     """Build a tiny model, fine-tune it on a bundled task, and show the whole pipeline."""
     from sftkit.demo.run import run_demo
 
-    run_demo(quick=quick, output_dir=output_dir, console=console)
+    try:
+        run_demo(quick=quick, output_dir=output_dir, console=console)
+    except USER_ERRORS as err:
+        _fail(err)
 
 
 if __name__ == "__main__":  # pragma: no cover

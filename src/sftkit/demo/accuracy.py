@@ -1,4 +1,4 @@
-"""Exact-match accuracy on the held-out lists: greedy replies, with the template the model trains with.
+"""Exact-match accuracy on the held-out questions: greedy replies, with the template the model trains with.
 
 Prompts are decoded in batches, padded on the left so every prompt ends where generation starts:
 
@@ -27,6 +27,12 @@ class Reply:
     def correct(self) -> bool:
         return self.got == self.expected
 
+    @property
+    def well_formed(self) -> bool:
+        """The answer's form: a number and the asked-for unit, then the end of the turn (`9800 centimeters`)."""
+        number, _, unit = self.got.partition(" ")
+        return number.isdigit() and unit == self.expected.partition(" ")[2]
+
 
 @dataclass(frozen=True)
 class Score:
@@ -34,7 +40,12 @@ class Score:
 
     @property
     def accuracy(self) -> float:
+        """Exact match."""
         return sum(r.correct for r in self.replies) / len(self.replies)
+
+    @property
+    def well_formed(self) -> float:
+        return sum(r.well_formed for r in self.replies) / len(self.replies)
 
 
 @torch.no_grad()
@@ -59,7 +70,9 @@ def score(model: Any, tokenizer: Any, template: str, problems: list[Problem], ba
                                     pad_token_id=tokenizer.pad_token_id, use_cache=True)
             for problem, ids in zip(batch, output[:, inputs["input_ids"].shape[1]:].tolist()):
                 ended = next((i for i, token in enumerate(ids) if token in stop_ids), len(ids))
-                got = tokenizer.decode(ids[:ended], skip_special_tokens=True).strip()
+                # A reply that never ends the turn is wrong however it starts.
+                got = tokenizer.decode(ids[:ended], skip_special_tokens=True).strip() if ended < len(ids) else (
+                    tokenizer.decode(ids, skip_special_tokens=True).strip() + " …")
                 replies.append(Reply(problem.prompt(), problem.answer, got))
     finally:
         tokenizer.padding_side = padding_side

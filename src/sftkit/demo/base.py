@@ -6,9 +6,12 @@ a small Llama is initialised at random and saved with `save_pretrained` (safeten
 on the task's raw text is then an ordinary `sftkit train` run (`format: text`, `finetuning: full`),
 so the base model that fine-tuning loads comes through the same path as a hub model.
 
-Digits are split one per token, as in Llama's tokenizer, so numbers are spelled out digit by digit:
+Numbers are split into their significant digits and their trailing zeros, so the demo's answers
+are a copy of the question's number followed by a run of zeros, two tokens the model can learn
+to produce in a minute of training:
 
-    "Sort these numbers: 42, 7"  ->  Sort | Ġthese | Ġnumbers | : | Ġ | 4 | 2 | , | Ġ | 7
+    "How many grams are in 35 kilograms?\n35000 grams"
+        How | Ġmany | Ġgrams | Ġare | Ġin | Ġ | 35 | Ġkilograms | ? | Ċ | 35 | 000 | Ġgrams
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+# A number's significant digits (lazily, up to its trailing zeros), or a run of zeros.
+NUMBER_PARTS = r"[1-9][0-9]*?(?=0*(?![0-9]))|0+"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>")
 
 # ChatML without the newline after <|im_end|>: the end of a turn is exactly one token.
@@ -41,14 +46,14 @@ class ModelSize:
     max_position_embeddings: int = 512
 
 
-def build_tokenizer(corpus: list[str], path: Path, vocab_size: int = 320) -> Path:
+def build_tokenizer(corpus: list[str], path: Path, vocab_size: int = 640) -> Path:
     """Train a byte-level BPE on `corpus` and save it, with its chat template, as a Hugging Face tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        pre_tokenizers.Split(Regex(NUMBER_PARTS), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

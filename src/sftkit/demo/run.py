@@ -1,13 +1,13 @@
 """`sftkit demo`: the whole pipeline in a few minutes on a laptop CPU, with nothing to download.
 
-    1. the task        sort short lists of numbers, asked for in English (task.py)
+    1. the task        unit conversions, asked for in English (task.py)
     2. a base model    a tiny Llama and its tokenizer built here, pre-trained on raw text with
-                       `sftkit train` (pretrain.yaml): it can sort, but knows no chat format
+                       `sftkit train` (pretrain.yaml): it knows the conversions, but no chat format
     3. the data        what `sftkit data inspect` shows for the fine-tuning set
     4. the plan        what `sftkit plan` says about the fine-tuning run
-    5. before          exact match of the base model on held-out lists: about zero
+    5. before          exact match of the base model on held-out questions: about zero
     6. fine-tuning     `sftkit train demo.yaml`: LoRA, packing, eval, samples, diagnosis
-    7. after           exact match of base + adapter on the same lists, and the report
+    7. after           exact match of base + adapter on the same questions, and the report
 
 Everything goes under OUTPUT_DIR (runs/demo by default):
 
@@ -16,6 +16,7 @@ Everything goes under OUTPUT_DIR (runs/demo by default):
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -35,8 +36,9 @@ SEED = 0
 
 @dataclass(frozen=True)
 class DemoSettings:
-    pretrain_rows: int  # text rows of 8 sorted lists each
+    pretrain_rows: int  # text rows of FACTS_PER_TEXT_ROW facts each
     pretrain_steps: int
+    pretrain_batch_size: int
     sft_rows: int
     sft_steps: int
     eval_rows: int
@@ -44,14 +46,21 @@ class DemoSettings:
     model: ModelSize = field(default_factory=ModelSize)
 
 
-FULL = DemoSettings(pretrain_rows=8000, pretrain_steps=400, sft_rows=2000, sft_steps=150, eval_rows=64, test_rows=200)
-QUICK = DemoSettings(pretrain_rows=1500, pretrain_steps=60, sft_rows=500, sft_steps=40, eval_rows=32, test_rows=100)
+FULL = DemoSettings(pretrain_rows=6000, pretrain_steps=250, pretrain_batch_size=16, sft_rows=2000, sft_steps=80,
+                    eval_rows=64, test_rows=200)
+# --quick: a two-layer model and a fifth of the pre-training. Too little for the base model to learn to
+# copy a number from anywhere in the text (that takes ~200 steps of batch 16 with four layers), so the
+# numbers are mostly wrong, but fine-tuning still visibly teaches the answer format (`right form`).
+QUICK = DemoSettings(pretrain_rows=2000, pretrain_steps=200, pretrain_batch_size=8, sft_rows=500, sft_steps=30,
+                     eval_rows=32, test_rows=100, model=ModelSize(num_hidden_layers=2))
 
 
 @dataclass(frozen=True)
 class DemoResult:
-    accuracy_before: float
+    accuracy_before: float  # exact match on the held-out questions
     accuracy_after: float
+    well_formed_before: float  # replies of the right form: a number and the asked-for unit
+    well_formed_after: float
     seconds: dict[str, float]
     sft_dir: Path
     report: Path | None
@@ -59,10 +68,22 @@ class DemoResult:
 
 def run_demo(quick: bool, output_dir: Path, console: Console) -> DemoResult:
     import datasets
+    import torch
 
     datasets.disable_progress_bars()  # the demo's own progress bars are the training ones
-    settings = QUICK if quick else FULL
-    output_dir = Path(output_dir)
+    threads = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        # The demo's matrices are tiny: a second thread gains little, and when another process holds a
+        # core every operation waits for the descheduled thread (3-10x slower, measured). Set
+        # OMP_NUM_THREADS to choose yourself.
+        torch.set_num_threads(1)
+    try:
+        return _run(QUICK if quick else FULL, Path(output_dir), console)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(settings: DemoSettings, output_dir: Path, console: Console) -> DemoResult:
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -72,17 +93,16 @@ def run_demo(quick: bool, output_dir: Path, console: Console) -> DemoResult:
         clock = time.perf_counter()
 
     console.rule("[bold]1 · The task")
-    task = make_task(SEED, settings.pretrain_rows * 8, settings.sft_rows, settings.eval_rows, settings.test_rows)
+    task = make_task(SEED, settings.pretrain_rows, settings.sft_rows, settings.eval_rows, settings.test_rows)
     show_task(task, console)
-    pretrain_text = ["\n".join(task.pretrain_text[i:i + 8]) for i in range(0, len(task.pretrain_text), 8)]
-    write_task(TaskData(pretrain_text, task.train, task.eval, task.test), output_dir / "data")
+    write_task(task, output_dir / "data")
     lap("data")
 
     console.rule("[bold]2 · A tiny base model, built and pre-trained here")
     pretrain_config, sft_config = demo_configs(output_dir, settings)
     build_base(task, output_dir / "init", settings.model, console)
     console.print(f"Pre-training on raw text with [bold]sftkit train[/bold] ({settings.pretrain_steps} steps, "
-                  "full fine-tuning): the model learns to sort, but never sees a chat turn.")
+                  "full fine-tuning): the model learns the conversions, but never sees a question or a chat turn.")
     from sftkit.train.loop import train
 
     train(pretrain_config, console)
@@ -116,14 +136,17 @@ def run_demo(quick: bool, output_dir: Path, console: Console) -> DemoResult:
     summary = Table(title="sftkit demo", title_justify="left", show_header=False)
     summary.add_column("what")
     summary.add_column("value", justify="right")
-    summary.add_row("exact match before fine-tuning", f"{before.accuracy:.0%} of {len(task.test)} held-out lists")
-    summary.add_row("exact match after fine-tuning", f"[bold green]{after.accuracy:.0%}[/bold green]")
+    summary.add_row("held-out questions", str(len(task.test)))
+    summary.add_row("before fine-tuning: exact match · right form", f"{before.accuracy:.0%} · {before.well_formed:.0%}")
+    summary.add_row("after fine-tuning: exact match · right form",
+                    f"[bold green]{after.accuracy:.0%}[/bold green] · {after.well_formed:.0%}")
     summary.add_row("fine-tuning time", f"{train_seconds:.0f} s ({sft_config.max_steps} steps, LoRA r={sft_config.lora_r})")
-    summary.add_row("whole demo", f"{sum(seconds.values()):.0f} s")
+    summary.add_row("whole demo", f"{sum(seconds.values()):.0f} s ("
+                    + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items()) + ")")
     summary.add_row("run directory", str(sft_dir))
     summary.add_row("report", str(report) if report else "`sftkit report` is not available in this version")
     console.print(summary)
-    return DemoResult(before.accuracy, after.accuracy, seconds, sft_dir, report)
+    return DemoResult(before.accuracy, after.accuracy, before.well_formed, after.well_formed, seconds, sft_dir, report)
 
 
 def demo_configs(output_dir: Path, settings: DemoSettings) -> tuple[SFTConfig, SFTConfig]:
@@ -132,7 +155,8 @@ def demo_configs(output_dir: Path, settings: DemoSettings) -> tuple[SFTConfig, S
     data = output_dir / "data"
     pretrain = load_config(Path(str(folder.joinpath("pretrain.yaml"))), {
         "model_name_or_path": str(output_dir / "init"), "datasets.0.path": str(data / "pretrain.jsonl"),
-        "output_dir": str(output_dir / "pretrain"), "max_steps": settings.pretrain_steps})
+        "output_dir": str(output_dir / "pretrain"), "max_steps": settings.pretrain_steps,
+        "per_device_train_batch_size": settings.pretrain_batch_size})
     sft = load_config(Path(str(folder.joinpath("demo.yaml"))), {
         "model_name_or_path": str(output_dir / "pretrain" / "model"), "datasets.0.path": str(data / "train.jsonl"),
         "eval_dataset.path": str(data / "eval.jsonl"), "output_dir": str(output_dir / "sft"),
@@ -144,11 +168,11 @@ def build_base(task: TaskData, path: Path, size: ModelSize, console: Console) ->
     """Tokenizer trained on the task's text (both shapes) and a random Llama, saved like a hub model."""
     from transformers import AutoTokenizer
 
-    chat = [render for p in task.train for render in (p.prompt(), p.answer)]
-    build_tokenizer(task.pretrain_text[:20000] + chat + ["user\nassistant\n"] * 100, path)
+    chat = [text for p in task.train for text in (p.prompt(), p.answer)]
+    build_tokenizer(task.pretrain_text + chat + ["user\nassistant\n"] * 100, path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     _, params = build_model(len(tokenizer), path, size)
-    console.print(f"Tokenizer: byte-level BPE, {len(tokenizer)} tokens, one token per digit; chat template "
+    console.print(f"Tokenizer: byte-level BPE, {len(tokenizer)} tokens (35000 = 35 + 000); chat template "
                   "<|im_start|>role\\n…<|im_end|> (the end of a turn is one token)", highlight=False)
     console.print(f"Model: Llama, {size.num_hidden_layers} layers, hidden {size.hidden_size}, "
                   f"{params / 1e6:.2f}M parameters, random weights → {path}")
@@ -162,8 +186,9 @@ def show_task(task: TaskData, console: Console) -> None:
     for problem in task.train[:3]:
         table.add_row(problem.prompt(), problem.answer)
     console.print(table)
-    console.print(f"Pre-training text ({len(task.pretrain_text):,} lists, no instructions): "
-                  f"[cyan]{task.pretrain_text[0]}[/cyan]  ·  [cyan]{task.pretrain_text[1]}[/cyan]")
+    facts = task.pretrain_text[0].splitlines()
+    console.print(f"Pre-training text ({len(task.pretrain_text):,} rows of {len(facts)} facts, no questions): "
+                  f"[cyan]{facts[0]}[/cyan]  ·  [cyan]{facts[1]}[/cyan]  ·  …", highlight=False)
 
 
 def inspect_data(config: SFTConfig, console: Console) -> None:
@@ -212,7 +237,8 @@ def _float32() -> Any:
 
 
 def show_score(name: str, result: Score, console: Console, rows: int = 4) -> None:
-    table = Table(title=f"{name}: exact match {result.accuracy:.0%} on {len(result.replies)} held-out lists",
+    table = Table(title=f"{name}: exact match {result.accuracy:.0%}, right form {result.well_formed:.0%} "
+                        f"on {len(result.replies)} held-out questions",
                   title_justify="left")
     table.add_column("prompt")
     table.add_column("expected")

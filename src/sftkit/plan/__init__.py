@@ -20,8 +20,9 @@ from sftkit.plan.gpus import KNOWN_GPUS, Gpu, resolve_gpu
 from sftkit.plan.memory import MemoryInputs, MetaModel, estimate_memory
 from sftkit.plan.schedule import ScheduleInputs, plan_schedule
 from sftkit.plan.throughput import default_throughput, flops_per_token, probe_throughput
+from sftkit.train.forward import chunked_loss_is_exact
 
-__all__ = ["run_plan", "build_plan"]
+__all__ = ["build_plan", "run_plan"]
 
 DEFAULT_GPU = KNOWN_GPUS["h100"]
 
@@ -37,13 +38,6 @@ def run_plan(config: SFTConfig, gpu: str | None = None, gpu_memory: str | None =
 
         print_plan(plan, console)
     return plan
-
-
-def chunked_loss_on(setting: bool | str, model_config: Any) -> bool:
-    """`auto`: on unless the model post-processes its logits (soft-capping), where chunking is not exact."""
-    if setting != "auto":
-        return bool(setting)
-    return getattr(model_config, "final_logit_softcapping", None) is None
 
 
 def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: bool = False) -> dict[str, Any]:
@@ -80,16 +74,20 @@ def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: boo
             adapter = AdapterOptions(finetuning=finetuning, r=config.lora_r, alpha=config.lora_alpha,
                                      dropout=config.lora_dropout,
                                      target_modules=targets if isinstance(targets, str) else tuple(targets))
-            dtype = torch.bfloat16 if finetuning == "qlora" and weight_dtype == torch.float32 else weight_dtype
-            metas[finetuning] = MetaModel.build(model_config, dtype, adapter, config.attn_implementation, vocab_size)
+            metas[finetuning] = MetaModel.build(model_config, weight_dtype, adapter, config.attn_implementation,
+                                                vocab_size)
         return metas[finetuning]
 
+    meta = meta_for(config.finetuning)
+    exact = chunked_loss_is_exact(meta.model)
+    chunked = exact if config.chunked_loss == "auto" else config.chunked_loss
+    if chunked and not exact:
+        notes.append("chunked_loss: true is refused by training for this model (its logits are not a plain "
+                     "linear head); planned as set, but set chunked_loss: auto")
     inputs = MemoryInputs(
         gradient_checkpointing=config.gradient_checkpointing, autocast_dtype=autocast,
         attn_implementation=config.attn_implementation, micro_batch=config.per_device_train_batch_size,
-        seq_len=config.max_seq_length, chunked_loss=chunked_loss_on(config.chunked_loss, model_config),
-        loss_chunk_size=config.loss_chunk_size)
-    meta = meta_for(config.finetuning)
+        seq_len=config.max_seq_length, chunked_loss=chunked, loss_chunk_size=config.loss_chunk_size)
     estimate = estimate_memory(meta, inputs)
     fits = estimate.total <= gpu.memory_bytes
     changes = advise(Setting(inputs, config.finetuning, config.gradient_accumulation_steps), estimate.total,
@@ -151,12 +149,12 @@ def _read_data(config: SFTConfig) -> tuple[dict[str, Any], list[int] | None, int
 
     try:
         tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path, config.trust_remote_code)
-    except Exception as err:  # offline hub id, missing folder: the plan goes on without data
+    except (OSError, ValueError) as err:  # offline hub id, missing folder: the plan goes on without data
         return {"error": f"tokenizer could not be loaded: {err}"}, None, None
     try:
         template = resolve_chat_template(config.chat_template, tokenizer)
         data = prepare_data(DataOptions.from_config(config, template), tokenizer)
-    except Exception as err:  # hub dataset offline, bad rows: said, and the schedule falls back to max_steps
+    except (OSError, ValueError) as err:  # hub dataset offline, bad rows: said; the schedule uses max_steps
         return {"error": f"data could not be read: {err}"}, None, len(tokenizer)
     stats = data_stats(data, config.max_seq_length, config.per_device_train_batch_size)
     stats["efficiency"] = stats["packing_efficiency"] if config.packing else stats["padding_efficiency"]

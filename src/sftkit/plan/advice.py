@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+
 from sftkit.plan.memory import MemoryInputs, MetaModel, estimate_memory
 
 ROOMY = 0.5  # a run using less than this fraction of the GPU has room to go faster
@@ -65,8 +66,8 @@ def _single_changes(setting: Setting, full_lengths: list[int] | None) -> list[tu
                         lambda s: replace(s, inputs=replace(s.inputs, gradient_checkpointing=True)),
                         "~30% slower steps (layers are recomputed in backward)"))
     if inputs.micro_batch > 1:
-        singles.append((f"per_device_train_batch_size: {inputs.micro_batch // 2}, "
-                        f"gradient_accumulation_steps: {setting.gradient_accumulation * 2}",
+        singles.append(((f"per_device_train_batch_size: {inputs.micro_batch // 2}, "
+                         f"gradient_accumulation_steps: {setting.gradient_accumulation * 2}"),
                         lambda s: Setting(replace(s.inputs, micro_batch=max(1, s.inputs.micro_batch // 2)),
                                           s.finetuning, s.gradient_accumulation * 2),
                         "same effective batch, smaller matmuls"))
@@ -96,18 +97,28 @@ def _single_changes(setting: Setting, full_lengths: list[int] | None) -> list[tu
 
 def _combined(setting: Setting, singles: list[tuple[str, Transform, str]], budget: float,
               estimate: Callable[[Setting], int]) -> Change:
-    """The single-GPU changes applied one after another until the run fits in `budget` bytes."""
-    applied, new_total = [], 0
+    """Single-GPU changes applied one after another until the run fits in `budget` bytes; then each
+    one that the rest do not need is dropped again."""
+    chosen: list[tuple[str, Transform]] = []
+
+    def apply(changes: list[tuple[str, Transform]]) -> int:
+        candidate = setting
+        for _, change in changes:
+            candidate = change(candidate)
+        return estimate(candidate)
+
     for what, change, _ in singles:
-        if "FSDP" in what:
-            continue
-        setting = change(setting)
-        applied.append(what)
-        new_total = estimate(setting)
-        if new_total <= budget:
-            break
-    return Change(" + ".join(applied), new_total, new_total <= budget / COMFORTABLE,
-                  "these together, leaving 10% free")
+        if "FSDP" not in what:
+            chosen.append((what, change))
+            if apply(chosen) <= budget:
+                break
+    for item in list(chosen[:-1]):
+        fewer = [other for other in chosen if other is not item]
+        if apply(fewer) <= budget:
+            chosen = fewer
+    new_total = apply(chosen)
+    return Change(" + ".join(what for what, _ in chosen), new_total, new_total <= budget / COMFORTABLE,
+                  "together, leaving 10% free" if new_total <= budget else "together")
 
 
 def _roomy(setting: Setting, gpu_bytes: int, estimate: Callable[[Setting], int]) -> list[Change]:

@@ -36,7 +36,7 @@ ALIASES = {"4090": "rtx4090", "rtx-4090": "rtx4090", "a10": "a10-24gb", "a100": 
 DEFAULT_MFU = 0.35
 QLORA_MFU = 0.25  # dequantising 4-bit weights every matmul costs time
 
-_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)?\s*$", re.I)
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)?\s*$", re.IGNORECASE)
 
 
 def parse_gpu_memory(text: str) -> int:

@@ -75,6 +75,8 @@ class ActivationTrace:
     per_layer: list[int]  # saved for backward inside each decoder layer
     layer_input: int  # the hidden state entering one layer (what checkpointing keeps)
     hidden_dtype_bytes: int  # element size of that hidden state
+    largest: int  # the largest single tensor a layer keeps (usually the MLP intermediate)
+    adapters_upcast: bool = False  # fp32 adapters under autocast: peft casts their inputs to fp32 first
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,8 @@ def parameter_bytes(model: nn.Module, quantized: set[int]) -> ParameterBytes:
         else:
             weights += size
             by_dtype[dtype] = by_dtype.get(dtype, 0) + size
-    return ParameterBytes(total - adapter_params, total, trainable, weights, adapters, gradients, optimizer, by_dtype, head_trainable)
+    return ParameterBytes(total - adapter_params, total, trainable, weights, adapters, gradients, optimizer, by_dtype,
+                          head_trainable)
 
 
 # --------------------------------------------------------------------------- activations
@@ -178,7 +181,9 @@ class _FusedAttention(torch.autograd.Function):
 
 @contextlib.contextmanager
 def _meta_friendly_attention(fused: bool) -> Iterator[None]:
-    """Fused sdpa stand-in, and no packed-sequence detection from position_ids (it reads values)."""
+    """Fused sdpa stand-in, and no packed-sequence detection from position_ids (it reads values).
+
+    Swaps module attributes for the duration of one trace: `plan` runs single-threaded."""
     import transformers.masking_utils as masking
 
     functional, find_packed = torch.nn.functional.scaled_dot_product_attention, masking.find_packed_sequence_indices
@@ -194,14 +199,15 @@ def _meta_friendly_attention(fused: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _adapters_in(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+def _adapters_in(model: nn.Module, dtype: torch.dtype | None) -> Iterator[bool]:
     """Under autocast the LoRA matmuls run (and keep their inputs) in the autocast dtype; meta tensors
-    know no autocast, so the trace casts the trainable fp32 adapters for its duration."""
+    know no autocast, so the trace casts the trainable fp32 adapters for its duration. Yields whether
+    any were cast."""
     changed = [(p, p.data) for n, p in model.named_parameters() if dtype and "lora_" in n and p.dtype != dtype]
     for param, data in changed:
         param.data = data.to(dtype)
     try:
-        yield
+        yield bool(changed)
     finally:
         for param, data in changed:
             param.data = data
@@ -255,7 +261,8 @@ def trace_activations(model: nn.Module, micro_batch: int, seq_len: int, attn_imp
     try:
         was_training = model.training
         model.train()
-        with _meta_friendly_attention(fused=attn_implementation != "eager"), _adapters_in(model, autocast_dtype), \
+        with _meta_friendly_attention(fused=attn_implementation != "eager"), \
+                _adapters_in(model, autocast_dtype) as adapters_upcast, \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             body(input_ids=input_ids, attention_mask=mask, use_cache=False)
         model.train(was_training)
@@ -264,11 +271,12 @@ def trace_activations(model: nn.Module, micro_batch: int, seq_len: int, attn_imp
             handle.remove()
     per_layer = [marks[2 * i + 1] - marks[2 * i] for i in range(len(layers))]
     mask_bytes = mask.numel() * mask.element_size() if mask is not None else 0  # the batch's own mask
+    largest = max(t.numel() * t.element_size() for t in saved.values() if t.dim() == 3)  # (batch, seq, features)
     return ActivationTrace(outside_layers=bytes_saved() - sum(per_layer) + mask_bytes, per_layer=per_layer,
-                           layer_input=layer_input[-1][0], hidden_dtype_bytes=layer_input[-1][1])
+                           layer_input=layer_input[-1][0], hidden_dtype_bytes=layer_input[-1][1], largest=largest,
+                           adapters_upcast=adapters_upcast)
 
 
-BACKWARD_BUFFERS = 3  # hidden-state-sized gradients alive in a layer's backward (in, out, residual)
 
 
 def kept_for_backward(trace: ActivationTrace, gradient_checkpointing: bool) -> int:
@@ -279,9 +287,16 @@ def kept_for_backward(trace: ActivationTrace, gradient_checkpointing: bool) -> i
 
 
 def backward_working_set(trace: ActivationTrace, gradient_checkpointing: bool) -> int:
-    """On top of what is kept: one layer recomputed (checkpointing) and the gradients flowing through it."""
+    """On top of what is kept: one layer recomputed (checkpointing) and the gradients flowing through it:
+    two of its largest intermediate (into and out of the MLP activation) and two of the hidden state
+    in fp32 (the norms compute in fp32 whatever the dtype). With fp32 adapters under autocast, peft
+    first casts a LoRA layer's input to fp32 and drops out on that: two fp32 copies of the largest
+    input live at once while a layer is recomputed."""
     recomputed = max(trace.per_layer) if gradient_checkpointing else 0
-    return recomputed + BACKWARD_BUFFERS * trace.layer_input
+    hidden_fp32 = trace.layer_input // trace.hidden_dtype_bytes * 4
+    largest_fp32 = trace.largest // trace.hidden_dtype_bytes * 4
+    upcast = 2 * largest_fp32 if trace.adapters_upcast else 0
+    return recomputed + 2 * trace.largest + 2 * hidden_fp32 + upcast
 
 
 def loss_bytes(tokens: int, vocab: int, hidden: int, logits_dtype_bytes: int, chunked: bool, chunk_size: int,
@@ -333,7 +348,8 @@ class MetaModel:
             self.traces[key] = trace_activations(self.model, 1, seq_len, attn_implementation, autocast_dtype)
         one = self.traces[key]
         return ActivationTrace(one.outside_layers * micro_batch, [n * micro_batch for n in one.per_layer],
-                               one.layer_input * micro_batch, one.hidden_dtype_bytes)
+                               one.layer_input * micro_batch, one.hidden_dtype_bytes, one.largest * micro_batch,
+                               one.adapters_upcast)
 
 
 def estimate_memory(meta: MetaModel, inputs: MemoryInputs, cuda_overhead: bool = True) -> MemoryEstimate:

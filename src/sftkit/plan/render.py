@@ -127,7 +127,8 @@ def _print_time(time: dict[str, Any], num_gpus: int, console: Console) -> None:
                   time["tokens_note"])
     table.add_row("training FLOPs per token", f"{time['flops_per_token']:.3g}")
     rate = time["tokens_per_second_per_gpu"]
-    table.add_row("throughput per GPU", f"{rate:,.0f} tokens/s ({time['throughput_source']})" if rate else
+    shown = f"{rate:,.0f}" if rate and rate >= 100 else f"{rate:.3g}"
+    table.add_row("throughput per GPU", f"{shown} tokens/s ({time['throughput_source']})" if rate else
                   time["throughput_source"])
     if time["hours"] is not None:
         table.add_row(f"time on {num_gpus} GPU(s)", f"{time['hours']:.2f} h")

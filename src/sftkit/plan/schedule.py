@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from sftkit.train.batches import BatchPlan
 from sftkit.train.schedule import lr_multiplier, warmup_steps_for
 
 EFFECTIVE_BATCH_RANGE = (16, 128)
@@ -45,18 +45,14 @@ class SchedulePlan:
 def plan_schedule(inputs: ScheduleInputs, sequences: int | None, examples: int | None) -> SchedulePlan:
     """`sequences`: what one epoch iterates (packed sequences when packing, else examples)."""
     effective = inputs.micro_batch * inputs.gradient_accumulation * inputs.num_gpus
-    steps_per_epoch = None
-    if sequences is not None:
-        micro_steps = math.ceil(sequences / (inputs.micro_batch * inputs.num_gpus))
-        steps_per_epoch = math.ceil(micro_steps / inputs.gradient_accumulation)
-    if inputs.max_steps > 0:
+    steps_per_epoch = total = epochs = None
+    if sequences is not None:  # the loop's own arithmetic; only the count of sequences matters to it
+        batches = BatchPlan([[]] * sequences, inputs.micro_batch, inputs.gradient_accumulation, inputs.num_gpus, 0)
+        steps_per_epoch = batches.steps_per_epoch
+        total = batches.total_steps(inputs.num_train_epochs, inputs.max_steps)
+        epochs = batches.epoch_of(total)
+    elif inputs.max_steps > 0:
         total = inputs.max_steps
-        epochs = total / steps_per_epoch if steps_per_epoch else None
-    elif steps_per_epoch is not None:
-        total = math.ceil(steps_per_epoch * inputs.num_train_epochs)
-        epochs = inputs.num_train_epochs
-    else:
-        total, epochs = None, None
     plan = SchedulePlan(effective, sequences, steps_per_epoch, total, None, epochs)
     if total is not None:
         plan.warmup_steps = warmup_steps_for(total, inputs.warmup_ratio, inputs.warmup_steps)

@@ -50,26 +50,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         trained_hidden = hidden.index_select(0, trained)  # (trained, hidden)
         trained_targets = targets.index_select(0, trained)[:, None]  # (trained, 1)
         for start in range(0, trained.shape[0], chunk_size):
-            rows = trained[start:start + chunk_size]  # (chunk,) positions in the sequence
-            chunk_hidden = trained_hidden[start:start + chunk_size]  # (chunk, hidden)
-            chunk_targets = trained_targets[start:start + chunk_size]  # (chunk, 1)
-            logits = (chunk_hidden @ weight.T).float()  # (chunk, vocab); the only vocab-sized buffer
-            target_logits = logits.gather(1, chunk_targets)  # (chunk, 1)
-            # logsumexp by hand, in place: torch.logsumexp would allocate two more (chunk, vocab) buffers.
-            row_max = logits.max(dim=-1, keepdim=True).values  # (chunk, 1)
-            unnormalized = logits.sub_(row_max).exp_()  # (chunk, vocab), overwrites the logits
-            normalizer = unnormalized.sum(dim=-1, keepdim=True)  # (chunk, 1)
-            total += (row_max + normalizer.log() - target_logits).sum()
-            if grad_hidden is None and grad_weight is None:
-                continue
-            # d(sum CE)/d logits = softmax − onehot(target), in place.
-            grad_logits = unnormalized.div_(normalizer)
-            grad_logits.scatter_add_(1, chunk_targets, torch.full_like(normalizer, -1.0))
-            grad_logits = grad_logits.to(hidden.dtype)
-            if grad_hidden is not None:
-                grad_hidden[rows] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight += (grad_logits.T @ chunk_hidden).float()
+            chunk = slice(start, start + chunk_size)
+            # A function call per chunk, so the chunk's (chunk, vocab) buffer is freed before the next is made.
+            total += _chunk_loss_and_grads(trained_hidden[chunk], weight, trained_targets[chunk], trained[chunk],
+                                           grad_hidden, grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -82,6 +66,32 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_output.float()).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None
+
+
+def _chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+                          grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None) -> torch.Tensor:
+    """Summed loss of one chunk of trained tokens; adds its gradients into grad_hidden[rows] and grad_weight.
+
+    hidden (chunk, hidden), targets (chunk, 1), rows (chunk,): the chunk's positions in the sequence.
+    """
+    logits = (hidden @ weight.T).float()  # (chunk, vocab); the only vocab-sized buffer
+    target_logits = logits.gather(1, targets)  # (chunk, 1)
+    # logsumexp by hand, in place: torch.logsumexp would allocate two more (chunk, vocab) buffers.
+    row_max = logits.max(dim=-1, keepdim=True).values  # (chunk, 1)
+    unnormalized = logits.sub_(row_max).exp_()  # (chunk, vocab), overwrites the logits
+    normalizer = unnormalized.sum(dim=-1, keepdim=True)  # (chunk, 1)
+    loss = (row_max + normalizer.log() - target_logits).sum()
+    if grad_hidden is None and grad_weight is None:
+        return loss
+    # d(sum CE)/d logits = softmax − onehot(target), in place.
+    grad_logits = unnormalized.div_(normalizer)
+    grad_logits.scatter_add_(1, targets, torch.full_like(normalizer, -1.0))
+    grad_logits = grad_logits.to(hidden.dtype)
+    if grad_hidden is not None:
+        grad_hidden[rows] = grad_logits @ weight
+    if grad_weight is not None:
+        grad_weight += (grad_logits.T @ hidden).float()
+    return loss
 
 
 def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
