@@ -273,6 +273,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 progress.update(task, completed=step, loss=step_loss, lr=lr)
 
                 eval_loss = None
+                side_work_started = time.time()  # eval, samples and saves do not count against throughput
                 if eval_steps and (step % eval_steps == 0 or step == total_steps):
                     eval_loss = evaluate()
                     improved = state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]
@@ -299,6 +300,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                     accelerator.wait_for_everyone()
                 if step % config.save_steps == 0 and step not in saved_steps:
                     save(step, eval_loss)
+                window["time"] += time.time() - side_work_started
                 run_info.update(last_step=step, best_checkpoint=state["best_checkpoint"],
                                 best_eval_loss=state["best_eval_loss"])
                 if step % config.logging_steps == 0:
