@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +15,9 @@ from sftkit.data.formats import DataError
 from sftkit.model.load import ModelError
 from sftkit.train.checkpoint import CheckpointError
 from sftkit.train.errors import TrainingError
+
+# peft asks transformers a deprecated question on every LoRA setup; the user can do nothing about it.
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Supervised fine-tuning of causal language models: plan, train, monitor, report, merge.")

@@ -132,14 +132,16 @@ def _run(settings: DemoSettings, output_dir: Path, console: Console) -> DemoResu
     report = write_report(sft_dir, console)
     lap("report")
 
-    summary = Table(title="sftkit demo", title_justify="left", show_header=False)
+    scores = Table(title=f"sftkit demo: {len(task.test)} held-out questions", title_justify="left")
+    for column in ("", "base model", "after fine-tuning"):
+        scores.add_column(column, justify="right")
+    scores.add_row("exact match", f"{before.accuracy:.0%}", f"[bold green]{after.accuracy:.0%}[/bold green]")
+    scores.add_row("right form (number + unit)", f"{before.well_formed:.0%}", f"{after.well_formed:.0%}")
+    console.print(scores)
+    summary = Table(show_header=False)
     summary.add_column("what")
-    summary.add_column("value", justify="right")
-    summary.add_row("held-out questions", str(len(task.test)))
-    summary.add_row("before fine-tuning: exact match · right form", f"{before.accuracy:.0%} · {before.well_formed:.0%}")
-    summary.add_row("after fine-tuning: exact match · right form",
-                    f"[bold green]{after.accuracy:.0%}[/bold green] · {after.well_formed:.0%}")
-    summary.add_row("fine-tuning time", f"{train_seconds:.0f} s ({sft_config.max_steps} steps, LoRA r={sft_config.lora_r})")
+    summary.add_column("value")
+    summary.add_row("fine-tuning", f"{train_seconds:.0f} s ({sft_config.max_steps} steps, LoRA r={sft_config.lora_r})")
     summary.add_row("whole demo", f"{sum(seconds.values()):.0f} s ("
                     + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items()) + ")")
     summary.add_row("run directory", str(sft_dir))
