@@ -14,6 +14,7 @@ Environment (both optional; neither changes the numbers the run computes):
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -52,4 +53,6 @@ if hang_in_save:
     ckpt.write_weights = write_weights_then_hang
 
 if __name__ == "__main__":
+    # A shell that starts this in the background ignores SIGINT for it; the tests send one on purpose.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     app(["train", *sys.argv[1:]], prog_name="sftkit")
