@@ -116,3 +116,19 @@ def test_early_stopping_names_the_best_checkpoint(tmp_path, tiny_model_dir):
                                     per_device_train_batch_size=1, gradient_accumulation_steps=1))
     assert result.status == "early_stopped" and result.last_step < 40
     assert result.best_checkpoint and (tmp_path / "out" / result.best_checkpoint / "manifest.json").is_file()
+
+
+def test_samples_do_not_disturb_training(tmp_path, tiny_model_dir):
+    """Generating samples mid-run (which draws from no training RNG and switches to eval mode and
+    back) leaves the loss curve and the weights exactly as without samples, dropout included."""
+    from tests.train_helpers import final_weights, logged_losses, max_weight_difference
+
+    data = write_chat_data(tmp_path / "chat.jsonl", rows=24)
+    quiet = loop.train(tiny_config(tiny_model_dir, data, tmp_path / "quiet", max_steps=6, lora_dropout=0.2))
+    sampled = loop.train(tiny_config(tiny_model_dir, data, tmp_path / "sampled", max_steps=6, lora_dropout=0.2,
+                                     sample_prompts=["hello how can", "what is the answer"], sample_steps=2,
+                                     max_new_tokens=6))
+    assert quiet.status == sampled.status == "finished"
+    assert len((tmp_path / "sampled" / "samples.jsonl").read_text().splitlines()) == 6  # steps 2, 4, 6
+    assert logged_losses(tmp_path / "quiet") == logged_losses(tmp_path / "sampled")
+    assert max_weight_difference(final_weights(tmp_path / "quiet"), final_weights(tmp_path / "sampled")) == 0.0
