@@ -8,16 +8,15 @@ same dropout masks and data order as one without.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from sftkit.config import ConfigError
 from sftkit.data.template import end_of_turn, render_prompt
+from sftkit.rng import capture_rng, restore_rng
 
 
 class _StopAtText(StoppingCriteria):
@@ -31,20 +30,6 @@ class _StopAtText(StoppingCriteria):
         # input_ids (1, prompt + generated so far)
         text = self.tokenizer.decode(input_ids[0, self.prompt_length:])
         return torch.full((input_ids.shape[0],), self.stop in text, dtype=torch.bool, device=input_ids.device)
-
-
-def _rng_states() -> tuple:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
-
-
-def _restore_rng_states(states: tuple) -> None:
-    python, numpy_state, torch_cpu, cuda = states
-    random.setstate(python)
-    np.random.set_state(numpy_state)
-    torch.set_rng_state(torch_cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
 
 
 def _stop_token_ids(stop: str, tokenizer: Any) -> list[int]:
@@ -69,7 +54,7 @@ def generate_samples(model: Any, tokenizer: Any, template: str, conversations: l
     stop_ids = _stop_token_ids(stop, tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
-    states = _rng_states()
+    states = capture_rng()
     model.eval()
     samples = []
     try:
@@ -88,7 +73,7 @@ def generate_samples(model: Any, tokenizer: Any, template: str, conversations: l
                                    prompt=_last_user_message(messages)))
     finally:
         model.train(was_training)
-        _restore_rng_states(states)
+        restore_rng(*states)
     return samples
 
 

@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from sftkit.rng import capture_rng, restore_rng
 from sftkit.train.errors import CheckpointWriteError
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -50,31 +49,6 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
 def step_of(path: Path) -> int:
     match = CHECKPOINT.match(path.name)
     return int(match.group(1)) if match else -1
-
-
-# --------------------------------------------------------------------------- RNG
-
-
-def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """RNG states as JSON-able values and tensors (no pickle anywhere)."""
-    version, state, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    plain = {"python": [version, list(state), gauss],
-             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state()
-    return plain, tensors
-
-
-def restore_rng(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    version, state, gauss = plain["python"]
-    random.setstate((version, tuple(state), gauss))
-    kind, keys, pos, has_gauss, cached = plain["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["cuda"])
 
 
 # --------------------------------------------------------------------------- save
