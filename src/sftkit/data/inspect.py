@@ -21,14 +21,16 @@ def _length_stats(values: list[int]) -> dict[str, float]:
             "max": int(array.max()), "mean": float(array.mean())}
 
 
-def data_stats(data: PreparedData, max_seq_length: int, batch_size: int) -> dict[str, Any]:
-    """Everything `data inspect` prints, as plain JSON-able values."""
+def data_stats(data: PreparedData, max_seq_length: int, batch_size: int,
+               packs: list[list[int]] | None = None) -> dict[str, Any]:
+    """Everything `data inspect` prints, as plain JSON-able values. `packs`: the balanced packs when
+    the caller already has them (training does), so they are not computed twice."""
     train = data.train.dataset
     lengths = list(train["length"])  # plain lists: a datasets Column indexes through Arrow
     labels = list(train["labels"])
     trained = sum(sum(1 for label in row[1:] if label != IGNORE_INDEX) for row in labels)
     total = sum(lengths)
-    bins = pack_balanced(lengths, max_seq_length)
+    bins = packs if packs is not None else pack_balanced(lengths, max_seq_length)
     pack_eff = packing_efficiency(lengths, bins, batch_size)
     pad_eff = padding_efficiency(lengths, batch_size)
     return {

@@ -11,7 +11,7 @@ the micro-batches of 1 process × GA 4.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,6 +26,7 @@ class BatchPlan:
     world_size: int
     seed: int
     shuffle: bool = True
+    _epochs: dict[int, list[list[int]]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -39,7 +40,13 @@ class BatchPlan:
         return max_steps if max_steps > 0 else max(1, math.ceil(num_train_epochs * self.steps_per_epoch))
 
     def epoch_micro_batches(self, epoch: int) -> list[list[int]]:
-        """Micro-batches of one epoch, each a list of sequence indices."""
+        """Micro-batches of one epoch, each a list of sequence indices (shuffled once per epoch, not per step)."""
+        if epoch not in self._epochs:
+            self._epochs.clear()  # one epoch at a time: steps walk forward
+            self._epochs[epoch] = self._shuffle(epoch)
+        return self._epochs[epoch]
+
+    def _shuffle(self, epoch: int) -> list[list[int]]:
         order = np.arange(len(self.sequences))
         if self.shuffle:
             order = np.random.default_rng(self.seed + epoch).permutation(len(self.sequences))

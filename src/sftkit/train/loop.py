@@ -38,6 +38,7 @@ from sftkit.model.adapters import (
 from sftkit.model.load import ModelError, load_model, load_tokenizer, resolve_dtype
 from sftkit.monitor.diagnosis import Monitor, MonitorSettings
 from sftkit.monitor.samples import generate_samples, load_sample_prompts
+from sftkit.rng import capture_rng, restore_rng
 from sftkit.train import checkpoint as ckpt
 from sftkit.train.batches import BatchPlan
 from sftkit.train.checkpoint import is_sharded, save_checkpoint
@@ -78,6 +79,10 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                               mixed_precision="bf16" if config.bf16 else "fp16" if config.fp16 else "no")
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     say = console.print if main else (lambda *a, **k: None)
+
+    def tell(findings: list) -> None:
+        for finding in findings:  # model text may hold [brackets]: never read as markup
+            say(f"[bold yellow]diagnosis:[/bold yellow] {escape(finding.message)} — {escape(finding.advice)}")
     output_dir = Path(config.output_dir)
     check_hardware(config)
     if main:
@@ -93,11 +98,12 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     train_set, trained_per_example = columns_for_training(data.train.dataset)
     lengths = list(data.train.dataset["length"])  # plain lists: a datasets Column indexes through Arrow
     source_rows = list(data.train.dataset["source_row"])
-    sequences = pack_balanced(lengths, config.max_seq_length) if config.packing else [[i] for i in range(len(lengths))]
+    sequences = training_sequences(lengths, config.max_seq_length, config.packing)
     plan = BatchPlan(sequences, config.per_device_train_batch_size, config.gradient_accumulation_steps, world, config.seed)
     total_steps = plan.total_steps(config.num_train_epochs, config.max_steps)
     warmup = warmup_steps_for(total_steps, *config.warmup_fraction_or_steps)
-    stats = data_stats(data, config.max_seq_length, config.per_device_train_batch_size)
+    stats = data_stats(data, config.max_seq_length, config.per_device_train_batch_size,
+                       packs=sequences if config.packing else None)
 
     # ---- model: base weights, adapters, the loss wrapper, optimizer and schedule
     model = load_model(config.model_name_or_path, resolve_dtype(config.torch_dtype, config.bf16, config.fp16),
@@ -180,8 +186,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
 
     if data.eval is not None:
         eval_set, eval_trained = columns_for_training(data.eval.dataset)
-        eval_sequences = (pack_balanced(data.eval.dataset["length"], config.max_seq_length) if config.packing
-                          else [[i] for i in range(len(eval_set))])
+        eval_sequences = training_sequences(list(data.eval.dataset["length"]), config.max_seq_length, config.packing)
         size = config.per_device_eval_batch_size
         eval_micro = [eval_sequences[i:i + size] for i in range(0, len(eval_sequences), size)]
         eval_tokens = sum(eval_trained)
@@ -225,7 +230,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     try:
         with progress:
             while step < total_steps:
-                rng_at_step_start = ckpt.capture_rng()  # Ctrl-C mid-step saves the RNG this step began with
+                rng_at_step_start = capture_rng()  # Ctrl-C mid-step saves the RNG this step began with
                 group = plan.step_micro_batches(step)
                 step_trained = sum(trained_per_example[e] for mb in group for s in mb for e in sequences[s])
                 step_tokens = sum(lengths[e] for mb in group for s in mb for e in sequences[s])
@@ -244,8 +249,8 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                     bad_steps += 1
                     if bad_steps > config.max_bad_steps:
                         if monitor:
-                            for finding in monitor.observe_step(step + 1, step_loss, grad_norm, lr, example_rows(source_rows, group, sequences)):
-                                say(f"[bold yellow]diagnosis:[/bold yellow] {escape(finding.message)} — {escape(finding.advice)}")
+                            tell(monitor.observe_step(step + 1, step_loss, grad_norm, lr,
+                                                      example_rows(source_rows, group, sequences)))
                         raise TrainingError(
                             f"step {step + 1}: loss {step_loss} / grad norm {grad_norm} is not finite; the step was "
                             "not applied. " + nonfinite_advice(config) + " (or allow skipping with max_bad_steps: N)")
@@ -256,11 +261,10 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 step += 1
                 applying, rng_at_step_start = False, None
                 last_loss = step_loss if finite else last_loss
-                accumulate(window, step_loss * step_trained if finite else 0.0, step_trained, step_tokens, grad_norm)
+                accumulate(window, step_loss * step_trained if finite else 0.0, step_trained, step_tokens)
 
                 if monitor:
-                    for finding in monitor.observe_step(step, step_loss, grad_norm, lr, example_rows(source_rows, group, sequences)):
-                        say(f"[bold yellow]diagnosis:[/bold yellow] {escape(finding.message)} — {escape(finding.advice)}")
+                    tell(monitor.observe_step(step, step_loss, grad_norm, lr, example_rows(source_rows, group, sequences)))
                 if step % config.logging_steps == 0 or step == total_steps:
                     elapsed = time.perf_counter() - started
                     row = window_row(window, step, plan.epoch_of(step), lr, grad_norm, elapsed, memory_gb())
@@ -288,15 +292,13 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                         state["best_checkpoint"] = f"checkpoint-{step}"
                         save(step, eval_loss)
                     if monitor:
-                        for finding in monitor.observe_eval(step, last_loss or float("nan"), eval_loss, state["best_checkpoint"]):
-                            say(f"[bold yellow]diagnosis:[/bold yellow] {escape(finding.message)} — {escape(finding.advice)}")
+                        tell(monitor.observe_eval(step, last_loss or float("nan"), eval_loss, state["best_checkpoint"]))
                 # Samples run on the main process alone, which a sharded (FSDP/DeepSpeed) model cannot do.
                 if prompts and not is_sharded(accelerator) and (step % sample_steps == 0 or step == total_steps):
                     if main:
                         samples = generate_samples(unwrapped, tokenizer, template, prompts, config.max_new_tokens)
                         log_samples(output_dir, writer, step, samples, console)
-                        for finding in monitor.observe_samples(step, samples):
-                            say(f"[bold yellow]diagnosis:[/bold yellow] {escape(finding.message)} — {escape(finding.advice)}")
+                        tell(monitor.observe_samples(step, samples))
                     accelerator.wait_for_everyone()
                 if step % config.save_steps == 0 and step not in saved_steps:
                     save(step, eval_loss)
@@ -320,7 +322,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 "checkpoint with `--resume_from_checkpoint true`.[/yellow]")
         elif config.save_on_interrupt and step > start_step:
             if rng_at_step_start is not None:  # a step was half done: its dropout draws are redone on resume
-                ckpt.restore_rng(*rng_at_step_start)
+                restore_rng(*rng_at_step_start)
             path = save(step)
             say(f"Saved {path}; resume with `--resume_from_checkpoint true`.")
         run_info.update(status=status, last_step=step)
@@ -404,6 +406,11 @@ def run_fingerprint(config: SFTConfig, world: int) -> dict[str, Any]:
         "packing": config.packing, "seed": config.seed, "per_device_train_batch_size": config.per_device_train_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps, "world_size": world,
     }
+
+
+def training_sequences(lengths: list[int], max_seq_length: int, packing: bool) -> list[list[int]]:
+    """The model's rows as lists of example ids: balanced packs, or one example each."""
+    return pack_balanced(lengths, max_seq_length) if packing else [[i] for i in range(len(lengths))]
 
 
 def example_rows(source_rows: list[int], group: list[list[int]], sequences: list[list[int]]) -> list[int]:

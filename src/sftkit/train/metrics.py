@@ -81,7 +81,7 @@ def empty_window() -> dict[str, float]:
     return {"loss_sum": 0.0, "trained": 0, "tokens": 0, "steps": 0, "time": time.time()}
 
 
-def accumulate(window: dict[str, float], loss_sum: float, trained: int, tokens: int, grad_norm: float) -> None:
+def accumulate(window: dict[str, float], loss_sum: float, trained: int, tokens: int) -> None:
     window["loss_sum"] += loss_sum
     window["trained"] += trained
     window["tokens"] += tokens
