@@ -90,3 +90,51 @@ def tiny_tokenizer(tiny_tokenizer_dir):
     from sftkit.model.load import load_tokenizer
 
     return load_tokenizer(str(tiny_tokenizer_dir))
+
+
+SMOLLM2_GGUF = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def convert_gguf_to_folder(gguf: Path, target: Path) -> Path:
+    """Dequantize a GGUF checkpoint into a plain safetensors folder (model + tokenizer).
+
+    A model loaded from GGUF keeps the GGUF quantization in its config and cannot be saved as it is,
+    so the model is rebuilt from its config without it. Written to a temporary folder, then renamed, so
+    concurrent test runs never see half a folder.
+    """
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another run finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as a plain safetensors folder, converted once and cached.
+
+    The cache is keyed by the GGUF file's size and mtime, outside the repository (~/.cache).
+    """
+    if not SMOLLM2_GGUF.exists():
+        pytest.skip(f"{SMOLLM2_GGUF} not present")
+    stat = SMOLLM2_GGUF.stat()
+    cache = Path(os.environ.get("SFTKIT_TEST_CACHE", Path.home() / ".cache" / "sftkit-tests"))
+    return convert_gguf_to_folder(SMOLLM2_GGUF, cache / f"smollm2-135m-instruct-{stat.st_size}-{int(stat.st_mtime)}")
