@@ -1,24 +1,43 @@
 """Chat templates: render conversations, and find exactly which tokens are the assistant's.
 
 Assistant-only loss must work for any Jinja chat template, including ones without
-`{% generation %}` markers. We find each assistant turn by *prefix difference*:
+`{% generation %}` markers. The rule, for every assistant turn: train exactly what the model must
+generate after the inference-time generation prompt, and the end-of-turn as the full conversation
+renders it; nothing the prompt supplies, nothing of other roles. Per assistant turn i:
 
     P_i = render(messages[:i], add_generation_prompt=True)    "<s>[INST] Hi [/INST]"
     Q_i = render(messages[:i+1])                              "<s>[INST] Hi [/INST] Hello </s>"
     trained span of turn i = Q_i[len(P_i):] without trailing whitespace   " Hello </s>"
 
-so the span holds the reply plus the template's end-of-turn token(s) and nothing of the
-scaffolding, whatever the template adds (default system prompts, stripped whitespace, headers).
-Tokens are then labelled by their character offsets in the full rendering: a token is trained
-when it overlaps a trained span.
+That prefix difference holds whenever the template renders a turn the same whether or not it is last
+(llama2, ChatML, Llama-3, Gemma, ...). Real templates that do not, and how the span is then taken
+from the full rendering:
+
+    final EOS (Phi-3)      <|assistant|>\nEleven.<|end|>\n<|user|>...   vs last  ...Four.<|end|>\n</s>
+                           earlier turns end before the next turn's header: "Eleven.<|end|>"
+    final token (harmony)  <|start|>assistant<|channel|>final<|message|>Eleven.<|end|><|start|>user...
+                           vs last ...<|return|>; the channel header after the generation prompt
+                           `<|start|>assistant` is trained, and `<|end|>` for earlier turns
+    think (Nemotron)       prompt ends "<think>\n", the turn renders "<think></think>Eleven.":
+                           the span starts where the rendering leaves the prompt: "</think>Eleven.<|im_end|>"
+
+The next turn's header is found as the text that shares the most with the generation prompt (headers
+of all roles open alike: `<|user|>`/`<|assistant|>`, `<|start|>user`/`<|start|>assistant`). A template
+that moves text between turns (Mistral's system prompt in the last user turn) falls back to searching
+for the reply followed by the end-of-turn. Tokens are then labelled by their character offsets in the
+full rendering: a token is trained when it overlaps a trained span.
 
 The same `render_prompt` is used for generation during training and at inference, and the
 template text is saved with every checkpoint, so inference never uses a different template.
+Cost: one render of the conversation plus two per assistant turn (three for a turn that ends
+differently mid-conversation), each linear in the conversation's length.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -60,55 +79,168 @@ def resolve_chat_template(setting: str | None, tokenizer: Any) -> str:
         + (f"; did you mean '{close[0]}'?" if close else ""))
 
 
-def render(messages: list[dict[str, str]], template: str, tokenizer: Any, add_generation_prompt: bool = False) -> str:
-    """Render messages to text with the run's template (the tokenizer supplies bos/eos tokens)."""
+def render(messages: list[dict[str, Any]], template: str, tokenizer: Any, add_generation_prompt: bool = False,
+           tools: list[dict] | str | None = None) -> str:
+    """Render messages to text with the run's template (the tokenizer supplies bos/eos tokens).
+
+    Messages may carry `tool_calls` and `reasoning_content` (stored as JSON text / plain text in the
+    dataset); they reach the template as the structures hub templates expect, the reasoning under both
+    names templates read (`reasoning_content`, `thinking`)."""
     try:
         return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt)
+            [_for_template(message) for message in messages], tools=_parse_tools(tools), chat_template=template,
+            tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as err:  # jinja errors and raise_exception() from the template itself
         raise TemplateError(f"the chat template failed on this conversation: {err}; "
                             "fix the template set by `chat_template`, or the conversation") from None
 
 
-def render_prompt(messages: list[dict[str, str]], template: str, tokenizer: Any) -> str:
+def _for_template(message: dict[str, Any]) -> dict[str, Any]:
+    """One stored message as a template expects it: empty optional fields left out."""
+    out: dict[str, Any] = {"role": message["role"], "content": message["content"]}
+    calls = message.get("tool_calls")
+    if calls:
+        out["tool_calls"] = json.loads(calls) if isinstance(calls, str) else calls
+    reasoning = message.get("reasoning_content") or message.get("thinking")
+    if reasoning:
+        out["reasoning_content"] = out["thinking"] = reasoning
+    return out
+
+
+def _parse_tools(tools: list[dict] | str | None) -> list[dict] | None:
+    if isinstance(tools, str):
+        return json.loads(tools) if tools else None
+    return tools or None
+
+
+def render_prompt(messages: list[dict[str, Any]], template: str, tokenizer: Any,
+                  tools: list[dict] | str | None = None) -> str:
     """The prompt to generate from: the conversation so far plus the assistant header. Used in training
     (samples) and at inference, so both see the very same text."""
-    return render(messages, template, tokenizer, add_generation_prompt=True)
+    return render(messages, template, tokenizer, add_generation_prompt=True, tools=tools)
 
 
-def assistant_spans(messages: list[dict[str, str]], template: str, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendering and the character spans [start, end) to train on (reply + end-of-turn)."""
-    full = render(messages, template, tokenizer)
+def assistant_spans(messages: list[dict[str, Any]], template: str, tokenizer: Any,
+                    tools: list[dict] | str | None = None,
+                    train_on_reasoning: bool = True) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendering and the character spans [start, end) to train on, one per assistant turn.
+
+    Renders the whole conversation once and, per assistant turn, the prompt and the turn-as-last
+    (two renders a turn; one more only for a turn that ends differently mid-conversation).
+    `train_on_reasoning=False` starts each span at the reply, so reasoning text is not trained.
+    """
+    full = render(messages, template, tokenizer, tools=tools)
     spans: list[tuple[int, int]] = []
     cursor = 0
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = render(messages[:index], template, tokenizer, add_generation_prompt=True)
-        upto = render(messages[: index + 1], template, tokenizer)
+        prompt = render(messages[:index], template, tokenizer, add_generation_prompt=True, tools=tools)
+        alone = render(messages[: index + 1], template, tokenizer, tools=tools)
         content = message["content"].strip()
-        if full.startswith(upto) and upto.startswith(prefix) and content in upto[len(prefix):]:
-            start, end = len(prefix), len(upto.rstrip())
-        else:
-            # Template not prefix-stable (e.g. it moves the system prompt): find the reply in the full
-            # text after the previous span, and extend it over the end-of-turn the template emits.
-            start = full.find(content, cursor)
-            # A user turn may quote the reply ("Say: Sure" → "Sure"): take the first copy that the
-            # end-of-turn follows, so user text is never trained.
-            ended = start
-            while ended >= 0 and not _end_of_turn(template, tokenizer, full[ended + len(content):]):
-                ended = full.find(content, ended + 1)
-            start = ended if ended >= 0 else start
-            if start < 0:
-                raise TemplateError(
-                    f"assistant turn {index + 1} does not appear verbatim in the rendered text, so it cannot be "
-                    "masked; use a template that renders assistant content as given")
-            end = start + len(content)
-            end += len(_end_of_turn(template, tokenizer, full[end:]))
+        following = messages[index + 1]["content"].strip() if index + 1 < len(messages) else ""
+        span = _span_after_prompt(full, prompt, alone, content, messages[:index], following,
+                                  (template, tokenizer, tools))
+        if span is None:
+            span = _span_by_search(full, content, cursor, index, template, tokenizer)
+        start, end = span
+        if not train_on_reasoning and content and (message.get("reasoning_content") or message.get("thinking")):
+            start = max(start, full.rfind(content, start, end))  # the reply comes after its reasoning
         if end > start:
             spans.append((start, end))
         cursor = end
     return full, spans
+
+
+def _span_after_prompt(full: str, prompt: str, alone: str, content: str, before: list[dict[str, Any]],
+                       following: str, renderer: tuple[str, Any, Any]) -> tuple[int, int] | None:
+    """(start, end) of the text generated after `prompt`, or None when the prompt is not the
+    start of this turn in the full rendering (a template that moves text between turns).
+
+    start: where the full rendering leaves the prompt. Usually the prompt's end; earlier when the generation
+    prompt writes what the model must generate in the turn's place (`<think>\\n` against `<think></think>`).
+    end: after the end-of-turn as the full rendering writes it. That is the turn's ending when last, unless the
+    template ends the last turn differently (an EOS after the last message only, `<|return|>` against
+    `<|end|>`); then it is the text before the next turn's header, found as the header that shares the most
+    with the generation prompt.
+    """
+    if full.startswith(alone) and alone.startswith(prompt) and content in alone[len(prompt):]:
+        # Prefix-stable: the turn renders the same as the last message and inside the conversation.
+        return len(prompt), len(alone.rstrip())
+    start = _common_prefix_length(prompt, full)
+    supplied = next((m["content"].strip() for m in reversed(before) if m["content"].strip()), "")
+    if supplied and prompt.rfind(supplied) + len(supplied) > start:
+        return None  # the full rendering departs from the prompt before its last message ends
+    shared = _common_prefix_length(alone, full)
+    in_alone = alone.rfind(content)
+    if content and start <= in_alone and in_alone + len(content) <= shared:
+        reply_start = in_alone
+    else:
+        reply_start = full.find(content, start) if content else start
+    if reply_start < 0:
+        return None
+    reply_end = reply_start + len(content)
+    ending = alone[in_alone + len(content):].rstrip() if content and in_alone >= 0 else ""
+    if ending and full.startswith(ending, reply_end):
+        return start, reply_end + len(ending)
+    template, tokenizer, tools = renderer
+    last_user = render(before, template, tokenizer, tools=tools) if before else ""
+    generation_prompt = prompt[_common_prefix_length(prompt, _without_final_eos(last_user, tokenizer)):]
+    # The next turn's header lies before its content.
+    bound = full.find(following, reply_end) if following else -1
+    if bound < 0 and generation_prompt:  # no content to look for: stop at the next assistant header
+        bound = full.find(generation_prompt, reply_end)
+    ending = _ending_before_next_header(full[reply_end:bound if bound >= 0 else len(full)], generation_prompt)
+    if ending is None:
+        ending = _end_of_turn(template, tokenizer, full[reply_end:])
+    return start, reply_end + len(ending)
+
+
+def _span_by_search(full: str, content: str, cursor: int, index: int, template: str,
+                    tokenizer: Any) -> tuple[int, int]:
+    """Template not prefix-stable (e.g. it moves the system prompt into the last user turn): find the reply
+    in the full text after the previous span, and extend it over the end-of-turn the template emits."""
+    start = full.find(content, cursor)
+    # A user turn may quote the reply ("Say: Sure" → "Sure"): take the first copy that the
+    # end-of-turn follows, so user text is never trained.
+    ended = start
+    while ended >= 0 and not _end_of_turn(template, tokenizer, full[ended + len(content):]):
+        ended = full.find(content, ended + 1)
+    start = ended if ended >= 0 else start
+    if start < 0:
+        raise TemplateError(
+            f"assistant turn {index + 1} does not appear verbatim in the rendered text, so it cannot be "
+            "masked; use a template that renders assistant content as given")
+    end = start + len(content)
+    end += len(_end_of_turn(template, tokenizer, full[end:]))
+    return start, end
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    return len(os.path.commonprefix([a, b]))
+
+
+def _without_final_eos(text: str, tokenizer: Any) -> str:
+    """`text` without the EOS a template writes after the last message only (Phi-3's `<|end|>\\n</s>`)."""
+    eos = getattr(tokenizer, "eos_token", None)
+    stripped = text.rstrip()
+    return stripped[: -len(eos)] if eos and stripped.endswith(eos) else text
+
+
+def _ending_before_next_header(following: str, generation_prompt: str) -> str | None:
+    """The end-of-turn at the start of `following` (the text after a reply, then the next turn): everything
+    before the next turn's header. Headers of all roles open alike (`<|start|>user` / `<|start|>assistant`,
+    `<|user|>` / `<|assistant|>`), so the header is the last place that shares the most with the generation
+    prompt. None when nothing does (no generation prompt)."""
+    best_length, best_at = 0, -1
+    first = generation_prompt[:1]
+    at = following.find(first) if first else -1
+    while at >= 0:
+        length = _common_prefix_length(following[at: at + len(generation_prompt)], generation_prompt)
+        if length >= best_length:
+            best_length, best_at = length, at
+        at = following.find(first, at + 1)
+    return following[:best_at].rstrip() if best_length else None
 
 
 def end_of_turn(template: str, tokenizer: Any) -> str:
@@ -128,15 +260,16 @@ def _end_of_turn(template: str, tokenizer: Any, following: str) -> str:
     return following[: len(following) - len(stripped)] + suffix
 
 
-def tokenize_conversation(messages: list[dict[str, str]], template: str, tokenizer: Any,
-                          assistant_only_loss: bool = True) -> dict[str, list[int]]:
+def tokenize_conversation(messages: list[dict[str, Any]], template: str, tokenizer: Any,
+                          assistant_only_loss: bool = True, tools: list[dict] | str | None = None,
+                          train_on_reasoning: bool = True) -> dict[str, list[int]]:
     """input_ids and labels (IGNORE_INDEX where masked) for one conversation.
 
         text    <s>[INST] Hi [/INST] Hello </s>
         tokens  <s> [ INST ] ▁Hi ▁[ / INST ] ▁Hello ▁ </s>
         labels  -   - -    - -   -  - -    - ▁Hello ▁ </s>
     """
-    full, spans = assistant_spans(messages, template, tokenizer)
+    full, spans = assistant_spans(messages, template, tokenizer, tools, train_on_reasoning)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = encoded["input_ids"]
     if not assistant_only_loss:
