@@ -63,7 +63,7 @@ def data_inspect(
         masked_segments,
         print_stats,
     )
-    from sftkit.data.template import resolve_chat_template
+    from sftkit.data.template import describe_rendering, resolve_chat_template
     from sftkit.model.load import load_tokenizer
 
     try:
@@ -73,7 +73,8 @@ def data_inspect(
         data = prepare_data(DataOptions.from_config(cfg, template), tokenizer)
     except USER_ERRORS as err:
         _fail(err)
-    stats = data_stats(data, cfg.max_seq_length, cfg.per_device_train_batch_size)
+    stats = {"rendering": describe_rendering(cfg.chat_template, template),
+             **data_stats(data, cfg.max_seq_length, cfg.per_device_train_batch_size)}
     if dump is not None:
         written = dump_examples(data, dump[0], dump[1])
         # With --json, stdout holds the JSON document only, so `| jq` works.

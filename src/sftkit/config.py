@@ -63,7 +63,8 @@ class SFTConfig(BaseModel):
     eval_dataset: DatasetSpec | None = Field(None, description="Held-out data for eval loss and sample prompts.")
     eval_split_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of training rows held out for eval when no eval_dataset.")
     chat_template: str | None = Field(
-        None, description="Built-in name (llama2, chatml, llama3, zephyr, mistral), a .jinja file, or unset for the tokenizer's own.")
+        None, description="Built-in name (llama2, chatml, llama3, zephyr, mistral, plain), a .jinja file, or unset for the "
+        "tokenizer's own (plain when it has none: prompt, completion, EOS).")
     assistant_only_loss: bool = Field(True, description="Train only on assistant turns and their end-of-turn token.")
     packing: bool = Field(True, description="Pack whole examples into max_seq_length sequences (no cross-example attention).")
     system_prompt: str | None = Field(None, description="System message added to conversations that have none.")

@@ -9,6 +9,7 @@ import datasets
 
 from sftkit.config import DatasetSpec, SFTConfig
 from sftkit.data.formats import DataError, LoadedSource, load_source
+from sftkit.data.template import require_chat_template
 from sftkit.data.tokenize import TokenizedData, TokenizeOptions, tokenize_dataset
 
 
@@ -71,6 +72,8 @@ def prepare_data(options: DataOptions, tokenizer: Any) -> PreparedData:
                 f"raise eval_split_ratio to at least {1 / len(rows):.2g} or set eval_dataset")
         split = rows.train_test_split(test_size=held_out, seed=options.seed, shuffle=True)
         rows, eval_rows = split["train"], split["test"]
+    for source in sources:
+        require_chat_template(options.tokenize.template, source.format, source.name, tokenizer)
     train = tokenize_dataset(rows, tokenizer, options.tokenize, options.num_proc, "Tokenizing train")
     if len(train.dataset) == 0:
         files = ", ".join(spec.path for spec in options.train_sources)

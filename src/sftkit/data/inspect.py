@@ -96,6 +96,8 @@ def print_stats(stats: dict[str, Any], example: list[tuple[str, bool]] | None, c
         skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "0"
         sources.add_row(s["path"], s["format"], str(s["rows"]), skipped)
     console.print(sources)
+    if "rendering" in stats:
+        console.print(Text.assemble(("Rendering: ", "bold"), stats["rendering"]))
 
     lengths = Table(title=f"Token lengths ({stats['train_examples']} train examples, {stats['eval_examples']} eval)",
                     title_justify="left")

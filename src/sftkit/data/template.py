@@ -52,20 +52,22 @@ class TemplateError(DataError):
     """The chat template is missing, unreadable, or cannot be masked."""
 
 
+PLAIN = "plain"  # no chat template: prompt, completion, EOS as one text (base models)
+CONVERSATION_FORMATS = ("messages", "sharegpt")
+
+
 def resolve_chat_template(setting: str | None, tokenizer: Any) -> str:
-    """The Jinja text of the template a run uses: a built-in name, a .jinja file, or the tokenizer's own."""
+    """The Jinja text of the template a run uses: a built-in name, a .jinja file, or the tokenizer's own.
+
+    A tokenizer without a template (a base model) gets the plain rendering, which takes single-turn
+    prompt/completion and alpaca rows; `require_chat_template` stops conversation data early."""
     if setting is None:
         template = getattr(tokenizer, "chat_template", None)
         if isinstance(template, dict):  # tokenizers with several named templates
             template = template.get("default")
-        if not template:
-            name = getattr(tokenizer, "name_or_path", "")
-            raise TemplateError(
-                f"the tokenizer{f' {name}' if name else ''} has no chat template and `chat_template` is not set; "
-                "set it to one of "
-                f"{', '.join(BUILTIN_TEMPLATES)} or to a .jinja file")
-        return template
-    if setting in BUILTIN_TEMPLATES:
+        return template or _builtin(PLAIN)
+    if setting in (*BUILTIN_TEMPLATES, PLAIN):
+        return _builtin(setting)
         return resources.files("sftkit.templates").joinpath(f"{setting}.jinja").read_text(encoding="utf-8")
     path = Path(setting)
     if path.suffix == ".jinja" or path.exists():
@@ -77,6 +79,34 @@ def resolve_chat_template(setting: str | None, tokenizer: Any) -> str:
     raise TemplateError(
         f"chat_template = {setting!r}: not a built-in template ({', '.join(BUILTIN_TEMPLATES)}) nor a .jinja file"
         + (f"; did you mean '{close[0]}'?" if close else ""))
+
+
+def _builtin(name: str) -> str:
+    return resources.files("sftkit.templates").joinpath(f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def is_plain(template: str) -> bool:
+    return template == _builtin(PLAIN)
+
+
+def describe_rendering(setting: str | None, template: str) -> str:
+    """How examples become text, in words, for `data inspect`."""
+    if is_plain(template):
+        why = "chat_template: plain" if setting == PLAIN else "the tokenizer has no chat template"
+        return f"plain text: prompt, then completion, then EOS; loss on completion + EOS ({why})"
+    if setting is None:
+        return "the tokenizer's chat template"
+    return f"built-in chat template '{setting}'" if setting in BUILTIN_TEMPLATES else f"chat template file {setting}"
+
+
+def require_chat_template(template: str, data_format: str, where: str, tokenizer: Any) -> None:
+    """Conversations need a chat template: stop before tokenizing when the run has only the plain rendering."""
+    if data_format in CONVERSATION_FORMATS and is_plain(template):
+        name = getattr(tokenizer, "name_or_path", "")
+        raise TemplateError(
+            f"{where}: {data_format} data needs a chat template, but the tokenizer{f' {name}' if name else ''} "
+            f"has no chat template and `chat_template` is not set; set it to one of {', '.join(BUILTIN_TEMPLATES)} "
+            "or to a .jinja file (prompt_completion and alpaca data train without one, as plain text)")
 
 
 def render(messages: list[dict[str, Any]], template: str, tokenizer: Any, add_generation_prompt: bool = False,
