@@ -66,6 +66,9 @@ class SFTConfig(BaseModel):
         None, description="Built-in name (llama2, chatml, llama3, zephyr, mistral, plain), a .jinja file, or unset for the "
         "tokenizer's own (plain when it has none: prompt, completion, EOS).")
     assistant_only_loss: bool = Field(True, description="Train only on assistant turns and their end-of-turn token.")
+    train_on_reasoning: bool = Field(
+        True, description="Train on assistant reasoning (reasoning_content / thinking); false masks the reasoning text, "
+        "training the answer and the rest of the turn.")
     packing: bool = Field(True, description="Pack whole examples into max_seq_length sequences (no cross-example attention).")
     system_prompt: str | None = Field(None, description="System message added to conversations that have none.")
     truncation: Literal["truncate_right", "drop", "error"] = Field(

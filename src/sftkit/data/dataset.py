@@ -30,7 +30,8 @@ class DataOptions:
             train_sources=tuple(config.datasets), eval_source=config.eval_dataset,
             eval_split_ratio=config.eval_split_ratio,
             tokenize=TokenizeOptions(template=template, max_seq_length=config.max_seq_length,
-                                     truncation=config.truncation, assistant_only_loss=config.assistant_only_loss),
+                                     truncation=config.truncation, assistant_only_loss=config.assistant_only_loss,
+                                     train_on_reasoning=config.train_on_reasoning),
             system_prompt=config.system_prompt, skip_bad_rows=config.skip_bad_rows,
             num_proc=config.dataset_num_proc, seed=config.seed)
 

@@ -3,6 +3,8 @@
 Formats (detected from the columns when `format: auto`):
 
     messages           {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
+                       assistant turns may carry `tool_calls` and `reasoning_content` (or `thinking`);
+                       `tool` turns hold tool results; an optional `tools` column lists the functions
     sharegpt           {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}
     alpaca             {"instruction": ..., "input": ... (optional), "output": ...}
     prompt_completion  {"prompt": ..., "completion": ...}
@@ -24,7 +26,7 @@ import datasets
 from sftkit.config import DatasetSpec
 
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
-    "messages": ("messages",),
+    "messages": ("messages", "tools"),
     "sharegpt": ("conversations",),
     "alpaca": ("instruction", "input", "output"),
     "prompt_completion": ("prompt", "completion"),
@@ -42,6 +44,7 @@ ROLE_ALIASES = {
     "user": "user", "human": "user",
     "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "model": "assistant",
     "bard": "assistant", "bing": "assistant",
+    "tool": "tool", "ipython": "tool",
 }
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -56,7 +59,7 @@ class LoadedSource:
 
     name: str
     format: str
-    dataset: datasets.Dataset  # columns: messages, text, source_row
+    dataset: datasets.Dataset  # columns: messages, tools, text, source_row
     rows_read: int
     skipped: dict[str, int] = field(default_factory=dict)
 
@@ -194,8 +197,11 @@ def detect_format(columns: list[str], spec: DatasetSpec) -> str:
 
 
 def row_to_messages(row: dict[str, Any], fmt: str, columns: dict[str, str],
-                    system_prompt: str | None) -> tuple[list[dict[str, str]], str, str]:
-    """One raw row → (messages, text, error). `error` is empty when the row is good."""
+                    system_prompt: str | None) -> tuple[list[dict[str, str]], str, str, str]:
+    """One raw row → (messages, tools as JSON text, text, error). `error` is empty when the row is good.
+
+    Every message has the keys role, content, tool_calls (JSON text, "" if none) and reasoning_content
+    ("" if none), so all rows share one Arrow schema."""
 
     def get(key: str) -> Any:
         return row.get(columns.get(key, key))
@@ -203,54 +209,148 @@ def row_to_messages(row: dict[str, Any], fmt: str, columns: dict[str, str],
     if fmt == "text":
         text = get("text")
         if not isinstance(text, str) or not text.strip():
-            return [], "", "empty or non-string text"
-        return [], text, ""
+            return [], "", "", "empty or non-string text"
+        return [], "", text, ""
+    tools = ""
     if fmt in ("messages", "sharegpt"):
         turns = get(FORMAT_FIELDS[fmt][0])
         if not isinstance(turns, list):
-            return [], "", f"'{columns.get(FORMAT_FIELDS[fmt][0], FORMAT_FIELDS[fmt][0])}' is not a list of turns"
+            return [], "", "", f"'{columns.get(FORMAT_FIELDS[fmt][0], FORMAT_FIELDS[fmt][0])}' is not a list of turns"
         role_key, content_key = ("role", "content") if fmt == "messages" else ("from", "value")
         messages = []
         for turn_number, turn in enumerate(turns, start=1):
             if not isinstance(turn, dict):
-                return [], "", f"a turn is not an object: turn {turn_number} is of type {type(turn).__name__}"
-            role = turn.get(role_key, turn.get("role"))
-            content = turn.get(content_key, turn.get("content"))
-            if role not in ROLE_ALIASES:
-                return [], "", f"unknown role: {role!r} in turn {turn_number} (use system, user or assistant)"
-            if not isinstance(content, str):
-                return [], "", f"content is not a string: turn {turn_number} ({role}) has content of type {type(content).__name__}"
-            messages.append({"role": ROLE_ALIASES[role], "content": content})
+                return [], "", "", f"a turn is not an object: turn {turn_number} is of type {type(turn).__name__}"
+            message, error = _read_turn(turn, turn_number, role_key, content_key)
+            if error:
+                return [], "", "", error
+            messages.append(message)
+        tools, error = _read_tools(get("tools"))
+        if error:
+            return [], "", "", error
     elif fmt == "alpaca":
         instruction, extra, output = get("instruction"), get("input"), get("output")
         if not isinstance(instruction, str) or not isinstance(output, str):
-            return [], "", "instruction or output is missing or not a string"
+            return [], "", "", "instruction or output is missing or not a string"
         prompt = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        messages = [_message("user", prompt), _message("assistant", output)]
     else:  # prompt_completion
         prompt, completion = get("prompt"), get("completion")
         if not isinstance(prompt, str) or not isinstance(completion, str):
-            return [], "", "prompt or completion is missing or not a string"
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            return [], "", "", "prompt or completion is missing or not a string"
+        messages = [_message("user", prompt), _message("assistant", completion)]
     if system_prompt and (not messages or messages[0]["role"] != "system"):
-        messages = [{"role": "system", "content": system_prompt}, *messages]
-    return messages, "", check_conversation(messages)
+        messages = [_message("system", system_prompt), *messages]
+    return messages, tools, "", check_conversation(messages)
+
+
+def _message(role: str, content: str, tool_calls: str = "", reasoning: str = "") -> dict[str, str]:
+    return {"role": role, "content": content, "tool_calls": tool_calls, "reasoning_content": reasoning}
+
+
+def _read_turn(turn: dict[str, Any], number: int, role_key: str, content_key: str) -> tuple[dict[str, str], str]:
+    """One turn → (message, error)."""
+    role = turn.get(role_key, turn.get("role"))
+    content = turn.get(content_key, turn.get("content"))
+    if role not in ROLE_ALIASES:
+        return {}, f"unknown role: {role!r} in turn {number} (use system, user or assistant; tool for tool results)"
+    role = ROLE_ALIASES[role]
+    calls = turn.get("tool_calls")
+    if calls is not None and role != "assistant":
+        return {}, f"turn {number} ({role}) has tool_calls; only assistant turns call tools"
+    tool_calls, error = _read_tool_calls(calls, number) if calls is not None else ("", "")
+    if error:
+        return {}, error
+    if content is None and tool_calls:
+        content = ""  # a turn that only calls tools (OpenAI writes content: null)
+    if not isinstance(content, str):
+        return {}, f"content is not a string: turn {number} ({role}) has content of type {type(content).__name__}"
+    reasoning = turn.get("reasoning_content", turn.get("thinking"))
+    if reasoning is not None and not isinstance(reasoning, str):
+        return {}, f"reasoning_content is not a string: turn {number} has one of type {type(reasoning).__name__}"
+    return _message(role, content, tool_calls, reasoning or ""), ""
+
+
+def _read_tool_calls(calls: Any, number: int) -> tuple[str, str]:
+    """An assistant turn's tool calls → (JSON text in the layout templates read, error).
+
+    Each call is `{"type": "function", "function": {"name": ..., "arguments": {...}}}`; the flat
+    `{"name", "arguments"}` form and arguments written as JSON text are accepted too."""
+    if not isinstance(calls, list):
+        return "", f"tool_calls of turn {number} is not a list"
+    normalised = []
+    for index, call in enumerate(calls, start=1):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            return "", f"tool call {index} of turn {number} has no function name; write {{\"type\": \"function\", " \
+                       "\"function\": {\"name\": ..., \"arguments\": {...}}}"
+        arguments = function.get("arguments") or {}
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as err:
+                return "", f"tool call {index} of turn {number}: arguments are not valid JSON ({err.msg})"
+        if not isinstance(arguments, dict):
+            return "", f"tool call {index} of turn {number}: arguments must be an object, got {type(arguments).__name__}"
+        normalised.append({"type": "function", "function": {"name": function["name"], "arguments": _without_nulls(arguments)}})
+    return json.dumps(normalised), ""
+
+
+def _read_tools(tools: Any) -> tuple[str, str]:
+    """The `tools` column → (JSON text, error): a list of function schemas, or nothing."""
+    if tools is None or tools == "":
+        return "", ""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            return "", f"tools is not valid JSON ({err.msg})"
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        return "", "tools must be a list of function schemas (objects)"
+    return (json.dumps([_without_nulls(tool) for tool in tools]) if tools else ""), ""
+
+
+def _without_nulls(value: Any) -> Any:
+    """Drop null fields: a file's rows share one Arrow schema, so a key present in one row's arguments or tool
+    schema comes back as null in every other row."""
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
 
 
 def check_conversation(messages: list[dict[str, str]]) -> str:
-    """Empty string when the conversation is trainable, else why not."""
+    """Empty string when the conversation is trainable, else why not.
+
+    An optional system turn, then user and assistant alternating, user first; an assistant turn with
+    tool_calls is followed by one or more tool turns, then the assistant again."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if any(m["role"] == "system" for m in body):
         return "a system turn after the first turn"
     if not body:
         return "no user or assistant turn"
+    previous: dict[str, str] | None = None
     for index, message in enumerate(body):
-        expected = "user" if index % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            return f"roles out of order: turn {index + 1} is {message['role']}, expected {expected} (user and assistant must alternate, user first)"
+        role = message["role"]
+        if previous is None or previous["role"] == "assistant" and not previous.get("tool_calls"):
+            expected = ("user",)
+        elif previous["role"] == "user":
+            expected = ("assistant",)
+        elif previous["role"] == "assistant":
+            expected = ("tool",)
+        else:  # after a tool result: more results, or the assistant again
+            expected = ("tool", "assistant")
+        if role not in expected:
+            if "tool" in (role, *expected):
+                return (f"roles out of order: turn {index + 1} is {role}, expected {' or '.join(expected)} (tool turns "
+                        "follow an assistant turn with tool_calls, and the assistant speaks after them)")
+            return (f"roles out of order: turn {index + 1} is {role}, expected {expected[0]} (user and assistant must "
+                    "alternate, user first)")
+        previous = message
     if not any(m["role"] == "assistant" for m in body):
         return "no assistant turn"
-    if any(m["role"] == "assistant" and not m["content"].strip() for m in body):
+    if any(m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls") for m in body):
         return "empty assistant reply"
     return ""
 
@@ -265,12 +365,13 @@ def load_source(spec: DatasetSpec, system_prompt: str | None, skip_bad_rows: boo
     columns = dict(spec.columns)
 
     def normalise(row: dict[str, Any], index: int) -> dict[str, Any]:
-        messages, text, error = row_to_messages(row, fmt, columns, system_prompt)
-        return {"messages": messages, "text": text, "error": error, "source_row": index}
+        messages, tools, text, error = row_to_messages(row, fmt, columns, system_prompt)
+        return {"messages": messages, "tools": tools, "text": text, "error": error, "source_row": index}
 
+    string = datasets.Value("string")
     features = datasets.Features({
-        "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
-        "text": datasets.Value("string"), "error": datasets.Value("string"), "source_row": datasets.Value("int64"),
+        "messages": [{"role": string, "content": string, "tool_calls": string, "reasoning_content": string}],
+        "tools": string, "text": string, "error": string, "source_row": datasets.Value("int64"),
     })
     normalised = raw.map(normalise, with_indices=True, remove_columns=raw.column_names, features=features,
                          num_proc=num_proc if len(raw) > 1000 else None, desc=f"Reading {Path(spec.path).name}")

@@ -153,11 +153,12 @@ def render_prompt(messages: list[dict[str, Any]], template: str, tokenizer: Any,
 def assistant_spans(messages: list[dict[str, Any]], template: str, tokenizer: Any,
                     tools: list[dict] | str | None = None,
                     train_on_reasoning: bool = True) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendering and the character spans [start, end) to train on, one per assistant turn.
+    """The full rendering and the character spans [start, end) to train on, in order.
 
     Renders the whole conversation once and, per assistant turn, the prompt and the turn-as-last
     (two renders a turn; one more only for a turn that ends differently mid-conversation).
-    `train_on_reasoning=False` starts each span at the reply, so reasoning text is not trained.
+    `train_on_reasoning=False` leaves out the reasoning text as rendered (the turn's headers, think tags,
+    answer and end-of-turn stay trained), so a turn may give two spans.
     """
     full = render(messages, template, tokenizer, tools=tools)
     spans: list[tuple[int, int]] = []
@@ -174,8 +175,12 @@ def assistant_spans(messages: list[dict[str, Any]], template: str, tokenizer: An
         if span is None:
             span = _span_by_search(full, content, cursor, index, template, tokenizer)
         start, end = span
-        if not train_on_reasoning and content and (message.get("reasoning_content") or message.get("thinking")):
-            start = max(start, full.rfind(content, start, end))  # the reply comes after its reasoning
+        reasoning = (message.get("reasoning_content") or message.get("thinking") or "").strip()
+        at = full.find(reasoning, start, end) if reasoning and not train_on_reasoning else -1
+        if at >= 0:  # train the turn around its reasoning text, not the reasoning itself
+            if at > start:
+                spans.append((start, at))
+            start = at + len(reasoning)
         if end > start:
             spans.append((start, end))
         cursor = end

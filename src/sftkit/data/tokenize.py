@@ -23,6 +23,7 @@ class TokenizeOptions:
     max_seq_length: int
     truncation: str = "truncate_right"
     assistant_only_loss: bool = True
+    train_on_reasoning: bool = True
 
 
 def tokenize_row(row: dict[str, Any], tokenizer: Any, options: TokenizeOptions) -> dict[str, Any]:
@@ -33,7 +34,8 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any, options: TokenizeOptions) 
     """
     if row["messages"]:
         try:
-            encoded = tokenize_conversation(row["messages"], options.template, tokenizer, options.assistant_only_loss)
+            encoded = tokenize_conversation(row["messages"], options.template, tokenizer, options.assistant_only_loss,
+                                            row.get("tools"), options.train_on_reasoning)
         except TemplateError as err:  # say which row the template failed on
             where = f"row {row['source_row'] + 1}: " if "source_row" in row else ""
             raise TemplateError(f"{row.get('source', 'dataset')}: {where}{err}") from None
@@ -77,7 +79,7 @@ def tokenize_dataset(rows: datasets.Dataset, tokenizer: Any, options: TokenizeOp
     """Tokenize every row; drop (and count) rows that cannot be trained on; stop on `truncation: error`."""
     tokenized = rows.map(
         tokenize_row, fn_kwargs={"tokenizer": tokenizer, "options": options},
-        remove_columns=[c for c in ("messages", "text") if c in rows.column_names],
+        remove_columns=[c for c in ("messages", "tools", "text") if c in rows.column_names],
         num_proc=num_proc if num_proc > 1 and len(rows) > 1000 else None, desc=describe)
     reasons = tokenized["drop_reason"]
     dropped: dict[str, int] = {}
