@@ -160,6 +160,7 @@ def assistant_spans(messages: list[dict[str, Any]], template: str, tokenizer: An
     `train_on_reasoning=False` leaves out the reasoning text as rendered (the turn's headers, think tags,
     answer and end-of-turn stay trained), so a turn may give two spans.
     """
+    messages, tools = [_for_template(message) for message in messages], _parse_tools(tools)  # parse JSON once
     full = render(messages, template, tokenizer, tools=tools)
     spans: list[tuple[int, int]] = []
     cursor = 0
