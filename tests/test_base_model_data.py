@@ -88,3 +88,26 @@ def test_conversation_data_without_a_template_stops_with_the_clear_error(tmp_pat
     result = CliRunner().invoke(app, ["data", "inspect", str(config)])
     assert result.exit_code == 2
     assert "messages data needs a chat template" in result.output and "has no chat template" in result.output
+
+
+def test_generation_sees_the_training_tokens_before_the_completion_and_stops_at_eos(tiny_model_dir):
+    """`sftkit generate` and samples feed the model exactly the tokens training put before the completion,
+    and stop at EOS, the end of a plain-text example."""
+    import torch
+
+    from sftkit.model.load import load_model, load_tokenizer
+    from sftkit.monitor.samples import generate_samples
+    from tests.test_samples import always_emit
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir), torch.float32)
+    always_emit(model, tokenizer.eos_token_id)
+    template = resolve_chat_template(None, tokenizer)
+    seen: list[list[int]] = []
+    generate = model.generate
+    model.generate = lambda input_ids, **kwargs: seen.append(input_ids[0].tolist()) or generate(input_ids=input_ids, **kwargs)
+    sample = generate_samples(model, tokenizer, template, [pair()[:1]], max_new_tokens=4)[0]
+    encoded = tokenize_conversation(pair(), template, tokenizer)
+    first_trained = next(i for i, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX)
+    assert seen == [encoded["input_ids"][:first_trained]]
+    assert sample == {"prompt": PROMPT, "completion": "", "ended": True}
