@@ -38,6 +38,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,6 @@ def resolve_chat_template(setting: str | None, tokenizer: Any) -> str:
         return template or _builtin(PLAIN)
     if setting in (*BUILTIN_TEMPLATES, PLAIN):
         return _builtin(setting)
-        return resources.files("sftkit.templates").joinpath(f"{setting}.jinja").read_text(encoding="utf-8")
     path = Path(setting)
     if path.suffix == ".jinja" or path.exists():
         if not path.is_file():
@@ -160,21 +160,19 @@ def assistant_spans(messages: list[dict[str, Any]], template: str, tokenizer: An
     `train_on_reasoning=False` leaves out the reasoning text as rendered (the turn's headers, think tags,
     answer and end-of-turn stay trained), so a turn may give two spans.
     """
-    messages, tools = [_for_template(message) for message in messages], _parse_tools(tools)  # parse JSON once
-    full = render(messages, template, tokenizer, tools=tools)
+    messages = [_for_template(message) for message in messages]
+    renderer = _Renderer(template, tokenizer, _parse_tools(tools))  # tools parsed once, not per render
+    full = renderer(messages)
     spans: list[tuple[int, int]] = []
     cursor = 0
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render(messages[:index], template, tokenizer, add_generation_prompt=True, tools=tools)
-        alone = render(messages[: index + 1], template, tokenizer, tools=tools)
-        content = message["content"].strip()
-        following = messages[index + 1]["content"].strip() if index + 1 < len(messages) else ""
-        span = _span_after_prompt(full, prompt, alone, content, messages[:index], following,
-                                  (template, tokenizer, tools))
+        prompt = renderer(messages[:index], add_generation_prompt=True)
+        alone = renderer(messages[: index + 1])
+        span = _span_after_prompt(full, prompt, alone, messages, index, renderer)
         if span is None:
-            span = _span_by_search(full, content, cursor, index, template, tokenizer)
+            span = _span_by_search(full, message["content"].strip(), cursor, index, template, tokenizer)
         start, end = span
         reasoning = (message.get("reasoning_content") or message.get("thinking") or "").strip()
         at = full.find(reasoning, start, end) if reasoning and not train_on_reasoning else -1
@@ -188,8 +186,20 @@ def assistant_spans(messages: list[dict[str, Any]], template: str, tokenizer: An
     return full, spans
 
 
-def _span_after_prompt(full: str, prompt: str, alone: str, content: str, before: list[dict[str, Any]],
-                       following: str, renderer: tuple[str, Any, Any]) -> tuple[int, int] | None:
+@dataclass(frozen=True)
+class _Renderer:
+    """`render` with one conversation's template, tokenizer and tools."""
+
+    template: str
+    tokenizer: Any
+    tools: list[dict] | None
+
+    def __call__(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        return render(messages, self.template, self.tokenizer, add_generation_prompt, self.tools)
+
+
+def _span_after_prompt(full: str, prompt: str, alone: str, messages: list[dict[str, Any]], index: int,
+                       renderer: _Renderer) -> tuple[int, int] | None:
     """(start, end) of the text generated after `prompt`, or None when the prompt is not the
     start of this turn in the full rendering (a template that moves text between turns).
 
@@ -200,6 +210,7 @@ def _span_after_prompt(full: str, prompt: str, alone: str, content: str, before:
     `<|end|>`); then it is the text before the next turn's header, found as the header that shares the most
     with the generation prompt.
     """
+    content, before = messages[index]["content"].strip(), messages[:index]
     if full.startswith(alone) and alone.startswith(prompt) and content in alone[len(prompt):]:
         # Prefix-stable: the turn renders the same as the last message and inside the conversation.
         return len(prompt), len(alone.rstrip())
@@ -219,16 +230,16 @@ def _span_after_prompt(full: str, prompt: str, alone: str, content: str, before:
     ending = alone[in_alone + len(content):].rstrip() if content and in_alone >= 0 else ""
     if ending and full.startswith(ending, reply_end):
         return start, reply_end + len(ending)
-    template, tokenizer, tools = renderer
-    last_user = render(before, template, tokenizer, tools=tools) if before else ""
-    generation_prompt = prompt[_common_prefix_length(prompt, _without_final_eos(last_user, tokenizer)):]
+    conversation_so_far = _without_final_eos(renderer(before), renderer.tokenizer) if before else ""
+    generation_prompt = prompt[_common_prefix_length(prompt, conversation_so_far):]
     # The next turn's header lies before its content.
+    following = messages[index + 1]["content"].strip() if index + 1 < len(messages) else ""
     bound = full.find(following, reply_end) if following else -1
     if bound < 0 and generation_prompt:  # no content to look for: stop at the next assistant header
         bound = full.find(generation_prompt, reply_end)
     ending = _ending_before_next_header(full[reply_end:bound if bound >= 0 else len(full)], generation_prompt)
     if ending is None:
-        ending = _end_of_turn(template, tokenizer, full[reply_end:])
+        ending = _end_of_turn(renderer.template, renderer.tokenizer, full[reply_end:])
     return start, reply_end + len(ending)
 
 
@@ -236,6 +247,11 @@ def _span_by_search(full: str, content: str, cursor: int, index: int, template: 
                     tokenizer: Any) -> tuple[int, int]:
     """Template not prefix-stable (e.g. it moves the system prompt into the last user turn): find the reply
     in the full text after the previous span, and extend it over the end-of-turn the template emits."""
+    if not content:
+        raise TemplateError(
+            f"assistant turn {index + 1} has no text (tool calls only) and the template renders earlier turns "
+            "differently once later ones follow, so its span cannot be found; use a template that renders each "
+            "turn the same whatever follows")
     start = full.find(content, cursor)
     # A user turn may quote the reply ("Say: Sure" → "Sure"): take the first copy that the
     # end-of-turn follows, so user text is never trained.
