@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,3 +35,8 @@ def test_two_processes_equal_one_process_with_double_accumulation(tmp_path, tiny
     assert one.keys() == two.keys() == {1, 2, 3}
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-6)
+    # argmax hits are summed over both processes: the same token accuracy as one process
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("one", "two")}
+    assert [r["token_accuracy"] for r in rows["two"]] == [r["token_accuracy"] for r in rows["one"]]
+    assert all(r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 2) for r in rows["two"])

@@ -23,14 +23,16 @@ COMPLETIONS = {  # step -> (completion per prompt, ended)
 }
 
 
-def write_synthetic_run(run_dir: Path, total_steps: int = 200, status: str = "finished") -> Path:
-    """A run directory laid out as docs/run_directory.md says, with plausible curves."""
+def write_synthetic_run(run_dir: Path, total_steps: int = 200, status: str = "finished",
+                        eval_sets: tuple[str, ...] = ("",)) -> Path:
+    """A run directory laid out as docs/run_directory.md says, with plausible curves; `eval_sets`:
+    the labels of its eval sets ('' for one unnamed set)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {"model_name_or_path": "meta-llama/Llama-3.2-1B", "finetuning": "lora", "lora_r": 16, "lora_alpha": 32,
               "lora_target_modules": "all-linear", "learning_rate": 2e-4, "lr_scheduler_type": "cosine",
               "warmup_ratio": 0.05, "num_train_epochs": 3.0, "max_steps": -1, "per_device_train_batch_size": 4,
               "gradient_accumulation_steps": 4, "max_seq_length": 2048, "packing": True,
-              "assistant_only_loss": True, "chat_template": "llama3", "bf16": True,
+              "assistant_only_loss": True, "chat_template": "llama3", "bf16": True, "max_grad_norm": 1.0,
               "datasets": [{"path": "data/gsm8k.jsonl", "format": "auto"}]}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (run_dir / "run.json").write_text(json.dumps({
@@ -48,12 +50,20 @@ def write_synthetic_run(run_dir: Path, total_steps: int = 200, status: str = "fi
         progress = step / total_steps
         lr = 2e-4 * min(1.0, step / 10) * 0.5 * (1 + math.cos(math.pi * progress))
         loss = 0.8 + 1.2 * math.exp(-step / 30) + 0.03 * math.sin(step)
-        rows.append({"step": step, "epoch": 3 * progress, "loss": loss, "lr": lr, "grad_norm": 1.5 if step == 120 else 0.4 + 0.05 * math.cos(step), "trained_tokens": 4000,
-                     "tokens": 9800, "trained_tokens_per_s": 4100.0, "tokens_per_s": 10050.0 + 30 * math.sin(step),
-                     "elapsed_s": step * 0.98, "memory_gb": 9.6})
+        clipped = 3 if step <= 15 else int(step == 120)  # 10 of the first 200 steps
+        rows.append({"step": step, "epoch": 3 * progress, "loss": loss, "token_accuracy": 0.9 - loss / 4, "lr": lr,
+                     "grad_norm": 1.5 if step == 120 else 0.4 + 0.05 * math.cos(step), "clipped_steps": clipped,
+                     "clipped_fraction": clipped / 5, "trained_tokens": 4000, "tokens": 9800,
+                     "trained_tokens_per_s": 4100.0, "tokens_per_s": 10050.0 + 30 * math.sin(step),
+                     "tokens_per_s_per_device": 10050.0 + 30 * math.sin(step), "elapsed_s": step * 0.98,
+                     "memory_gb": 9.6})
         if step % 50 == 0:
-            eval_loss = 1.4 - 0.4 * min(step, 100) / 100 + 0.001 * max(0, step - 100)  # best at 100
-            rows.append({"step": step, "epoch": 3 * progress, "eval_loss": eval_loss, "eval_tokens": 60000})
+            row = {"step": step, "epoch": 3 * progress}
+            for index, label in enumerate(eval_sets):
+                key = f"eval_{label}_" if label else "eval_"
+                eval_loss = 1.4 - 0.4 * min(step, 100) / 100 + 0.001 * max(0, step - 100) + 0.2 * index  # best at 100
+                row.update({key + "loss": eval_loss, key + "token_accuracy": 0.9 - eval_loss / 4, key + "tokens": 60000})
+            rows.append(row)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     samples = [{"step": step, "prompt": prompt, "completion": completion, "ended": ended}
                for step, (completions, ended) in COMPLETIONS.items() if step <= total_steps
@@ -83,7 +93,8 @@ def test_report_of_a_finished_run(tmp_path):
     with (run_dir / "samples.jsonl").open("a") as handle:
         handle.write(json.dumps({"step": 200, "prompt": "[INST] hi", "completion": "[/INST] [bold]x", "ended": True}) + "\n")
     html, printed = report_text(run_dir)
-    assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', html)) == 5  # loss, lr, grad, tok/s, mem
+    # loss, token accuracy, lr, grad norm, clipped steps, throughput, memory
+    assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', html)) == 7
     assert not re.search(r'(src|href)="(https?:|//|file:)', html)  # self-contained
     assert "grad_norm_spike" in html and "look at these examples" in html
     assert "12 plus 30 is 42." in html and "Write a haiku about &lt;autumn&gt; &amp; rain." in html
@@ -94,6 +105,29 @@ def test_report_of_a_finished_run(tmp_path):
     assert "12 plus 30 is 42." in printed and "report written to" in printed
     assert "[/INST] [bold]x" in printed  # user text is never rich markup
     assert "1 at step 100" in printed  # best eval loss 1 (1.4 - 0.4) at step 100
+
+
+def test_report_shows_accuracy_throughput_per_device_and_clipped_share(tmp_path):
+    html, printed = report_text(write_synthetic_run(tmp_path / "run"))
+    for title in ("Token accuracy", "Clipped steps", "Throughput", "Gradient norm"):
+        assert f'alt="{title}"' in html
+    last = 0.9 - (0.8 + 1.2 * math.exp(-200 / 30) + 0.03 * math.sin(200)) / 4
+    assert f"train {last:.1%} · eval 62.5%" in printed  # eval at 200: 0.9 - 1.1 / 4
+    assert "steps clipped" in html and "10 / 200 (5.0%)" in printed
+    assert "tokens/s per device (median)" in printed
+
+
+def test_report_of_named_eval_sets_follows_metric_for_best_model(tmp_path):
+    run_dir = write_synthetic_run(tmp_path / "run", eval_sets=("gsm8k", "chat"))
+    run = json.loads((run_dir / "run.json").read_text())
+    run.update(metric_for_best_model="eval_chat_token_accuracy", best_metric=0.6)
+    (run_dir / "run.json").write_text(json.dumps(run))
+    record = read_run(run_dir)
+    assert [row["step"] for row in record.eval_rows] == [50, 100, 150, 200]
+    html, printed = report_text(run_dir)
+    assert "best eval chat token accuracy" in printed and "0.6 at step 100" in printed  # 0.9 - 1.2 / 4
+    assert "· eval chat 57.5%" in printed  # the last eval of that set: 0.9 - 1.3 / 4
+    assert "best eval chat token accuracy 0.6" in html  # the best checkpoint's note
 
 
 def test_report_of_a_running_run_with_a_cut_line_and_repeated_steps(tmp_path):

@@ -33,6 +33,9 @@ class DatasetSpec(BaseModel):
         description="Map of the format's column names to yours, e.g. {prompt: question, completion: answer}.")
     split: str = Field("train", description="Split to read from a hub dataset or folder.")
     name: str | None = Field(None, description="Hub dataset configuration name.")
+    label: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="Eval sets only: the set's name in metric keys (eval_<label>_loss, eval_<label>_token_accuracy).")
 
 
 class SFTConfig(BaseModel):
@@ -60,7 +63,9 @@ class SFTConfig(BaseModel):
 
     # --- data ---
     datasets: list[DatasetSpec] = Field(min_length=1, description="Training data sources, concatenated.")
-    eval_dataset: DatasetSpec | None = Field(None, description="Held-out data for eval loss and sample prompts.")
+    eval_dataset: DatasetSpec | list[DatasetSpec] | None = Field(
+        None, description="Held-out data for eval loss, token accuracy and sample prompts; a list of entries with "
+                          "a `label` each is evaluated set by set.")
     eval_split_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of training rows held out for eval when no eval_dataset.")
     chat_template: str | None = Field(
         None, description="Built-in name (llama2, chatml, llama3, zephyr, mistral, plain), a .jinja file, or unset for the "
@@ -114,8 +119,13 @@ class SFTConfig(BaseModel):
         None, description="`true`/`latest`: newest valid checkpoint in output_dir; or a checkpoint path.")
     save_on_interrupt: bool = Field(True, description="On Ctrl-C, save a checkpoint at the current step before exiting.")
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evals without improvement.")
-    report_to: Literal["tensorboard", "wandb", "none"] | list[Literal["tensorboard", "wandb"]] = Field(
-        "tensorboard", description="Metric sinks besides metrics.jsonl.")
+    metric_for_best_model: str | None = Field(
+        None, description="Eval metric that picks the best checkpoint and early stopping, e.g. eval_gsm8k_loss or "
+                          "eval_token_accuracy (higher is better for accuracy); default: the first eval set's loss.")
+    report_to: Literal["tensorboard", "wandb", "mlflow", "trackio", "none"] | list[
+        Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        "tensorboard", description="Metric sinks besides metrics.jsonl (mlflow and trackio store locally unless "
+                                   "their own environment variables point elsewhere).")
 
     # --- monitoring ---
     sample_prompts: list[str] | str | None = Field(
@@ -134,7 +144,32 @@ class SFTConfig(BaseModel):
             raise ValueError("max_steps and num_train_epochs are both zero: nothing to train; set one of them")
         if self.eval_dataset is not None and self.eval_split_ratio > 0:
             raise ValueError("eval_dataset and eval_split_ratio are both set; keep one")
+        self._check_eval_sets()
         return self
+
+    def _check_eval_sets(self) -> None:
+        for index, spec in enumerate(self.datasets):
+            if spec.label is not None:
+                raise ValueError(f"datasets.{index}.label = {spec.label!r}: labels name eval sets only; remove it")
+        if isinstance(self.eval_dataset, list):
+            labels = [spec.label for spec in self.eval_dataset]
+            if not labels:
+                raise ValueError("eval_dataset is an empty list; give at least one entry or remove the key")
+            for index, label in enumerate(labels):
+                if label is None:
+                    raise ValueError(f"eval_dataset.{index} has no label; in a list every eval set needs one "
+                                     "(e.g. label: gsm8k), which names its metrics eval_<label>_loss")
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            if repeated:
+                raise ValueError(f"eval_dataset: label {repeated[0]!r} is used twice; each eval set needs its own")
+        if self.metric_for_best_model is not None:
+            names = self.eval_metric_names
+            if not names:
+                raise ValueError(f"metric_for_best_model = {self.metric_for_best_model!r} but there is no eval data; "
+                                 "set eval_dataset or eval_split_ratio, or remove metric_for_best_model")
+            if self.best_model_metric not in names:
+                raise ValueError(f"metric_for_best_model = {self.metric_for_best_model!r} names no eval set of this "
+                                 f"config; choose one of: {', '.join(names)}")
 
     # Derived values, never stored: the config stays what the user wrote.
     @property
@@ -147,6 +182,29 @@ class SFTConfig(BaseModel):
         return self.eval_dataset is not None or self.eval_split_ratio > 0
 
     @property
+    def eval_sets(self) -> list[tuple[str, DatasetSpec | None]]:
+        """(label, source) of each eval set in config order; label '' for the unnamed one, source None
+        for the share held out of the training data."""
+        if self.eval_dataset is None:
+            return [("", None)] if self.eval_split_ratio > 0 else []
+        specs = self.eval_dataset if isinstance(self.eval_dataset, list) else [self.eval_dataset]
+        return [(spec.label or "", spec) for spec in specs]
+
+    @property
+    def eval_metric_names(self) -> list[str]:
+        return [eval_metric_key(label, metric) for label, _ in self.eval_sets for metric in EVAL_METRICS]
+
+    @property
+    def best_model_metric(self) -> str | None:
+        """The eval metric key that picks the best checkpoint (`loss` is read as `eval_loss`, as in transformers)."""
+        if not self.has_eval:
+            return None
+        if self.metric_for_best_model is None:
+            return self.eval_metric_names[0]
+        name = self.metric_for_best_model
+        return name if name.startswith("eval_") else f"eval_{name}"
+
+    @property
     def resolved_eval_steps(self) -> int | None:
         if not self.has_eval:
             return None
@@ -155,6 +213,19 @@ class SFTConfig(BaseModel):
     @property
     def warmup_fraction_or_steps(self) -> tuple[float, int]:
         return self.warmup_ratio or 0.0, self.warmup_steps or 0
+
+
+EVAL_METRICS = ("loss", "token_accuracy")
+
+
+def eval_metric_key(label: str, metric: str) -> str:
+    """eval_loss for the unnamed eval set, eval_<label>_loss for a named one."""
+    return f"eval_{label}_{metric}" if label else f"eval_{metric}"
+
+
+def greater_is_better(metric: str) -> bool:
+    """Losses improve downwards, accuracies upwards."""
+    return not metric.endswith("loss")
 
 
 # --------------------------------------------------------------------------- loading

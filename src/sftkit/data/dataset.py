@@ -16,7 +16,7 @@ from sftkit.data.tokenize import TokenizedData, TokenizeOptions, tokenize_datase
 @dataclass(frozen=True)
 class DataOptions:
     train_sources: tuple[DatasetSpec, ...]
-    eval_source: DatasetSpec | None
+    eval_sources: tuple[tuple[str, DatasetSpec | None], ...]  # (label, source); None: held out of the train rows
     eval_split_ratio: float
     tokenize: TokenizeOptions
     system_prompt: str | None = None
@@ -27,7 +27,7 @@ class DataOptions:
     @classmethod
     def from_config(cls, config: SFTConfig, template: str) -> DataOptions:
         return cls(
-            train_sources=tuple(config.datasets), eval_source=config.eval_dataset,
+            train_sources=tuple(config.datasets), eval_sources=tuple(config.eval_sets),
             eval_split_ratio=config.eval_split_ratio,
             tokenize=TokenizeOptions(template=template, max_seq_length=config.max_seq_length,
                                      truncation=config.truncation, assistant_only_loss=config.assistant_only_loss,
@@ -39,9 +39,14 @@ class DataOptions:
 @dataclass
 class PreparedData:
     train: TokenizedData
-    eval: TokenizedData | None
+    eval_sets: dict[str, TokenizedData] = field(default_factory=dict)  # label ('' when unnamed) → eval set
     sources: list[LoadedSource] = field(default_factory=list)
     eval_messages: list[list[dict[str, str]]] = field(default_factory=list)  # held-out prompts for samples
+
+    @property
+    def eval(self) -> TokenizedData | None:
+        """The first eval set, where one is enough (its prompts seed the samples)."""
+        return next(iter(self.eval_sets.values()), None)
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -61,18 +66,19 @@ def _load_all(specs: tuple[DatasetSpec, ...], options: DataOptions) -> tuple[dat
 def prepare_data(options: DataOptions, tokenizer: Any) -> PreparedData:
     """Load, normalise, split off eval, tokenize and mask. Raises DataError with file and row on bad input."""
     rows, sources = _load_all(options.train_sources, options)
-    eval_rows = None
-    if options.eval_source is not None:
-        eval_rows, eval_sources = _load_all((options.eval_source,), options)
-        sources += eval_sources
-    elif options.eval_split_ratio > 0:
+    eval_rows: dict[str, datasets.Dataset] = {}
+    for label, spec in options.eval_sources:
+        if spec is not None:
+            eval_rows[label], eval_sources = _load_all((spec,), options)
+            sources += eval_sources
+    if options.eval_split_ratio > 0:
         held_out = round(len(rows) * options.eval_split_ratio)
         if held_out == 0:
             raise DataError(
                 f"eval_split_ratio = {options.eval_split_ratio} of {len(rows)} rows holds out no row; "
                 f"raise eval_split_ratio to at least {1 / len(rows):.2g} or set eval_dataset")
         split = rows.train_test_split(test_size=held_out, seed=options.seed, shuffle=True)
-        rows, eval_rows = split["train"], split["test"]
+        rows, eval_rows[""] = split["train"], split["test"]
     for source in sources:
         require_chat_template(options.tokenize.template, source.format, source.name, tokenizer)
     train = tokenize_dataset(rows, tokenizer, options.tokenize, options.num_proc, "Tokenizing train")
@@ -81,12 +87,14 @@ def prepare_data(options: DataOptions, tokenizer: Any) -> PreparedData:
         raise DataError(f"{files}: no training example left after filtering ({train.dropped}) with max_seq_length = "
                         f"{options.tokenize.max_seq_length} and truncation = {options.tokenize.truncation!r}; raise "
                         "max_seq_length, set `truncation: truncate_right`, or check the assistant turns of your data")
-    evaluation = None
-    eval_messages: list[list[dict[str, str]]] = []
-    if eval_rows is not None:
-        evaluation = tokenize_dataset(eval_rows, tokenizer, options.tokenize, options.num_proc, "Tokenizing eval")
-        if len(evaluation.dataset) == 0:
-            raise DataError(f"the eval set is empty after filtering ({evaluation.dropped}); "
+    evaluations = {}
+    for label, held_out_rows in eval_rows.items():
+        name = f"eval set {label!r}" if label else "the eval set"
+        evaluations[label] = tokenize_dataset(held_out_rows, tokenizer, options.tokenize, options.num_proc,
+                                              f"Tokenizing {name}")
+        if len(evaluations[label].dataset) == 0:
+            raise DataError(f"{name} is empty after filtering ({evaluations[label].dropped}); "
                             "check eval_dataset / eval_split_ratio and max_seq_length")
-        eval_messages = [m for m in eval_rows.select(range(min(len(eval_rows), 16)))["messages"] if m]
-    return PreparedData(train=train, eval=evaluation, sources=sources, eval_messages=eval_messages)
+    first = next(iter(eval_rows.values()), None)
+    eval_messages = [m for m in first.select(range(min(len(first), 16)))["messages"] if m] if first else []
+    return PreparedData(train=train, eval_sets=evaluations, sources=sources, eval_messages=eval_messages)

@@ -36,7 +36,7 @@ def data_stats(data: PreparedData, max_seq_length: int, batch_size: int,
     return {
         "sources": [{"path": s.name, "format": s.format, "rows": s.rows_read, "skipped": s.skipped} for s in data.sources],
         "train_examples": len(train),
-        "eval_examples": len(data.eval.dataset) if data.eval else 0,
+        "eval_examples": sum(len(evaluation.dataset) for evaluation in data.eval_sets.values()),
         "skipped_rows": data.skipped,
         "dropped_examples": data.train.dropped,
         "truncated_examples": int(sum(train["truncated"])),

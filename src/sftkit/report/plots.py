@@ -1,4 +1,5 @@
-"""The report's curves as PNG bytes: loss (train and eval), learning rate, grad norm, throughput, memory."""
+"""The report's curves as PNG bytes: loss and token accuracy (train and each eval set), learning rate, grad norm
+with the clipping threshold, share of clipped steps, throughput, memory."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import matplotlib
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sftkit.report.read import RunRecord  # noqa: E402
+from sftkit.report import summary  # noqa: E402
+from sftkit.report.read import RunRecord, eval_loss_keys  # noqa: E402
 
-TRAIN_COLOR, EVAL_COLOR, MARK_COLOR = "#1f77b4", "#d62728", "#ff7f0e"
+TRAIN_COLOR, MARK_COLOR = "#1f77b4", "#ff7f0e"
+EVAL_COLORS = ("#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -46,22 +49,69 @@ def _axes(title: str, ylabel: str, wide: bool = False) -> tuple[plt.Figure, plt.
     return figure, axes
 
 
+def _eval_label(key: str, suffix: str) -> str:
+    """eval_loss → "eval", eval_gsm8k_loss → "eval gsm8k"."""
+    name = key.removeprefix("eval_").removesuffix(suffix).strip("_")
+    return f"eval {name}" if name else "eval"
+
+
+def _eval_curves(axes: plt.Axes, record: RunRecord, suffix: str) -> None:
+    """One curve per eval set for keys ending in `suffix`, the best value of metric_for_best_model circled."""
+    best = summary.best_eval(record)
+    for index, key in enumerate(eval_loss_keys(record.eval_rows)):
+        key = key.removesuffix("_loss") + suffix
+        steps, values = _series(record.eval_rows, key)
+        if not _has_values(values):
+            continue
+        axes.plot(steps, values, color=EVAL_COLORS[index % len(EVAL_COLORS)], marker="o", markersize=4,
+                  linewidth=1.4, label=_eval_label(key, suffix))
+        if best and best[0] == key:
+            axes.scatter([best[1]], [best[2]], s=90, facecolors="none", edgecolors="black", zorder=5,
+                         label=f"best {best[2]:.4g} @ {best[1]} ({key})")
+
+
 def loss_plot(record: RunRecord) -> bytes:
-    """Train and eval loss, the best eval marked, and the step of every diagnosis finding."""
+    """Train loss, each eval set's loss, the best eval marked, and the step of every diagnosis finding."""
     figure, axes = _axes("Loss", "loss (mean per trained token)", wide=True)
     steps, losses = _series(record.train_rows, "loss")
     axes.plot(steps, losses, color=TRAIN_COLOR, linewidth=1.4, label="train")
-    eval_steps, eval_losses = _series(record.eval_rows, "eval_loss")
-    if _has_values(eval_losses):
-        axes.plot(eval_steps, eval_losses, color=EVAL_COLOR, marker="o", markersize=4, linewidth=1.4, label="eval")
-        best = min((value, step) for step, value in zip(eval_steps, eval_losses) if not math.isnan(value))
-        axes.scatter([best[1]], [best[0]], s=90, facecolors="none", edgecolors="black", zorder=5,
-                     label=f"best eval {best[0]:.4g} @ {best[1]}")
+    _eval_curves(axes, record, "_loss")
     for finding in record.findings:
         axes.axvline(finding["step"], color=MARK_COLOR, alpha=0.6, linestyle="--", linewidth=1)
     if record.findings:
         axes.plot([], [], color=MARK_COLOR, linestyle="--", label="diagnosis finding")
     axes.legend(fontsize=9)
+    return _png(figure)
+
+
+def accuracy_plot(record: RunRecord) -> bytes | None:
+    """Token accuracy on trained tokens (argmax = target), train and each eval set; None for runs that did not log it."""
+    steps, accuracy = _series(record.train_rows, "token_accuracy")
+    if not _has_values(accuracy):
+        return None
+    figure, axes = _axes("Token accuracy (trained tokens)", "argmax = target")
+    axes.plot(steps, accuracy, color=TRAIN_COLOR, linewidth=1.3, label="train")
+    _eval_curves(axes, record, "_token_accuracy")
+    axes.set_ylim(bottom=0, top=min(1.0, axes.get_ylim()[1] * 1.05))
+    axes.legend(fontsize=9)
+    return _png(figure)
+
+
+def grad_norm_plot(record: RunRecord) -> bytes | None:
+    """Grad norm before clipping (log scale), with the clipping threshold and the share of steps it clipped."""
+    steps, norms = _series(record.train_rows, "grad_norm")
+    if not _has_values(norms):
+        return None
+    figure, axes = _axes("Gradient norm (before clipping)", "grad norm")
+    axes.plot(steps, norms, color=TRAIN_COLOR, linewidth=1.3, label="grad norm")
+    threshold = record.config.get("max_grad_norm")
+    share = summary.clipped_share(record)
+    if isinstance(threshold, (int, float)) and threshold > 0:
+        label = f"max_grad_norm {threshold:g}" + (f": {share[0]:,} of {share[1]:,} steps clipped" if share else "")
+        axes.axhline(threshold, color=EVAL_COLORS[0], linestyle="--", linewidth=1.1, label=label)
+        axes.legend(fontsize=9)
+    if all(value > 0 for value in norms if not math.isnan(value)):
+        axes.set_yscale("log")
     return _png(figure)
 
 
@@ -88,13 +138,17 @@ def metric_plot(record: RunRecord, title: str, ylabel: str, keys: dict[str, str]
 def all_plots(record: RunRecord) -> dict[str, bytes]:
     """Title → PNG, in report order; metrics the run did not log are left out."""
     plots = {"Loss": loss_plot(record)}
+    world = record.run.get("world_size") or 1
+    throughput = {"tokens_per_s": "all tokens", "trained_tokens_per_s": "trained tokens"}
+    if world > 1:  # on one device the per-device curve is the all-tokens curve
+        throughput["tokens_per_s_per_device"] = f"all tokens per device (÷{world})"
     small = {
+        "Token accuracy": accuracy_plot(record),
         "Learning rate": metric_plot(record, "Learning rate", "lr", {"lr": "lr"}),
-        "Gradient norm": metric_plot(record, "Gradient norm (before clipping)", "grad norm",
-                                     {"grad_norm": "grad norm"}, log_scale=True),
-        "Throughput": metric_plot(record, "Throughput", "tokens / s",
-                                  {"tokens_per_s": "all tokens", "trained_tokens_per_s": "trained tokens"},
-                                  from_zero=True),
+        "Gradient norm": grad_norm_plot(record),
+        "Clipped steps": metric_plot(record, "Steps clipped by max_grad_norm (share per logged window)",
+                                     "share of steps", {"clipped_fraction": "clipped"}, from_zero=True),
+        "Throughput": metric_plot(record, "Throughput", "tokens / s", throughput, from_zero=True),
         "Memory": metric_plot(record, "Peak memory", "GiB", {"memory_gb": "peak memory"}, from_zero=True),
     }
     plots.update({title: png for title, png in small.items() if png is not None})

@@ -55,7 +55,7 @@ def read_run(run_dir: Path) -> RunRecord:
                                 "started; give the output_dir of a `sftkit train` run")
     metrics = _read_jsonl(metrics_path, notes)
     train_rows = _by_step([row for row in metrics if "loss" in row])
-    eval_rows = _by_step([row for row in metrics if "eval_loss" in row])
+    eval_rows = _by_step([row for row in metrics if eval_loss_keys([row])])
     if not train_rows and not eval_rows:
         raise FileNotFoundError(f"{metrics_path}: no metric rows yet; the run logs one every `logging_steps` "
                                 "optimizer steps, so try again once it has logged")
@@ -73,6 +73,15 @@ def read_run(run_dir: Path) -> RunRecord:
         checkpoints=[Checkpoint(path.name, step_of(path), (path / MANIFEST).is_file())
                      for path in checkpoint_dirs(run_dir)],
         notes=notes)
+
+
+def eval_loss_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The eval loss keys logged in `rows`, in first-seen order: `eval_loss` for one unnamed eval set,
+    `eval_<name>_loss` for each named one."""
+    keys: dict[str, None] = {}
+    for row in rows:
+        keys.update((key, None) for key in row if key.startswith("eval_") and key.endswith("_loss"))
+    return list(keys)
 
 
 def _read_mapping(path: Path, notes: list[str]) -> dict[str, Any]:

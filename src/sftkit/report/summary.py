@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
-from sftkit.report.read import RunRecord
+from sftkit.config import greater_is_better
+from sftkit.report.read import RunRecord, eval_loss_keys
 
 CONFIG_KEYS = ("model_name_or_path", "finetuning", "lora_r", "lora_alpha", "lora_target_modules", "learning_rate",
                "lr_scheduler_type", "warmup_ratio", "warmup_steps", "num_train_epochs", "max_steps",
                "per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "packing",
-               "assistant_only_loss", "chat_template", "bf16", "fp16", "gradient_checkpointing", "seed")
+               "assistant_only_loss", "chat_template", "bf16", "fp16", "gradient_checkpointing", "max_grad_norm",
+               "metric_for_best_model", "seed")
 LORA_ONLY = ("lora_r", "lora_alpha", "lora_target_modules")
 DATA_KEYS = {"train_examples": "train examples", "eval_examples": "eval examples", "total_tokens": "tokens",
              "trained_tokens": "trained tokens", "trained_token_fraction": "trained token fraction",
@@ -89,17 +92,44 @@ def headline_rows(record: RunRecord) -> list[tuple[str, str]]:
         rows.append(("last train loss", fmt(float(losses[-1]))))
     best = best_eval(record)
     if best:
-        rows.append(("best eval loss", f"{fmt(best[1])} at step {fmt(best[0])}"))
+        rows.append((f"best {_words(best[0])}", f"{fmt(best[2])} at step {fmt(best[1])}"))
+    accuracy = _last(record.train_rows, "token_accuracy")
+    if accuracy is not None:
+        eval_key = (best[0] if best else "eval_loss").removesuffix("_loss").removesuffix("_token_accuracy")
+        eval_accuracy = _last(record.eval_rows, f"{eval_key}_token_accuracy")
+        rows.append(("last token accuracy", f"train {accuracy:.1%}" + (
+            f" · {_words(eval_key)} {eval_accuracy:.1%}" if eval_accuracy is not None else "")))
+    per_device = [row["tokens_per_s_per_device"] for row in record.train_rows
+                  if isinstance(row.get("tokens_per_s_per_device"), (int, float))]
+    if per_device:
+        rows.append(("tokens/s per device (median)", f"{statistics.median(per_device):,.0f}"))
+    share = clipped_share(record)
+    if share and (record.config.get("max_grad_norm") or 0) > 0:
+        rows.append(("steps clipped", f"{share[0]:,} / {share[1]:,} ({share[0] / max(share[1], 1):.1%})"))
     if record.train_rows and isinstance(record.train_rows[-1].get("elapsed_s"), (int, float)):
         rows.append(("elapsed", _duration(record.train_rows[-1]["elapsed_s"])))
     rows.append(("findings", fmt(len(record.findings))))
     return rows
 
 
-def best_eval(record: RunRecord) -> tuple[int, float] | None:
-    evals = [(row["step"], float(row["eval_loss"])) for row in record.eval_rows
-             if isinstance(row.get("eval_loss"), (int, float)) and math.isfinite(row["eval_loss"])]
-    return min(evals, key=lambda pair: pair[1]) if evals else None
+def best_eval(record: RunRecord) -> tuple[str, int, float] | None:
+    """(metric, step, value) of the best eval by the run's metric_for_best_model (default: the first eval loss)."""
+    keys = eval_loss_keys(record.eval_rows)
+    metric = record.run.get("metric_for_best_model") or (keys[0] if keys else None)
+    evals = [(row["step"], float(row[metric])) for row in record.eval_rows
+             if isinstance(row.get(metric), (int, float)) and math.isfinite(row[metric])]
+    if not evals:
+        return None
+    step, value = (max if greater_is_better(metric) else min)(evals, key=lambda pair: pair[1])
+    return metric, step, value
+
+
+def clipped_share(record: RunRecord) -> tuple[int, int] | None:
+    """(steps clipped by max_grad_norm, steps) over the logged run; None when the rows do not count clipping."""
+    rows = record.train_rows
+    if not rows or not all(isinstance(row.get("clipped_steps"), int) for row in rows):
+        return None
+    return sum(row["clipped_steps"] for row in rows), rows[-1]["step"]
 
 
 def checkpoint_rows(record: RunRecord) -> list[dict[str, str]]:
@@ -109,7 +139,8 @@ def checkpoint_rows(record: RunRecord) -> list[dict[str, str]]:
     for checkpoint in record.checkpoints:
         marks = []
         if checkpoint.name == best_name:
-            marks.append(f"best eval loss {fmt(record.run.get('best_eval_loss'))}")
+            metric = record.run.get("metric_for_best_model") or "eval_loss"
+            marks.append(f"best {_words(metric)} {fmt(record.run.get('best_metric', record.run.get('best_eval_loss')))}")
         if not checkpoint.complete:
             marks.append("incomplete: no manifest.json")
         rows.append({"name": checkpoint.name, "step": fmt(checkpoint.step), "note": "; ".join(marks)})
@@ -125,6 +156,16 @@ def samples_by_prompt(record: RunRecord) -> dict[str, list[dict[str, Any]]]:
     for sample in sorted(record.samples, key=lambda s: s["step"]):
         grouped.setdefault(str(sample.get("prompt", "")), []).append(sample)
     return grouped
+
+
+def _last(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [row[key] for row in rows if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]
+    return float(values[-1]) if values else None
+
+
+def _words(key: str) -> str:
+    """eval_gsm8k_loss → "eval gsm8k loss"."""
+    return key.replace("_", " ")
 
 
 def _duration(seconds: float) -> str:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sftkit.data.collate import block_causal_mask
-from sftkit.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
+from sftkit.train.loss import chunked_cross_entropy, correct_predictions, cross_entropy_sum
 
 # Configs whose logits are not plain `lm_head(hidden)`; the chunked loss would not be exact for them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -44,7 +44,9 @@ class CausalLMLoss(nn.Module):
     """Wraps the model so one call returns the summed loss of a batch.
 
     Wrapping (rather than calling submodules from the loop) keeps DDP/FSDP hooks working when
-    accelerate prepares this module.
+    accelerate prepares this module. After each call, `correct` holds how many of the batch's trained
+    targets were the model's argmax (for token accuracy): kept beside the return value so that every
+    caller that wants the loss alone stays a plain `loss = loss_model(**batch)`.
     """
 
     def __init__(self, model: nn.Module, attn_implementation: str, chunked: bool, chunk_size: int = 1024):
@@ -53,6 +55,7 @@ class CausalLMLoss(nn.Module):
         self.attn_implementation = attn_implementation
         self.chunked = chunked
         self.chunk_size = chunk_size
+        self.correct: torch.Tensor | None = None  # 0-d long, set by forward
 
     def attention_inputs(self, segment_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.attn_implementation == "flash_attention_2":
@@ -71,7 +74,9 @@ class CausalLMLoss(nn.Module):
                   **self.attention_inputs(segment_ids)}
         if not self.chunked:
             logits = self.model(**inputs).logits  # (batch, seq, vocab)
+            self.correct = correct_predictions(logits, targets)
             return cross_entropy_sum(logits, targets)
         lm = causal_lm(self.model)
         hidden = getattr(lm, lm.base_model_prefix)(**inputs).last_hidden_state  # (batch, seq, hidden)
-        return chunked_cross_entropy_sum(hidden, lm.get_output_embeddings().weight, targets, self.chunk_size)
+        loss, self.correct = chunked_cross_entropy(hidden, lm.get_output_embeddings().weight, targets, self.chunk_size)
+        return loss

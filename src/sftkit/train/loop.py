@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from rich.console import Console
 from rich.markup import escape
 
-from sftkit.config import SFTConfig, redacted, save_config
+from sftkit.config import SFTConfig, eval_metric_key, greater_is_better, redacted, save_config
 from sftkit.data.collate import collate
 from sftkit.data.dataset import DataOptions, prepare_data
 from sftkit.data.inspect import data_stats
@@ -48,7 +48,6 @@ from sftkit.train.metrics import (
     MetricsWriter,
     accumulate,
     empty_window,
-    memory_gb,
     truncate_after,
     window_row,
 )
@@ -60,6 +59,7 @@ from sftkit.train.outputs import (
     write_run_info,
 )
 from sftkit.train.schedule import build_scheduler, lr_multiplier, warmup_steps_for
+from sftkit.train.sinks import check_installed
 
 
 @dataclass
@@ -85,6 +85,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
             say(f"[bold yellow]diagnosis:[/bold yellow] {escape(finding.message)} — {escape(finding.advice)}")
     output_dir = Path(config.output_dir)
     check_hardware(config)
+    check_installed(config.report_sinks)  # a missing tracker fails before data and model are loaded
     if main:
         prepare_output_dir(output_dir, config)
     accelerator.wait_for_everyone()
@@ -127,7 +128,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
 
     # ---- resume: weights, optimizer, schedule, RNG and position of the same run
     fingerprint = run_fingerprint(config, world)
-    state: dict[str, Any] = {"step": 0, "best_eval_loss": None, "best_checkpoint": None, "evals_without_gain": 0,
+    state: dict[str, Any] = {"step": 0, "best_metric": None, "best_checkpoint": None, "evals_without_gain": 0,
                              "window": empty_window(), "fingerprint": fingerprint}
     if config.resume_from_checkpoint not in (None, False):
         found = ckpt.find_resume_checkpoint(output_dir, "true" if config.resume_from_checkpoint is True
@@ -142,6 +143,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
 
     # ---- run directory, sinks, monitor, samples
     eval_steps = config.resolved_eval_steps
+    best_metric = config.best_model_metric  # e.g. eval_loss, eval_gsm8k_loss; None without eval data
     sample_steps = config.sample_steps or eval_steps or config.logging_steps * 10
     prompts = load_sample_prompts(config.sample_prompts, data.eval_messages or [], count=4)
     writer, monitor = None, None
@@ -167,7 +169,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
         "warmup_steps": warmup, "trainable_params": trainable, "total_params": total_params,
         "trained_token_fraction": stats["trained_token_fraction"], "packing": config.packing, "chunked_loss": chunked,
         "last_step": start_step, "best_checkpoint": state["best_checkpoint"],
-        "best_eval_loss": state["best_eval_loss"], "final_dir": None,
+        "metric_for_best_model": best_metric, "best_metric": state["best_metric"], "final_dir": None,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "finished_at": None,
     }
     write_run_info(output_dir, run_info, main)
@@ -184,32 +186,42 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
             batch["targets"].fill_(IGNORE_INDEX)
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 
-    if data.eval is not None:
-        eval_set, eval_trained = columns_for_training(data.eval.dataset)
-        eval_sequences = training_sequences(list(data.eval.dataset["length"]), config.max_seq_length, config.packing)
+    eval_sets = {}  # label ('' when unnamed) → (examples, micro-batches of sequences, trained tokens)
+    for label, tokenized in data.eval_sets.items():
+        examples, trained = columns_for_training(tokenized.dataset)
+        eval_sequences = training_sequences(list(tokenized.dataset["length"]), config.max_seq_length, config.packing)
         size = config.per_device_eval_batch_size
-        eval_micro = [eval_sequences[i:i + size] for i in range(0, len(eval_sequences), size)]
-        eval_tokens = sum(eval_trained)
+        eval_sets[label] = (examples, [eval_sequences[i:i + size] for i in range(0, len(eval_sequences), size)],
+                            sum(trained))
 
-    def evaluate() -> float:
-        """Eval loss with the same token-sum normalisation as training, over every process's share."""
-        loss_sum = torch.zeros((), device=accelerator.device)
+    def evaluate() -> dict[str, float]:
+        """Loss and token accuracy of each eval set (eval_loss or eval_<label>_loss, ...), normalised by
+        trained tokens as in training, over every process's share."""
+        metrics: dict[str, float] = {}
+        counter = accelerator.unwrap_model(loss_model)
         loss_model.eval()
         with torch.no_grad():
-            for rows in eval_micro[rank::world]:
-                batch = collate([[eval_set[e] for e in seq] for seq in rows], tokenizer.pad_token_id)
-                loss_sum += loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()}).float()
+            for label, (examples, micro_batches, tokens) in eval_sets.items():
+                sums = torch.zeros(2, device=accelerator.device)
+                for rows in micro_batches[rank::world]:
+                    batch = collate([[examples[e] for e in seq] for seq in rows], tokenizer.pad_token_id)
+                    loss = loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
+                    sums += torch.stack([loss.float(), counter.correct.float()])
+                loss_sum, correct = accelerator.reduce(sums, "sum").tolist()
+                metrics.update({eval_metric_key(label, "loss"): loss_sum / tokens,
+                                eval_metric_key(label, "token_accuracy"): correct / tokens,
+                                eval_metric_key(label, "tokens"): tokens})
         loss_model.train()
-        return (accelerator.reduce(loss_sum, "sum") / eval_tokens).item()
+        return metrics
 
     # Steps checkpointed by this run (and the one it resumed from): any other checkpoint-STEP in the
     # directory, e.g. a damaged one that `resume_from_checkpoint: latest` skipped, is written again.
     saved_steps = {start_step}
 
-    def save(step: int, eval_loss: float | None = None) -> Path:
+    def save(step: int, evaluation: dict[str, float] | None = None) -> Path:
         saved_steps.add(step)
         path = save_checkpoint(accelerator, output_dir, step, unwrapped, optimizer, scheduler,
-                               {**state, "step": step, "epoch": plan.epoch_of(step), "eval_loss": eval_loss},
+                               {**state, "step": step, "epoch": plan.epoch_of(step), **(evaluation or {})},
                                config, template)
         if main:
             keep = {output_dir / state["best_checkpoint"]} if state["best_checkpoint"] else set()
@@ -235,11 +247,13 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 step_trained = sum(trained_per_example[e] for mb in group for s in mb for e in sequences[s])
                 step_tokens = sum(lengths[e] for mb in group for s in mb for e in sequences[s])
                 batches = [batch_of(sequence_ids, group[0]) for sequence_ids in plan.for_rank(group, rank)]
-                loss_sum = accumulate_gradients(loss_model, accelerator, batches, step_trained)
-                step_loss = (accelerator.reduce(loss_sum, "sum") / step_trained).item()
+                sums = accumulate_gradients(loss_model, accelerator, batches, step_trained)
+                step_loss_sum, step_correct = accelerator.reduce(sums, "sum").tolist()
+                step_loss = step_loss_sum / step_trained
                 grad_norm = accelerator.clip_grad_norm_(
                     loss_model.parameters(), config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+                clipped = 0 < config.max_grad_norm < grad_norm  # the norm is the one before clipping
                 lr = scheduler.get_last_lr()[0]
                 finite = math.isfinite(step_loss) and (config.fp16 or math.isfinite(grad_norm))
                 applying = True  # from here until `step += 1` the weights and the step count disagree
@@ -261,13 +275,14 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 step += 1
                 applying, rng_at_step_start = False, None
                 last_loss = step_loss if finite else last_loss
-                accumulate(window, step_loss * step_trained if finite else 0.0, step_trained, step_tokens)
+                accumulate(window, step_loss_sum if finite else 0.0, step_trained, step_tokens,
+                           int(step_correct) if finite else 0, clipped)
 
                 if monitor:
                     tell(monitor.observe_step(step, step_loss, grad_norm, lr, example_rows(source_rows, group, sequences)))
                 if step % config.logging_steps == 0 or step == total_steps:
                     elapsed = time.perf_counter() - started
-                    row = window_row(window, step, plan.epoch_of(step), lr, grad_norm, elapsed, memory_gb())
+                    row = window_row(window, step, plan.epoch_of(step), lr, grad_norm, elapsed, world)
                     if writer:
                         writer.log(row)
                         if not console.is_terminal:  # logs to a file get a line per row instead of a bar
@@ -276,23 +291,23 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                     window = state["window"] = empty_window()
                 progress.update(task, completed=step, loss=step_loss, lr=lr)
 
-                eval_loss = None
+                evaluation = None
                 side_work_started = time.time()  # eval, samples and saves do not count against throughput
                 if eval_steps and (step % eval_steps == 0 or step == total_steps):
-                    eval_loss = evaluate()
-                    improved = state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]
+                    evaluation = evaluate()
+                    improved = is_better(evaluation[best_metric], state["best_metric"], best_metric)
                     if improved:
-                        state["best_eval_loss"], state["evals_without_gain"] = eval_loss, 0
+                        state["best_metric"], state["evals_without_gain"] = evaluation[best_metric], 0
                     else:
                         state["evals_without_gain"] += 1
                     if writer:
-                        writer.log({"step": step, "epoch": plan.epoch_of(step), "eval_loss": eval_loss,
-                                    "eval_tokens": eval_tokens})
+                        writer.log({"step": step, "epoch": plan.epoch_of(step), **evaluation})
                     if improved and (config.early_stopping_patience or step % config.save_steps == 0):
                         state["best_checkpoint"] = f"checkpoint-{step}"
-                        save(step, eval_loss)
-                    if monitor:
-                        tell(monitor.observe_eval(step, last_loss or float("nan"), eval_loss, state["best_checkpoint"]))
+                        save(step, evaluation)
+                    if monitor:  # overfitting is judged on the loss of the set that picks the best checkpoint
+                        tell(monitor.observe_eval(step, last_loss or float("nan"), evaluation[loss_key_of(best_metric)],
+                                                  state["best_checkpoint"]))
                 # Samples run on the main process alone, which a sharded (FSDP/DeepSpeed) model cannot do.
                 if prompts and not is_sharded(accelerator) and (step % sample_steps == 0 or step == total_steps):
                     if main:
@@ -301,17 +316,17 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                         tell(monitor.observe_samples(step, samples))
                     accelerator.wait_for_everyone()
                 if step % config.save_steps == 0 and step not in saved_steps:
-                    save(step, eval_loss)
+                    save(step, evaluation)
                 window["time"] += time.time() - side_work_started
                 run_info.update(last_step=step, best_checkpoint=state["best_checkpoint"],
-                                best_eval_loss=state["best_eval_loss"])
+                                best_metric=state["best_metric"])
                 if step % config.logging_steps == 0:
                     write_run_info(output_dir, run_info, main)
-                if (config.early_stopping_patience and eval_loss is not None
+                if (config.early_stopping_patience and evaluation is not None
                         and state["evals_without_gain"] >= config.early_stopping_patience):
-                    say(f"Early stopping at step {step}: eval loss has not improved for "
+                    say(f"Early stopping at step {step}: {best_metric} has not improved for "
                         f"{config.early_stopping_patience} evals; best is {state['best_checkpoint']} "
-                        f"({state['best_eval_loss']:.4f})")
+                        f"({state['best_metric']:.4f})")
                     status = "early_stopped"
                     break
     except KeyboardInterrupt:
@@ -360,14 +375,16 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
 
 def accumulate_gradients(loss_model: torch.nn.Module, accelerator: Accelerator, batches: list[dict[str, torch.Tensor]],
                          step_trained: int) -> torch.Tensor:
-    """Backward over this process's micro-batches of one optimizer step; returns their summed loss.
+    """Backward over this process's micro-batches of one optimizer step; returns (2,): their summed
+    loss and how many of their trained targets were the argmax, so one all-reduce gathers both.
 
     Each micro-batch contributes sum_loss / N_step, N_step counting the trained tokens of the whole
     step on all processes; × world because DDP averages gradients. Gradients are only all-reduced
     on the last micro-batch.
     """
     world = accelerator.num_processes
-    loss_sum = torch.zeros((), device=accelerator.device)
+    counter = accelerator.unwrap_model(loss_model)  # the CausalLMLoss that records `correct`
+    sums = torch.zeros(2, device=accelerator.device)
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
         # DeepSpeed steps inside backward when gradients sync: only on the last micro-batch.
@@ -375,8 +392,20 @@ def accumulate_gradients(loss_model: torch.nn.Module, accelerator: Accelerator, 
         with nullcontext() if last else accelerator.no_sync(loss_model):
             micro_loss = loss_model(**batch)
             accelerator.backward(micro_loss * world / step_trained)
-        loss_sum += micro_loss.detach().float()
-    return loss_sum
+        sums += torch.stack([micro_loss.detach().float(), counter.correct.float()])
+    return sums
+
+
+def is_better(value: float, best: float | None, metric: str) -> bool:
+    """Whether an eval improves on the best so far: lower for losses, higher for accuracies."""
+    if best is None:
+        return math.isfinite(value)
+    return value > best if greater_is_better(metric) else value < best
+
+
+def loss_key_of(metric: str) -> str:
+    """The loss key of the eval set a metric belongs to: eval_gsm8k_token_accuracy → eval_gsm8k_loss."""
+    return metric.removesuffix("_token_accuracy").removesuffix("_loss") + "_loss"
 
 
 def check_hardware(config: SFTConfig) -> None:

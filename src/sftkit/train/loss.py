@@ -16,6 +16,10 @@ matmuls run on trained tokens only, which is exact: an ignored token's gradient 
     target    -  -  -  5  7  -  -  2  9  4        (- = IGNORE_INDEX)
     trained            3  4        7  8  9        chunk_size 2: [3 4] [7 8] [9]
     grad_hidden rows 0-2 and 5-6 stay zero
+
+Token accuracy (how many trained targets are the model's argmax) comes from the same pass: the
+chunk's row maximum, which the log-softmax needs anyway, also gives the argmax, so counting costs
+one (chunk,) comparison and no vocab-sized buffer.
 """
 
 from __future__ import annotations
@@ -32,8 +36,16 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def correct_predictions(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """How many trained targets equal the argmax of their logits (..., vocab); ignored targets never match."""
+    return (logits.detach().argmax(dim=-1) == targets).sum()  # argmax: (...,), no vocab-sized copy
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """sum_t CE(hidden_t @ weight.T, target_t) over trained tokens, gradients computed chunk by chunk in forward."""
+    """sum_t CE(hidden_t @ weight.T, target_t) over trained tokens, gradients computed chunk by chunk in forward.
+
+    Returns (loss sum, count of targets that are the argmax); the count carries no gradient.
+    """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
@@ -45,6 +57,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         # Ignored tokens add nothing to the loss and get zero gradient: never compute their logits.
         trained = torch.nonzero(targets != IGNORE_INDEX).squeeze(1)  # (trained,)
         trained_hidden = hidden.index_select(0, trained)  # (trained, hidden)
@@ -52,14 +65,17 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, trained.shape[0], chunk_size):
             chunk = slice(start, start + chunk_size)
             # A function call per chunk, so the chunk's (chunk, vocab) buffer is freed before the next is made.
-            total += _chunk_loss_and_grads(trained_hidden[chunk], weight, trained_targets[chunk], trained[chunk],
-                                           grad_hidden, grad_weight)
+            loss, right = _chunk_loss_and_grads(trained_hidden[chunk], weight, trained_targets[chunk], trained[chunk],
+                                                grad_hidden, grad_weight)
+            total += loss
+            correct += right
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
-        return total
+        ctx.mark_non_differentiable(correct)
+        return total, correct
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output: torch.Tensor, _grad_correct: torch.Tensor | None):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
@@ -69,20 +85,23 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 
 def _chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
-                          grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None) -> torch.Tensor:
-    """Summed loss of one chunk of trained tokens; adds its gradients into grad_hidden[rows] and grad_weight.
+                          grad_hidden: torch.Tensor | None,
+                          grad_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and argmax hits of one chunk of trained tokens; adds its gradients into
+    grad_hidden[rows] and grad_weight.
 
     hidden (chunk, hidden), targets (chunk, 1), rows (chunk,): the chunk's positions in the sequence.
     """
     logits = (hidden @ weight.T).float()  # (chunk, vocab); the only vocab-sized buffer
     target_logits = logits.gather(1, targets)  # (chunk, 1)
     # logsumexp by hand, in place: torch.logsumexp would allocate two more (chunk, vocab) buffers.
-    row_max = logits.max(dim=-1, keepdim=True).values  # (chunk, 1)
+    row_max, predicted = logits.max(dim=-1, keepdim=True)  # (chunk, 1) each; ties give the first index, as argmax
+    correct = (predicted == targets).sum()
     unnormalized = logits.sub_(row_max).exp_()  # (chunk, vocab), overwrites the logits
     normalizer = unnormalized.sum(dim=-1, keepdim=True)  # (chunk, 1)
     loss = (row_max + normalizer.log() - target_logits).sum()
     if grad_hidden is None and grad_weight is None:
-        return loss
+        return loss, correct
     # d(sum CE)/d logits = softmax − onehot(target), in place.
     grad_logits = unnormalized.div_(normalizer)
     grad_logits.scatter_add_(1, targets, torch.full_like(normalizer, -1.0))
@@ -91,15 +110,22 @@ def _chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         grad_hidden[rows] = grad_logits @ weight
     if grad_weight is not None:
         grad_weight += (grad_logits.T @ hidden).float()
-    return loss
+    return loss, correct
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden (batch, seq, hidden), weight (vocab, hidden), targets (batch, seq) → (summed CE, argmax hits).
+
+    Equals `cross_entropy_sum(hidden @ weight.T, targets)`, values and gradients, and
+    `correct_predictions(hidden @ weight.T, targets)`, without the (batch × seq, vocab) logits.
+    Gradients are computed during forward, so call it once per backward.
+    """
+    return ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                     chunk_size, torch.is_grad_enabled())
 
 
 def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                               chunk_size: int = 1024) -> torch.Tensor:
-    """hidden (batch, seq, hidden), weight (vocab, hidden), targets (batch, seq) → summed CE.
-
-    Equals `cross_entropy_sum(hidden @ weight.T, targets)`, values and gradients, without the
-    (batch × seq, vocab) logits. Gradients are computed during forward, so call it once per backward.
-    """
-    return ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                     chunk_size, torch.is_grad_enabled())
+    """The summed CE of `chunked_cross_entropy` alone."""
+    return chunked_cross_entropy(hidden, weight, targets, chunk_size)[0]

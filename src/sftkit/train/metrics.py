@@ -1,8 +1,7 @@
-"""Metric sinks: OUTPUT_DIR/metrics.jsonl always, TensorBoard and W&B when asked for."""
+"""Metric rows: sums over a logging window of steps, written to OUTPUT_DIR/metrics.jsonl and the sinks of `report_to`."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import resource
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from sftkit.train.sinks import open_sinks
 
 
 def memory_gb() -> float:
@@ -35,63 +36,56 @@ def truncate_after(path: Path, step: int) -> None:
 
 
 class MetricsWriter:
-    """Appends rows to metrics.jsonl (flushed per row, so a crash keeps them) and mirrors to sinks."""
+    """Appends rows to metrics.jsonl (flushed per row, so a crash keeps them) and mirrors their numbers to the sinks."""
 
     def __init__(self, output_dir: Path, sinks: list[str], run_name: str, config: dict[str, Any]):
         self.path = output_dir / "metrics.jsonl"
-        self.tensorboard = None
-        self.wandb = None
-        if "tensorboard" in sinks:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
-        if "wandb" in sinks:
-            if importlib.util.find_spec("wandb") is None:
-                raise ImportError("report_to includes 'wandb' but wandb is not installed; pip install wandb")
-            import wandb
-
-            self.wandb = wandb.init(name=run_name, config=config, dir=str(output_dir))
+        self.sinks = open_sinks(sinks, output_dir, run_name, config)
 
     def log(self, row: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(clean) + "\n")
-        step = row["step"]
-        for key, value in row.items():
-            if key == "step" or not isinstance(value, (int, float)):
-                continue
-            group = "eval" if key.startswith("eval_") else "train"
-            if self.tensorboard is not None:
-                self.tensorboard.add_scalar(f"{group}/{key}", value, step)
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        for sink in self.sinks:
+            sink.log(scalars, row["step"])
 
     def text(self, tag: str, text: str, step: int) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.add_text(tag, text, step)
+        for sink in self.sinks:
+            sink.text(tag, text, step)
 
     def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        for sink in self.sinks:
+            sink.close()
 
 
 def empty_window() -> dict[str, float]:
-    return {"loss_sum": 0.0, "trained": 0, "tokens": 0, "steps": 0, "time": time.time()}
+    """Sums over the optimizer steps since the last logged row (saved in checkpoints, so a resumed run logs the same rows)."""
+    return {"loss_sum": 0.0, "trained": 0, "correct": 0, "tokens": 0, "steps": 0, "clipped": 0, "time": time.time()}
 
 
-def accumulate(window: dict[str, float], loss_sum: float, trained: int, tokens: int) -> None:
+def accumulate(window: dict[str, float], loss_sum: float, trained: int, tokens: int, correct: int,
+               clipped: bool) -> None:
+    """Add one optimizer step: its summed loss and argmax hits over `trained` targets, and whether
+    `max_grad_norm` scaled its gradients down."""
     window["loss_sum"] += loss_sum
     window["trained"] += trained
     window["tokens"] += tokens
+    window["correct"] = window.get("correct", 0) + correct  # .get: windows saved before these sums existed
+    window["clipped"] = window.get("clipped", 0) + int(clipped)
     window["steps"] += 1
 
 
 def window_row(window: dict[str, float], step: int, epoch: float, lr: float, grad_norm: float,
-               elapsed: float, memory: float) -> dict[str, Any]:
+               elapsed: float, devices: int) -> dict[str, Any]:
+    """One metrics row. Loss and token accuracy are means over the window's trained tokens (not means
+    of per-step means), so they do not depend on how the steps' tokens are split into micro-batches."""
     seconds = max(time.time() - window["time"], 1e-9)
-    return {"step": step, "epoch": round(epoch, 4), "loss": window["loss_sum"] / max(window["trained"], 1),
-            "lr": lr, "grad_norm": grad_norm, "trained_tokens": window["trained"], "tokens": window["tokens"],
+    trained, steps = max(window["trained"], 1), max(window["steps"], 1)
+    return {"step": step, "epoch": round(epoch, 4), "loss": window["loss_sum"] / trained,
+            "token_accuracy": window["correct"] / trained, "lr": lr, "grad_norm": grad_norm,
+            "clipped_steps": window["clipped"], "clipped_fraction": window["clipped"] / steps,
+            "trained_tokens": window["trained"], "tokens": window["tokens"],
             "trained_tokens_per_s": window["trained"] / seconds, "tokens_per_s": window["tokens"] / seconds,
-            "elapsed_s": round(elapsed, 2), "memory_gb": round(memory, 3)}
+            "tokens_per_s_per_device": window["tokens"] / seconds / devices,
+            "elapsed_s": round(elapsed, 2), "memory_gb": round(memory_gb(), 3)}
