@@ -264,9 +264,27 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> SFTConfig:
         raise ConfigError(_explain(err, raw, source)) from None
 
 
+def _eval_dataset_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`eval_dataset` is one entry or a list of them: keep only the errors of the form the user wrote,
+    without pydantic's branch names in their location."""
+    kept, dropped = [], None
+    for e in errors:
+        loc = e["loc"]
+        if loc[:1] == ("eval_dataset",) and len(loc) > 1 and loc[1] in ("DatasetSpec", "list[DatasetSpec]"):
+            if e["type"] in ("model_type", "list_type") and len(loc) == 2:
+                dropped = e  # the other form: a mapping is not a list, a list is not a mapping
+                continue
+            e = {**e, "loc": (loc[0], *loc[2:])}
+        kept.append(e)
+    if dropped and not any(e["loc"][:1] == ("eval_dataset",) for e in kept):  # neither form
+        kept.append({**dropped, "loc": ("eval_dataset",),
+                     "msg": "give one entry ({path: ...}) or a list of entries with a label each"})
+    return kept
+
+
 def _explain(err: ValidationError, raw: dict[str, Any], source: str) -> str:
     lines = [f"{source}: invalid config"]
-    for e in err.errors():
+    for e in _eval_dataset_errors(err.errors()):
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             key = str(e["loc"][-1])
