@@ -273,4 +273,4 @@ def test_e2e_three_examples_overfit_and_the_report_names_the_best_checkpoint(tmp
     best = overfitting[0]["evidence"]["best_checkpoint"]
     assert best == f"checkpoint-{overfitting[0]['evidence']['best_step']}" and best in overfitting[0]["advice"]
     html = build_report(output_dir).read_text()
-    assert "overfitting" in html and best in html and html.count("data:image/png;base64,") == 5
+    assert "overfitting" in html and best in html and html.count("data:image/png;base64,") == 7  # all panels

@@ -223,6 +223,11 @@ def eval_metric_key(label: str, metric: str) -> str:
     return f"eval_{label}_{metric}" if label else f"eval_{metric}"
 
 
+def eval_loss_key(metric: str) -> str:
+    """The loss key of the eval set a metric belongs to: eval_gsm8k_token_accuracy → eval_gsm8k_loss."""
+    return metric.removesuffix("_token_accuracy").removesuffix("_loss") + "_loss"
+
+
 def greater_is_better(metric: str) -> bool:
     """Losses improve downwards, accuracies upwards."""
     return not metric.endswith("loss")

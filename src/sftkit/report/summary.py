@@ -6,7 +6,7 @@ import math
 import statistics
 from typing import Any
 
-from sftkit.config import greater_is_better
+from sftkit.config import eval_loss_key, greater_is_better
 from sftkit.report.read import RunRecord, eval_loss_keys
 
 CONFIG_KEYS = ("model_name_or_path", "finetuning", "lora_r", "lora_alpha", "lora_target_modules", "learning_rate",
@@ -95,7 +95,7 @@ def headline_rows(record: RunRecord) -> list[tuple[str, str]]:
         rows.append((f"best {_words(best[0])}", f"{fmt(best[2])} at step {fmt(best[1])}"))
     accuracy = _last(record.train_rows, "token_accuracy")
     if accuracy is not None:
-        eval_key = (best[0] if best else "eval_loss").removesuffix("_loss").removesuffix("_token_accuracy")
+        eval_key = eval_loss_key(best[0] if best else "eval_loss").removesuffix("_loss")
         eval_accuracy = _last(record.eval_rows, f"{eval_key}_token_accuracy")
         rows.append(("last token accuracy", f"train {accuracy:.1%}" + (
             f" · {_words(eval_key)} {eval_accuracy:.1%}" if eval_accuracy is not None else "")))

@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from rich.console import Console
 from rich.markup import escape
 
-from sftkit.config import SFTConfig, eval_metric_key, greater_is_better, redacted, save_config
+from sftkit.config import SFTConfig, eval_loss_key, eval_metric_key, greater_is_better, redacted, save_config
 from sftkit.data.collate import collate
 from sftkit.data.dataset import DataOptions, prepare_data
 from sftkit.data.inspect import data_stats
@@ -306,7 +306,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                         state["best_checkpoint"] = f"checkpoint-{step}"
                         save(step, evaluation)
                     if monitor:  # overfitting is judged on the loss of the set that picks the best checkpoint
-                        tell(monitor.observe_eval(step, last_loss or float("nan"), evaluation[loss_key_of(best_metric)],
+                        tell(monitor.observe_eval(step, last_loss or float("nan"), evaluation[eval_loss_key(best_metric)],
                                                   state["best_checkpoint"]))
                 # Samples run on the main process alone, which a sharded (FSDP/DeepSpeed) model cannot do.
                 if prompts and not is_sharded(accelerator) and (step % sample_steps == 0 or step == total_steps):
@@ -401,11 +401,6 @@ def is_better(value: float, best: float | None, metric: str) -> bool:
     if best is None:
         return math.isfinite(value)
     return value > best if greater_is_better(metric) else value < best
-
-
-def loss_key_of(metric: str) -> str:
-    """The loss key of the eval set a metric belongs to: eval_gsm8k_token_accuracy → eval_gsm8k_loss."""
-    return metric.removesuffix("_token_accuracy").removesuffix("_loss") + "_loss"
 
 
 def check_hardware(config: SFTConfig) -> None:
