@@ -44,7 +44,7 @@ def check_installed(sinks: list[str]) -> None:
 
 def open_sinks(sinks: list[str], output_dir: Path, run_name: str, config: dict[str, Any]) -> list[Sink]:
     check_installed(sinks)
-    builders = {"tensorboard": TensorBoardSink, "wandb": WandbSink, "mlflow": MlflowSink, "trackio": TrackioSink}
+    builders = {"tensorboard": TensorBoardSink, "wandb": wandb_sink, "mlflow": MlflowSink, "trackio": trackio_sink}
     return [builders[sink](output_dir, run_name, config) for sink in sinks]
 
 
@@ -67,11 +67,11 @@ class TensorBoardSink:
         self.writer.close()
 
 
-class WandbSink:
-    def __init__(self, output_dir: Path, run_name: str, config: dict[str, Any]):
-        import wandb
+class RunObjectSink:
+    """W&B and trackio: both hand back a run object with `log(scalars, step=)` and `finish()`."""
 
-        self.run = wandb.init(name=run_name, config=config, dir=str(output_dir))
+    def __init__(self, run: Any):
+        self.run = run
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(scalars, step=step)
@@ -81,6 +81,19 @@ class WandbSink:
 
     def close(self) -> None:
         self.run.finish()
+
+
+def wandb_sink(output_dir: Path, run_name: str, config: dict[str, Any]) -> RunObjectSink:
+    import wandb
+
+    return RunObjectSink(wandb.init(name=run_name, config=config, dir=str(output_dir)))
+
+
+def trackio_sink(output_dir: Path, run_name: str, config: dict[str, Any]) -> RunObjectSink:
+    import trackio
+
+    return RunObjectSink(trackio.init(project=os.environ.get("TRACKIO_PROJECT", "sftkit"), name=run_name,
+                                      config=config))
 
 
 class MlflowSink:
@@ -119,19 +132,3 @@ class MlflowSink:
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
-
-
-class TrackioSink:
-    def __init__(self, output_dir: Path, run_name: str, config: dict[str, Any]):
-        import trackio
-
-        self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "sftkit"), name=run_name, config=config)
-
-    def log(self, scalars: dict[str, float], step: int) -> None:
-        self.run.log(scalars, step=step)
-
-    def text(self, tag: str, text: str, step: int) -> None:
-        pass  # samples are in samples.jsonl and the report
-
-    def close(self) -> None:
-        self.run.finish()
