@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
-from typing import Any
 
-import torch
 from torch import nn
 
 from sftkit.model.load import ModelError
@@ -32,18 +29,6 @@ def linear_module_names(model: nn.Module) -> list[str]:
         if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
-
-
-def quantization_config() -> Any:
-    """NF4 with double quantisation and bf16 compute, the QLoRA recipe. GPU only."""
-    if not torch.cuda.is_available():
-        raise ModelError("finetuning = 'qlora' needs a CUDA GPU (bitsandbytes 4-bit); use 'lora' on this machine")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelError("finetuning = 'qlora' needs bitsandbytes; install sftkit[gpu]")
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def apply_adapters(model: nn.Module, options: AdapterOptions) -> nn.Module:
@@ -72,7 +57,12 @@ def apply_adapters(model: nn.Module, options: AdapterOptions) -> nn.Module:
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters."""
+    """(trainable, total) parameters; a 4-bit weight counts its weights, not its packed bytes (2 per byte)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(weight_count(p) for p in model.parameters())
     return trainable, total
+
+
+def weight_count(parameter: nn.Parameter) -> int:
+    quant_state = getattr(parameter, "quant_state", None)  # bitsandbytes Params4bit: uint8 storage
+    return quant_state.shape.numel() if quant_state is not None else parameter.numel()

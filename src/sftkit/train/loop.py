@@ -29,13 +29,9 @@ from sftkit.data.dataset import DataOptions, prepare_data
 from sftkit.data.inspect import data_stats
 from sftkit.data.packing import pack_balanced
 from sftkit.data.template import IGNORE_INDEX, resolve_chat_template
-from sftkit.model.adapters import (
-    AdapterOptions,
-    apply_adapters,
-    parameter_counts,
-    quantization_config,
-)
+from sftkit.model.adapters import AdapterOptions, apply_adapters, parameter_counts
 from sftkit.model.load import ModelError, load_model, load_tokenizer, resolve_dtype
+from sftkit.model.quantize import check_qlora_supported, quantization_config
 from sftkit.monitor.diagnosis import Monitor, MonitorSettings
 from sftkit.monitor.samples import generate_samples, load_sample_prompts
 from sftkit.rng import capture_rng, restore_rng
@@ -84,7 +80,9 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
         for finding in findings:  # model text may hold [brackets]: never read as markup
             say(f"[bold yellow]diagnosis:[/bold yellow] {escape(finding.message)} — {escape(finding.advice)}")
     output_dir = Path(config.output_dir)
-    check_hardware(config)
+    note = check_hardware(config)
+    if note:
+        say(f"[yellow]{escape(note)}[/yellow]")
     check_installed(config.report_sinks)  # a missing tracker fails before data and model are loaded
     if main:
         prepare_output_dir(output_dir, config)
@@ -403,14 +401,14 @@ def is_better(value: float, best: float | None, metric: str) -> bool:
     return value > best if greater_is_better(metric) else value < best
 
 
-def check_hardware(config: SFTConfig) -> None:
-    """Settings the hardware cannot honour fail before any model is loaded."""
+def check_hardware(config: SFTConfig) -> str | None:
+    """Settings the hardware cannot honour fail before any model is loaded; returns a note on what it
+    can honour only slowly (QLoRA on CPU)."""
     if config.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ModelError("bf16 = true but this GPU has no bfloat16 support (pre-Ampere); use fp16: true")
     if config.fp16 and not torch.cuda.is_available():
         raise ModelError("fp16 = true needs a CUDA GPU (fp16 autocast with loss scaling); on CPU use bf16: true or neither")
-    if config.finetuning == "qlora" and not torch.cuda.is_available():
-        raise ModelError("finetuning = 'qlora' needs a CUDA GPU (bitsandbytes 4-bit); use finetuning: lora on this machine")
+    return check_qlora_supported(torch.cuda.is_available()) if config.finetuning == "qlora" else None
 
 
 def columns_for_training(dataset: Any) -> tuple[list[dict[str, list[int]]], list[int]]:
