@@ -140,12 +140,13 @@ def generate(
 def merge(
     run_dir: Path = typer.Argument(..., help="Run directory or adapter folder."),
     out: Path = typer.Option(..., help="Where to write the merged model."),
+    dtype: str = typer.Option("auto", help="auto (the base's saved dtype), float32 or bfloat16; never 4-bit."),
 ) -> None:
     """Merge the LoRA adapter into the base weights and save a standalone model with its tokenizer."""
     from sftkit.merge import merge_adapter
 
     try:
-        path = merge_adapter(run_dir, out)
+        path = merge_adapter(run_dir, out, dtype=dtype)
     except USER_ERRORS as err:
         _fail(err)
     console.print(f"merged model written to {path}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from sftkit.model.load import ModelError
+from sftkit.model.quantize import keep_4bit_layers_trainable
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ def apply_adapters(model: nn.Module, options: AdapterOptions) -> nn.Module:
     if options.finetuning == "qlora":
         from peft import prepare_model_for_kbit_training
 
+        keep_4bit_layers_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
     elif options.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

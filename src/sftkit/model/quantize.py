@@ -73,3 +73,18 @@ def quantization_config() -> Any:
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, a `Linear4bit` that runs in eval mode without gradients (eval loss,
+    samples) rewrites its weight in place into a layout only `gemv_4bit` reads, and keeps using that
+    kernel after `model.train()`. `gemv_4bit` has no backward, so from then on no gradient flows
+    through the 4-bit layers to the adapters below them (torch warns "an autograd kernel was not
+    registered"), and the run depends on when it evaluated, which breaks resume. Training keeps the
+    dequantise-then-matmul path throughout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit
+            module.support_avx512bf16_for_cpu = False
