@@ -14,13 +14,19 @@ Measured peak:
         before the step (parameters, optimizer state, the batch). Its peak is the largest sum of live
         storage bytes: the quantity max_memory_allocated measures on CUDA, less rounding to blocks.
 
+QLoRA rows quantise the random model with bitsandbytes (NF4, double quantisation, bf16 compute) as
+training does; a 4-bit weight lives as uint8 storage plus its quantisation constants, which are
+tensors outside `parameters()` and counted alongside them.
+
     python bench/plan_accuracy.py            # the CPU grid (~2 minutes)
     python bench/plan_accuracy.py --quick    # four rows
+    python bench/plan_accuracy.py --finetuning qlora lora   # only these rows
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 import weakref
 from dataclasses import dataclass
@@ -32,6 +38,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from sftkit.model.adapters import AdapterOptions, apply_adapters
+from sftkit.model.load import load_model
+from sftkit.model.quantize import quantization_config
 from sftkit.plan.memory import MemoryInputs, MetaModel, estimate_memory
 from sftkit.train.forward import CausalLMLoss
 from sftkit.train.optim import build_optimizer
@@ -97,6 +105,7 @@ def grid(quick: bool) -> list[Case]:
     cases += [Case("llama-h256", ft, 1, 512, True) for ft in ("lora", "full")]
     cases += [Case("llama-h256", "lora", 2, 256, False, attn="eager"), Case("llama-h256", "full", 2, 256, False, chunked=False)]
     cases += [Case("llama-h256", ft, 2, 256, ckpt, bf16=True) for ft in ("lora", "full") for ckpt in (False, True)]
+    cases += [Case(shape, "qlora", 2, 256, ckpt) for shape in SHAPES for ckpt in (False, True)]
     return cases[:4] if quick else cases
 
 
@@ -109,12 +118,34 @@ def run_step(loss_model: CausalLMLoss, optimizer, batch: dict[str, torch.Tensor]
     optimizer.zero_grad(set_to_none=True)
 
 
-def measure(case: Case, device: str) -> int:
-    torch.manual_seed(0)
+def build_model(case: Case, device: str) -> torch.nn.Module:
+    """A random model of the case's shape; for QLoRA saved and loaded back through bitsandbytes, as training loads it."""
     config = SHAPES[case.shape]
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=case.dtype, attn_implementation=case.attn)
+    if case.finetuning == "qlora":
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            model = load_model(folder, case.dtype, case.attn, quantization_config=quantization_config())
     model.config.use_cache = False
+    return model
+
+
+def quantization_constants(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The absmax and code tensors of every 4-bit weight (they live in its quant_state, not in parameters())."""
+    found = []
+    for parameter in model.parameters():
+        state = getattr(parameter, "quant_state", None)
+        while state is not None:
+            found += [t for t in (state.absmax, state.code, state.offset) if isinstance(t, torch.Tensor)]
+            state = state.state2
+    return found
+
+
+def measure(case: Case, device: str) -> int:
+    torch.manual_seed(0)
+    config = SHAPES[case.shape]
+    model = build_model(case, device)
     model = apply_adapters(model, AdapterOptions(finetuning=case.finetuning, gradient_checkpointing=case.checkpointing))
     model.train()
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
@@ -131,7 +162,8 @@ def measure(case: Case, device: str) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
     states = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
-    with LiveStorage([*model.parameters(), *model.buffers(), *states, *batch.values()]) as tracker:
+    existing = [*model.parameters(), *model.buffers(), *quantization_constants(model), *states, *batch.values()]
+    with LiveStorage(existing) as tracker:
         run_step(loss_model, optimizer, batch, case)
     return tracker.peak
 
@@ -148,6 +180,7 @@ def estimate(case: Case) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--finetuning", nargs="+", choices=["lora", "qlora", "full"], help="only these rows")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     method = "torch.cuda.max_memory_allocated" if device == "cuda" else "peak of live tensor storage (LiveStorage)"
@@ -159,6 +192,8 @@ def main() -> None:
     print("-" * len(header))
     start, errors = time.perf_counter(), []
     for case in grid(args.quick):
+        if args.finetuning and case.finetuning not in args.finetuning:
+            continue
         estimated, measured = estimate(case), measure(case, device)
         error = (estimated - measured) / measured
         errors.append(abs(error))

@@ -8,6 +8,7 @@ schedule comes from the same functions the training loop uses.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,6 +26,10 @@ from sftkit.train.forward import chunked_loss_is_exact
 __all__ = ["build_plan", "run_plan"]
 
 DEFAULT_GPU = KNOWN_GPUS["h100"]
+
+
+QLORA_TIME_NOTE = ("QLoRA dequantises every 4-bit weight in each forward and backward, so its steps are slower "
+                   "than LoRA's; bench/qlora_vs_lora.py measures both on your machine")
 
 
 def run_plan(config: SFTConfig, gpu: str | None = None, gpu_memory: str | None = None, num_gpus: int = 1,
@@ -92,6 +97,8 @@ def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: boo
     fits = estimate.total <= gpu.memory_bytes
     changes = advise(Setting(inputs, config.finetuning, config.gradient_accumulation_steps), estimate.total,
                      gpu.memory_bytes, meta_for, full_lengths)
+    adapters_trade_off = lora_against_qlora(config.finetuning, estimate.total,
+                                            lambda ft: estimate_memory(meta_for(ft), inputs).total)
 
     # --- time
     flops = flops_per_token(model_config, meta.params.total_params, config.max_seq_length, config.finetuning,
@@ -129,6 +136,7 @@ def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: boo
             "gradient_checkpointing": config.gradient_checkpointing,
             "micro_batch": config.per_device_train_batch_size, "seq_len": config.max_seq_length},
         "fits": fits,
+        "lora_vs_qlora": adapters_trade_off,
         "changes": [{"change": c.what, "total_bytes": c.total, "fits": c.fits, "note": c.note} for c in changes],
         "time": {"tokens": tokens, "tokens_note": tokens_note, "flops_per_token": flops,
                  "tokens_per_second_per_gpu": throughput.tokens_per_second if throughput else None,
@@ -138,6 +146,15 @@ def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: boo
                        for g in KNOWN_GPUS.values()],
         "notes": notes,
     }
+
+
+def lora_against_qlora(finetuning: str, total: int, estimate_for: Callable[[str], int]) -> dict[str, Any] | None:
+    """Both adapter methods' memory for the same step, and what QLoRA's saving costs in time."""
+    if finetuning not in ("lora", "qlora"):
+        return None
+    other = "qlora" if finetuning == "lora" else "lora"
+    totals = {finetuning: total, other: estimate_for(other)}
+    return {"lora_bytes": totals["lora"], "qlora_bytes": totals["qlora"], "time": QLORA_TIME_NOTE}
 
 
 def _read_data(config: SFTConfig) -> tuple[dict[str, Any], list[int] | None, int | None]:

@@ -111,6 +111,11 @@ def _print_memory(plan: dict[str, Any], console: Console) -> None:
     table.add_row(f"[bold]total vs {memory['gpu']} ({_gib(memory['gpu_bytes'])})[/bold]",
                   f"[bold]{_gib(memory['total_bytes'])}[/bold] {verdict}")
     console.print(table)
+    trade_off = plan.get("lora_vs_qlora")
+    if trade_off:
+        saved = 1 - trade_off["qlora_bytes"] / trade_off["lora_bytes"]
+        console.print(f"LoRA {_gib(trade_off['lora_bytes'])} vs QLoRA {_gib(trade_off['qlora_bytes'])} "
+                      f"({saved:.0%} less memory); {trade_off['time']}.", highlight=False)
     if plan["changes"]:
         title = "Changes that make it fit" if not plan["fits"] else "Room to spare: changes that go faster"
         changes = _table(title, "change", "new estimate", "fits", "cost")
