@@ -5,8 +5,10 @@ method, after a warm-up step that creates the optimizer state:
   memory  peak of live tensor storage over the step (`LiveStorage` of plan_accuracy.py, the quantity
           max_memory_allocated gives on CUDA); 4-bit weights count as their uint8 storage plus their
           quantisation constants. Beside it, the plan's estimate for the same step.
-  time    wall time of the step without the tracking mode; the two methods alternate, round after
-          round, so that load from other processes falls on both alike, and the ratio is reported.
+  time    wall and CPU time (process_time) of the step without the tracking mode; the two methods
+          alternate, round after round, so that load from other processes falls on both alike, and the
+          ratios are reported. One torch thread by default: on a shared machine waiting OpenMP threads
+          spin, and CPU seconds per step are what other load moves least.
 
     python bench/qlora_vs_lora.py --model PATH_TO_HF_FOLDER     # e.g. SmolLM2-135M-Instruct
     python bench/qlora_vs_lora.py --model PATH --seq 256 --rounds 5
@@ -51,10 +53,11 @@ class Step:
         self.case = argparse.Namespace(bf16=False)
         self.run()  # warm-up: creates the AdamW state
 
-    def run(self) -> float:
-        start = time.perf_counter()
+    def run(self) -> tuple[float, float]:
+        """(wall seconds, CPU seconds) of one step."""
+        wall, cpu = time.perf_counter(), time.process_time()
         run_step(self.loss_model, self.optimizer, self.batch, self.case)
-        return time.perf_counter() - start
+        return time.perf_counter() - wall, time.process_time() - cpu
 
     def peak_bytes(self) -> int:
         states = [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
@@ -88,28 +91,34 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=1)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.model is None:
         parser.error("--model is required (no converted SmolLM2 in ~/.cache/sftkit-tests; run the tests once)")
     print(f"model {args.model}; micro {args.micro} × seq {args.seq}; fp32 weights (QLoRA: NF4 + bf16 compute); "
           f"LoRA r16 on all linear layers; AdamW; {torch.get_num_threads()} threads")
     steps = {method: Step(args.model, method, args.micro, args.seq) for method in ("lora", "qlora")}
-    times: dict[str, list[float]] = {method: [] for method in steps}
+    times: dict[str, list[tuple[float, float]]] = {method: [] for method in steps}
     for _ in range(args.rounds):
         for method, step in steps.items():
             times[method].append(step.run())
-    header = f"{'method':<6} {'weights':>9} {'peak':>9} {'plan':>9} {'plan err':>8} {'step s (median)':>16}"
+    header = (f"{'method':<6} {'weights':>9} {'peak':>9} {'plan':>9} {'plan err':>8} {'wall s':>7} {'CPU s':>7}"
+              "   (median step; every round's wall s)")
     print(header)
     print("-" * len(header))
-    medians, peaks = {}, {}
+    wall, cpu, peaks = {}, {}, {}
     for method, step in steps.items():
-        peaks[method], medians[method] = step.peak_bytes(), statistics.median(times[method])
+        peaks[method] = step.peak_bytes()
+        wall[method] = statistics.median(t for t, _ in times[method])
+        cpu[method] = statistics.median(c for _, c in times[method])
         estimate = plan_estimate(args.model, method, args.micro, args.seq)
         print(f"{method:<6} {step.weight_bytes() / MIB:>7.1f}Mi {peaks[method] / MIB:>7.1f}Mi {estimate / MIB:>7.1f}Mi "
-              f"{(estimate - peaks[method]) / peaks[method]:>+8.1%} {medians[method]:>16.2f}"
-              f"   (all: {', '.join(f'{t:.2f}' for t in times[method])})")
-    print(f"qlora / lora: peak memory {peaks['qlora'] / peaks['lora']:.2f}×, step time "
-          f"{medians['qlora'] / medians['lora']:.2f}× (interleaved rounds, same process)")
+              f"{(estimate - peaks[method]) / peaks[method]:>+8.1%} {wall[method]:>7.2f} {cpu[method]:>7.2f}"
+              f"   ({', '.join(f'{t:.2f}' for t, _ in times[method])})")
+    print(f"qlora / lora: peak memory {peaks['qlora'] / peaks['lora']:.2f}×, weights "
+          f"{steps['qlora'].weight_bytes() / steps['lora'].weight_bytes():.2f}×, step time "
+          f"{wall['qlora'] / wall['lora']:.2f}× wall, {cpu['qlora'] / cpu['lora']:.2f}× CPU (interleaved rounds)")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,12 @@ class Setting:
 RUN_EXTRAS = dict(eval_split_ratio=0.1, eval_steps=2, sample_prompts=["What is 12 plus 30?"], sample_steps=4,
                   max_new_tokens=8)
 SETTINGS = {"tiny": Setting(256, 2, 8, 3, 5), "smollm2": Setting(64, 1, 4, 2, 3)}
-MODELS = [pytest.param("tiny", id="tiny"), pytest.param("smollm2", id="smollm2", marks=pytest.mark.slow)]
+MODELS = [pytest.param("tiny", id="tiny"), pytest.param("smollm2", id="smollm2", marks=pytest.mark.slow)]  # trains: slow
+
+
+def each_model_and_device(test):
+    """Run `test(name, device)` on the tiny model and SmolLM2, on CPU and (marked `cuda`) on CUDA."""
+    return needs_4bit(pytest.mark.parametrize("device", DEVICES)(pytest.mark.parametrize("name", MODELS)(test)))
 
 
 def require(device: str) -> None:
@@ -127,9 +132,8 @@ def test_qlora_model_is_the_reference_recipe(tiny_model_dir, device):
     assert {p.dtype for p in model.parameters() if p.dtype != torch.uint8} == {torch.float32}
 
 
-@needs_4bit
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.slow
+@each_model_and_device
 def test_qlora_run_trains_and_reports(qlora_run, name, device):
     """The loss falls; eval, samples, checkpoints, the adapter and the report are all there."""
     require(device)
@@ -145,9 +149,8 @@ def test_qlora_run_trains_and_reports(qlora_run, name, device):
     print(f"\n{name}: loss {losses[1]:.4f} (step 1) -> {losses[max(losses)]:.4f} (step {max(losses)})")
 
 
-@needs_4bit
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.slow
+@each_model_and_device
 def test_qlora_resume_equals_the_uninterrupted_run(request, qlora_run, tmp_path, monkeypatch, name, device):
     """Crash mid-run, resume from the last checkpoint: the adapter ends where the uninterrupted run's did."""
     require(device)
@@ -175,9 +178,7 @@ def test_qlora_resume_equals_the_uninterrupted_run(request, qlora_run, tmp_path,
     assert logged_losses(tmp_path / "run") == pytest.approx(logged_losses(straight), rel=1e-6, abs=0)
 
 
-@needs_4bit
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", MODELS)
+@each_model_and_device
 def test_qlora_gradient_accumulation_is_one_big_batch(request, name, device):
     """micro 2 × GA 2 gives the loss and adapter gradients of micro 4 × GA 1 on the 4-bit model."""
     require(device)
@@ -212,9 +213,8 @@ def mean_kl(reference: torch.Tensor, other: torch.Tensor) -> float:
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
 
 
-@needs_4bit
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.slow
+@each_model_and_device
 def test_qlora_merge_writes_a_full_precision_model(qlora_run, tmp_path, name, device):
     """The merged model loads with plain transformers in fp32, equals the unquantised base + adapter, and is
     within the stated KL bound of the 4-bit model + adapter that was trained."""
