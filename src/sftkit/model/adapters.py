@@ -38,7 +38,8 @@ def apply_adapters(model: nn.Module, options: AdapterOptions) -> nn.Module:
         from peft import prepare_model_for_kbit_training
 
         keep_4bit_layers_trainable(model)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     elif options.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if options.finetuning == "full":
