@@ -38,7 +38,7 @@ DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=
 
 # Merged (full-precision base + folded adapter) against the 4-bit model + adapter it was trained as: the
 # base's NF4 rounding is the whole difference. Stated bound on the mean KL divergence of next-token
-# distributions; measured 3.5e-5 (tiny) and 2.4e-2 (SmolLM2), see the closing note of the QLoRA change.
+# distributions, set well above what was measured (printed with -s): MEASURED_KL
 MERGE_KL_BOUND = {"tiny": 1e-3, "smollm2": 0.1}
 FOLD_TOLERANCE = 1e-4  # merged against the same unquantised base + unmerged adapter, fp32 logits
 

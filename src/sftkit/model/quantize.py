@@ -25,9 +25,10 @@ CPU_NOTE = ("finetuning = 'qlora' on CPU: bitsandbytes dequantises every 4-bit w
 
 
 class _KernelsNotice(logging.Filter):
-    """Drops bitsandbytes' notice that the optional `kernels` package (a faster CPU 4-bit matmul fetched
-    from the hub) is missing: the built-in matmul it falls back to gives the same results, and sftkit
-    runs offline, so the notice would only clutter every run's console."""
+    """Drops bitsandbytes' notice, printed on import on AVX512-BF16 CPUs, that the optional `kernels`
+    package is missing: it would fetch a faster kernel from the hub for the CPU inference layout, which
+    training never uses (see `keep_4bit_layers_trainable`), and it is printed by LoRA runs too, since
+    `import peft` imports bitsandbytes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "kernels" not in record.getMessage()
