@@ -135,18 +135,21 @@ def test_qlora_model_is_the_reference_recipe(tiny_model_dir, device):
 @pytest.mark.slow
 @each_model_and_device
 def test_qlora_run_trains_and_reports(qlora_run, name, device):
-    """The loss falls; eval, samples, checkpoints, the adapter and the report are all there."""
+    """The eval loss falls (the same held-out rows each time: a train step's loss depends on its batch);
+    eval, samples, checkpoints, the adapter and the report are all there."""
     require(device)
     run = qlora_run(name, device)
-    losses = logged_losses(run)
-    assert losses[max(losses)] < losses[1], losses
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval_loss" in r for r in rows)
+    evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    first, last = min(evals), max(evals)
+    assert evals[last] < evals[first], evals
     assert (run / "samples.jsonl").read_text().strip()
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     assert build_report(run).is_file()
-    print(f"\n{name}: loss {losses[1]:.4f} (step 1) -> {losses[max(losses)]:.4f} (step {max(losses)})")
+    losses = logged_losses(run)
+    print(f"\n{name}: eval loss {evals[first]:.4f} (step {first}) -> {evals[last]:.4f} (step {last}); "
+          f"train loss by step {[round(losses[step], 4) for step in sorted(losses)]}")
 
 
 @pytest.mark.slow

@@ -1,10 +1,11 @@
 """4-bit base weights for QLoRA: NF4, double quantisation, bf16 compute (bitsandbytes), on CUDA or CPU.
 
 bitsandbytes quantises and multiplies 4-bit weights on CUDA, and on x86-64 CPUs from
-`MIN_CPU_BITSANDBYTES` on. On a CPU every forward and backward dequantises each weight block
-before its matmul, so a QLoRA step costs more than a LoRA step on the same model: it saves memory
-(about 0.56 bytes per linear weight instead of 4), never time. The recipe runs on CPU so that it can
-be tested where no GPU is; to train on a CPU, use `finetuning: lora`.
+`MIN_CPU_BITSANDBYTES` on. Each forward and backward dequantises every weight block before its
+matmul. The 4-bit weights take about 0.52 bytes per linear weight instead of 4 (fp32) or 2 (bf16);
+whether a step is slower or faster than LoRA's depends on the machine and the model's size
+(`bench/qlora_vs_lora.py` measures both). On a CPU the recipe runs so that it can be tried and tested
+where there is no GPU; training a model of real size there is slow either way.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from packaging.version import Version
 from sftkit.model.load import ModelError
 
 MIN_CPU_BITSANDBYTES = "0.47.0"  # first release with 4-bit quantisation and matmul on CPU
-CPU_NOTE = ("finetuning = 'qlora' on CPU: bitsandbytes dequantises every 4-bit weight in each forward and backward, "
-            "so a step is slower than with 'lora' on the same model; it saves memory, not time. "
-            "Use finetuning: lora to train on a CPU")
+CPU_NOTE = ("finetuning = 'qlora' without a GPU: bitsandbytes runs the 4-bit layers on the CPU, where training is "
+            "slow; it is there to try and test the recipe. bench/qlora_vs_lora.py compares it with lora on this machine")
 
 
 class _KernelsNotice(logging.Filter):

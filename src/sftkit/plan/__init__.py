@@ -28,8 +28,8 @@ __all__ = ["build_plan", "run_plan"]
 DEFAULT_GPU = KNOWN_GPUS["h100"]
 
 
-QLORA_TIME_NOTE = ("QLoRA dequantises every 4-bit weight in each forward and backward, so its steps are slower "
-                   "than LoRA's; bench/qlora_vs_lora.py measures both on your machine")
+QLORA_TIME_NOTE = ("QLoRA dequantises every 4-bit weight in each forward and backward, which costs time on a GPU; "
+                   "bench/qlora_vs_lora.py measures both methods' memory and step time on your machine")
 
 
 def run_plan(config: SFTConfig, gpu: str | None = None, gpu_memory: str | None = None, num_gpus: int = 1,
