@@ -29,18 +29,26 @@ from sftkit.model.load import ModelError, load_model, load_tokenizer
 from sftkit.report import build_report
 from sftkit.train.forward import CausalLMLoss
 from tests.test_engine import assert_close_grads, gradients, make_examples
-from tests.train_helpers import final_weights, logged_losses, max_weight_difference, tiny_config, write_chat_data
+from tests.train_helpers import WORDS, final_weights, logged_losses, max_weight_difference, tiny_config, write_chat_data
 
 _version = quantize.bitsandbytes_version()
 needs_4bit = pytest.mark.skipif(_version is None or Version(_version) < Version(quantize.MIN_CPU_BITSANDBYTES),
                                 reason=f"bitsandbytes>={quantize.MIN_CPU_BITSANDBYTES} not installed")
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 
-# Merged (full-precision base + folded adapter) against the 4-bit model + adapter it was trained as: the
-# base's NF4 rounding is the whole difference. Stated bound on the mean KL divergence of next-token
-# distributions, set well above what was measured (printed with -s): MEASURED_KL
-MERGE_KL_BOUND = {"tiny": 1e-3, "smollm2": 0.1}
-FOLD_TOLERANCE = 1e-4  # merged against the same unquantised base + unmerged adapter, fp32 logits
+# Merged (full-precision base + folded adapter) against the 4-bit model + adapter it was trained as, on text
+# like the training data: the base's NF4 rounding and bf16 compute are the difference. Stated bound on the
+# mean KL divergence of next-token distributions, above what was measured (printed with -s): tiny 4.4e-5,
+# SmolLM2 0.27, where the 4-bit base alone is at 0.49 from the fp32 base (these SmolLM2 weights are
+# dequantised from a Q4_1 GGUF, which NF4 then rounds again).
+MERGE_KL_BOUND = {"tiny": 1e-3, "smollm2": 0.5}
+# The 4-bit layers compute in bf16, and micro 4 and micro 2 batches have different shapes (padded to 40
+# tokens, against 40 and 23): on SmolLM2 GA matches one big batch within bf16 rounding (measured: loss
+# 2.8e-5, gradients 2.0e-3 relative); on the tiny model to fp32 rounding (1.0e-7, 1.5e-7).
+GA_TOLERANCE = {"tiny": 1e-6, "smollm2": 1e-2}  # bf16 keeps 8 bits: its rounding step is 2^-7 = 7.8e-3
+
+# merged against the same unquantised base + unmerged adapter, fp32 logits (measured 1.8e-7 tiny, 8.6e-5 SmolLM2)
+FOLD_TOLERANCE = {"tiny": 1e-4, "smollm2": 5e-4}
 
 
 @dataclass(frozen=True)
@@ -205,9 +213,13 @@ def test_qlora_gradient_accumulation_is_one_big_batch(request, name, device):
         loss_sum = loop.accumulate_gradients(loss_model, accelerator, batches, trained)
         results.append((loss_sum.item() / trained, gradients(loss_model)))
     (big_loss, big_grads), (ga_loss, ga_grads) = results
-    worst = assert_close_grads(big_grads, ga_grads, rtol=1e-5)
-    print(f"\n{name}: GA vs big batch, loss rel {abs(big_loss - ga_loss) / abs(big_loss):.3g}, grads rel {worst:.3g}")
-    assert abs(big_loss - ga_loss) <= 1e-6 * abs(big_loss)
+    loss_error = abs(big_loss - ga_loss) / abs(big_loss)
+    norm_error = (torch.cat([(big_grads[k] - ga_grads[k]).flatten() for k in big_grads]).norm()
+                  / torch.cat([g.flatten() for g in big_grads.values()]).norm()).item()
+    print(f"\n{name}: GA vs big batch, loss rel {loss_error:.3g}, gradient rel norm {norm_error:.3g}")
+    assert loss_error <= GA_TOLERANCE[name] and norm_error <= GA_TOLERANCE[name]
+    if name == "tiny":  # and every parameter's gradient on its own
+        assert_close_grads(big_grads, ga_grads, rtol=GA_TOLERANCE[name])
 
 
 def mean_kl(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -234,16 +246,20 @@ def test_qlora_merge_writes_a_full_precision_model(qlora_run, tmp_path, name, de
                                vocab_size=vocab)
     quantize.keep_4bit_layers_trainable(four_bit_base)  # the kernels training ran with
     four_bit = PeftModel.from_pretrained(four_bit_base, str(run / "adapter"))
-    input_ids = torch.randint(0, min(vocab, 400), (2, 32), generator=torch.Generator().manual_seed(0))
+    text = " ".join(WORDS * 3)  # text like the training data, not random ids
+    input_ids = load_tokenizer(str(run / "adapter"))(text, return_tensors="pt").input_ids[:, :48]
     with torch.no_grad():
         got = merged(input_ids=input_ids).logits  # (batch, seq, vocab)
         folded = full.eval()(input_ids=input_ids).logits
         trained = four_bit.eval()(input_ids=input_ids.to(four_bit.device)).logits.cpu()
+        with four_bit.disable_adapter(), full.disable_adapter():  # the bases alone: what NF4 rounding does
+            base_kl = mean_kl(four_bit(input_ids=input_ids.to(four_bit.device)).logits.cpu(),
+                              full(input_ids=input_ids).logits)
     fold_error = (got - folded).abs().max().item()
     kl = mean_kl(trained, got)
     agree = (trained.argmax(-1) == got.argmax(-1)).float().mean().item()
     print(f"\n{name}: merged vs fp32 base + adapter max |Δlogit| {fold_error:.3g}; merged vs 4-bit + adapter "
-          f"mean KL {kl:.3g}, max |Δlogit| {(got - trained).abs().max().item():.3g}, top-1 agreement {agree:.1%}")
-    assert fold_error <= FOLD_TOLERANCE
+          f"mean KL {kl:.3g}, top-1 agreement {agree:.1%}; 4-bit base vs fp32 base mean KL {base_kl:.3g}")
+    assert fold_error <= FOLD_TOLERANCE[name]
     assert kl <= MERGE_KL_BOUND[name]
     shutil.rmtree(merged_dir)
