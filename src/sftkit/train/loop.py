@@ -31,7 +31,9 @@ from sftkit.data.packing import pack_balanced
 from sftkit.data.template import IGNORE_INDEX, resolve_chat_template
 from sftkit.model.adapters import (
     AdapterOptions,
+    LoraVariant,
     apply_adapters,
+    initial_adapter_state,
     parameter_counts,
     quantization_config,
 )
@@ -109,10 +111,13 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     model = load_model(config.model_name_or_path, resolve_dtype(config.torch_dtype, config.bf16, config.fp16),
                        config.attn_implementation, config.trust_remote_code,
                        quantization_config() if config.finetuning == "qlora" else None, vocab_size=len(tokenizer))
+    variant = LoraVariant(config.use_dora, config.use_rslora, tuple(config.lora_modules_to_save or ()),
+                          config.init_lora_weights)
     model = apply_adapters(model, AdapterOptions(
         config.finetuning, config.lora_r, config.lora_alpha, config.lora_dropout,
         tuple(config.lora_target_modules) if isinstance(config.lora_target_modules, list) else config.lora_target_modules,
-        config.gradient_checkpointing))
+        config.gradient_checkpointing, variant))
+    initial_adapter = initial_adapter_state(model, variant)  # PiSSA/OLoRA: to save against the original base
     trainable, total_params = parameter_counts(model)
     chunked = chunked_loss_is_exact(model) if config.chunked_loss == "auto" else config.chunked_loss
     if chunked and not chunked_loss_is_exact(model):
@@ -344,7 +349,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     gathered = accelerator.get_state_dict(loss_model) if is_sharded(accelerator) else None
     if main:
         state_dict = {k.removeprefix("model."): v for k, v in gathered.items()} if gathered else None
-        save_final(unwrapped, tokenizer, template, final_dir, state_dict)
+        save_final(unwrapped, tokenizer, template, final_dir, state_dict, initial_adapter)
     accelerator.wait_for_everyone()
     run_info.update(status=status, last_step=step, final_dir=str(final_dir),
                     finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -402,6 +407,8 @@ def run_fingerprint(config: SFTConfig, world: int) -> dict[str, Any]:
     return {
         "model_name_or_path": config.model_name_or_path, "finetuning": config.finetuning,
         "lora": [config.lora_r, config.lora_alpha, config.lora_target_modules] if config.finetuning != "full" else None,
+        **({"lora_variant": [config.use_dora, config.use_rslora, config.lora_modules_to_save, config.init_lora_weights]}
+           if config.finetuning != "full" else {}),
         "datasets": redacted(config)["datasets"], "max_seq_length": config.max_seq_length,
         "packing": config.packing, "seed": config.seed, "per_device_train_batch_size": config.per_device_train_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps, "world_size": world,
