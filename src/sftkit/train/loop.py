@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +37,9 @@ from sftkit.model.adapters import (
     parameter_counts,
     quantization_config,
 )
+from sftkit.model.compile import compile_decoder_layers
 from sftkit.model.load import ModelError, load_model, load_tokenizer, resolve_dtype
+from sftkit.model.neftune import add_neftune_noise
 from sftkit.monitor.diagnosis import Monitor, MonitorSettings
 from sftkit.monitor.samples import generate_samples, load_sample_prompts
 from sftkit.rng import capture_rng, restore_rng
@@ -46,6 +48,7 @@ from sftkit.train.batches import BatchPlan
 from sftkit.train.checkpoint import is_sharded, save_checkpoint
 from sftkit.train.errors import TrainingError
 from sftkit.train.forward import CausalLMLoss, chunked_loss_is_exact
+from sftkit.train.offload import activation_offloading
 from sftkit.train.metrics import (
     MetricsWriter,
     accumulate,
@@ -118,6 +121,11 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
         tuple(config.lora_target_modules) if isinstance(config.lora_target_modules, list) else config.lora_target_modules,
         config.gradient_checkpointing, variant))
     initial_adapter = initial_adapter_state(model, variant)  # PiSSA/OLoRA: to save against the original base
+    if config.neftune_noise_alpha:
+        add_neftune_noise(model, config.neftune_noise_alpha)  # active in train mode only
+    if config.torch_compile:
+        compile_decoder_layers(model)  # compiled on the first step's forward
+    offload = activation_offloading(config.activation_offloading, tell=say)
     trainable, total_params = parameter_counts(model)
     chunked = chunked_loss_is_exact(model) if config.chunked_loss == "auto" else config.chunked_loss
     if chunked and not chunked_loss_is_exact(model):
@@ -240,7 +248,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 step_trained = sum(trained_per_example[e] for mb in group for s in mb for e in sequences[s])
                 step_tokens = sum(lengths[e] for mb in group for s in mb for e in sequences[s])
                 batches = [batch_of(sequence_ids, group[0]) for sequence_ids in plan.for_rank(group, rank)]
-                loss_sum = accumulate_gradients(loss_model, accelerator, batches, step_trained)
+                loss_sum = accumulate_gradients(loss_model, accelerator, batches, step_trained, offload)
                 step_loss = (accelerator.reduce(loss_sum, "sum") / step_trained).item()
                 grad_norm = accelerator.clip_grad_norm_(
                     loss_model.parameters(), config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
@@ -301,7 +309,8 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 # Samples run on the main process alone, which a sharded (FSDP/DeepSpeed) model cannot do.
                 if prompts and not is_sharded(accelerator) and (step % sample_steps == 0 or step == total_steps):
                     if main:
-                        samples = generate_samples(unwrapped, tokenizer, template, prompts, config.max_new_tokens)
+                        with torch.compiler.set_stance("force_eager"):  # KV-cache decoding: never worth compiling
+                            samples = generate_samples(unwrapped, tokenizer, template, prompts, config.max_new_tokens)
                         log_samples(output_dir, writer, step, samples, console)
                         tell(monitor.observe_samples(step, samples))
                     accelerator.wait_for_everyone()
@@ -364,12 +373,12 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
 
 
 def accumulate_gradients(loss_model: torch.nn.Module, accelerator: Accelerator, batches: list[dict[str, torch.Tensor]],
-                         step_trained: int) -> torch.Tensor:
+                         step_trained: int, saved_tensors: AbstractContextManager | None = None) -> torch.Tensor:
     """Backward over this process's micro-batches of one optimizer step; returns their summed loss.
 
     Each micro-batch contributes sum_loss / N_step, N_step counting the trained tokens of the whole
     step on all processes; × world because DDP averages gradients. Gradients are only all-reduced
-    on the last micro-batch.
+    on the last micro-batch. `saved_tensors` is the context the forward runs in (activation offloading).
     """
     world = accelerator.num_processes
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -378,7 +387,8 @@ def accumulate_gradients(loss_model: torch.nn.Module, accelerator: Accelerator, 
         # DeepSpeed steps inside backward when gradients sync: only on the last micro-batch.
         accelerator.gradient_state._set_sync_gradients(last)
         with nullcontext() if last else accelerator.no_sync(loss_model):
-            micro_loss = loss_model(**batch)
+            with saved_tensors or nullcontext():
+                micro_loss = loss_model(**batch)
             accelerator.backward(micro_loss * world / step_trained)
         loss_sum += micro_loss.detach().float()
     return loss_sum
