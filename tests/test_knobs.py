@@ -90,7 +90,7 @@ def test_neftune_run_trains_with_noise_and_evaluates_without(tmp_path, tiny_mode
 def test_compiled_training_matches_eager(tmp_path, tiny_model_dir):
     """10 steps with every decoder layer compiled (inductor) log the same losses as eager."""
     data = write_chat_data(tmp_path / "chat.jsonl", rows=24)
-    settings = dict(max_steps=10, lora_dropout=0.0, save_steps=100)
+    settings = dict(max_steps=10, lora_dropout=0.0, save_steps=100, lora_target_modules=["q_proj", "v_proj"])
     loop.train(tiny_config(tiny_model_dir, data, tmp_path / "eager", **settings))
     torch._dynamo.reset()
     compiled_calls = []
