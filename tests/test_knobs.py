@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -153,3 +155,22 @@ def test_activation_offloading_gives_the_same_gradients_and_moves_activations(ti
     for name, grad in plain_grads.items():
         torch.testing.assert_close(offloaded_grads[name], grad, atol=0, rtol=0)
     assert offloaded_kept < plain_kept / 2, (offloaded_kept, plain_kept)
+
+
+def test_plan_moves_checkpointed_activations_to_the_host():
+    from transformers import LlamaConfig
+
+    from sftkit.plan.memory import MemoryInputs, MetaModel, estimate_memory
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2)
+    meta = MetaModel.build(config, torch.bfloat16, AdapterOptions(finetuning="lora"), "sdpa")
+    inputs = MemoryInputs(gradient_checkpointing=True, autocast_dtype=None, attn_implementation="sdpa",
+                          micro_batch=4, seq_len=1024, chunked_loss=True, loss_chunk_size=256)
+    kept = estimate_memory(meta, inputs)
+    offloaded = estimate_memory(meta, replace(inputs, activation_offloading=True))
+    layer_input = 4 * 1024 * 256 * 2  # (batch, seq, hidden) in bf16
+    assert kept.parts["activations"] >= 6 * layer_input and kept.host_activations == 0
+    assert offloaded.parts["activations"] == layer_input  # only the layer in flight stays on the GPU
+    assert offloaded.host_activations == kept.parts["activations"]
+    assert offloaded.total < kept.total
