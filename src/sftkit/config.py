@@ -105,7 +105,7 @@ class SFTConfig(BaseModel):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     activation_offloading: bool = Field(
         False, description="Keep activations saved for backward in pinned host memory (CUDA only; a no-op on CPU).")
-    torch_compile: bool = Field(False, description="Compile each decoder layer with torch.compile (once, before step 1).")
+    torch_compile: bool = Field(False, description="Compile each decoder layer with torch.compile (on the first step; one graph for all layers).")
     neftune_noise_alpha: float | None = Field(
         None, gt=0, description="NEFTune: uniform noise of scale alpha / sqrt(seq × hidden) on input embeddings, training only.")
     chunked_loss: bool | Literal["auto"] = Field(
