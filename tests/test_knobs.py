@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -77,7 +78,7 @@ def test_neftune_run_trains_with_noise_and_evaluates_without(tmp_path, tiny_mode
                              eval_steps=1, sample_prompts=["What is 12 plus 30?"], max_new_tokens=8, **extra)
         monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)  # weights stay the base's
         loop.train(config)
-        rows = [r for r in map(__import__("json").loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())]
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         evals[name] = next(r["eval_loss"] for r in rows if "eval_loss" in r)
         return logged_losses(tmp_path / name)[1], (tmp_path / name / "samples.jsonl").read_text()
 

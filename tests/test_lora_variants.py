@@ -17,7 +17,7 @@ from sftkit.generate import load_trained
 from sftkit.merge import merge_adapter
 from sftkit.model.adapters import AdapterOptions, LoraVariant, apply_adapters
 from sftkit.model.load import ModelError, load_model
-from tests.train_helpers import final_weights, logged_losses, max_weight_difference, tiny_config, write_chat_data
+from tests.train_helpers import crash_in_step, final_weights, logged_losses, max_weight_difference, tiny_config, write_chat_data
 
 # Three runs cover every option; PiSSA/OLoRA, whose saved adapter is rewritten, meet the other options too.
 VARIANTS = {
@@ -25,24 +25,6 @@ VARIANTS = {
     "pissa_rslora": {"init_lora_weights": "pissa", "use_rslora": True},
     "olora_modules_to_save": {"init_lora_weights": "olora", "lora_modules_to_save": ["lm_head"]},
 }
-
-
-def crash_then_resume(config_for, monkeypatch) -> None:
-    """Run until a simulated crash in step 5, then resume from checkpoint-3 to the end."""
-    real = loop.accumulate_gradients
-    calls = {"n": 0}
-
-    def crash_on_step_five(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "accumulate_gradients", crash_on_step_five)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        loop.train(config_for())
-    monkeypatch.setattr(loop, "accumulate_gradients", real)
-    loop.train(config_for(resume_from_checkpoint=True))
 
 
 def trained_model(model_dir, checkpoint, config) -> torch.nn.Module:
@@ -65,8 +47,9 @@ def test_variant_resumes_exactly_and_merges_into_the_original_base(name, tmp_pat
     settings = VARIANTS[name]
     straight = tiny_config(tiny_model_dir, data, tmp_path / "straight", **settings)
     loop.train(straight)
-    crash_then_resume(lambda **extra: tiny_config(tiny_model_dir, data, tmp_path / "crashed", **settings, **extra),
-                      monkeypatch)
+    with crash_in_step(monkeypatch, 5), pytest.raises(RuntimeError, match="simulated crash"):
+        loop.train(tiny_config(tiny_model_dir, data, tmp_path / "crashed", **settings))
+    loop.train(tiny_config(tiny_model_dir, data, tmp_path / "crashed", resume_from_checkpoint=True, **settings))
     difference = max_weight_difference(final_weights(tmp_path / "straight"), final_weights(tmp_path / "crashed"))
     assert difference <= 1e-6, difference
     expected, got = logged_losses(tmp_path / "straight"), logged_losses(tmp_path / "crashed")
