@@ -130,13 +130,13 @@ def initial_adapter_state(model: nn.Module, variant: LoraVariant) -> dict[str, t
     """A CPU copy of the freshly initialised adapter when the init changed the base (PiSSA/OLoRA), else None.
 
     Taken before any training or resume; `save_adapter` needs it to express the trained adapter against
-    the original base. Costs one adapter's worth of host memory.
+    the original base. Costs the low-rank matrices' worth of host memory (2 · r · (in + out) per layer).
     """
     if not variant.mutates_base:
         return None
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items() if "lora_" in k}
 
 
 def save_adapter(model: nn.Module, directory: Path, initial: dict[str, torch.Tensor] | None,
