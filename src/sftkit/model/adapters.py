@@ -156,6 +156,7 @@ def save_adapter(model: nn.Module, directory: Path, initial: dict[str, torch.Ten
 
     config = copy.deepcopy(model.peft_config["default"])
     config.init_lora_weights = True  # the initial adapter is loaded as it is, not initialised again
+    config.modules_to_save = None  # only its low-rank matrices are kept (and needed)
     with tempfile.TemporaryDirectory() as temp:
         initial_dir = Path(temp) / "initial_adapter"
         config.save_pretrained(initial_dir)
