@@ -130,13 +130,14 @@ def initial_adapter_state(model: nn.Module, variant: LoraVariant) -> dict[str, t
     """A CPU copy of the freshly initialised adapter when the init changed the base (PiSSA/OLoRA), else None.
 
     Taken before any training or resume; `save_adapter` needs it to express the trained adapter against
-    the original base. Costs the low-rank matrices' worth of host memory (2 · r · (in + out) per layer).
+    the original base. Costs one adapter's worth of host memory: the low-rank matrices, plus the fully
+    trained modules (peft's loader expects every modules_to_save weight in an adapter it loads).
     """
     if not variant.mutates_base:
         return None
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items() if "lora_" in k}
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
 
 def save_adapter(model: nn.Module, directory: Path, initial: dict[str, torch.Tensor] | None,
@@ -156,7 +157,6 @@ def save_adapter(model: nn.Module, directory: Path, initial: dict[str, torch.Ten
 
     config = copy.deepcopy(model.peft_config["default"])
     config.init_lora_weights = True  # the initial adapter is loaded as it is, not initialised again
-    config.modules_to_save = None  # only its low-rank matrices are kept (and needed)
     with tempfile.TemporaryDirectory() as temp:
         initial_dir = Path(temp) / "initial_adapter"
         config.save_pretrained(initial_dir)
