@@ -20,7 +20,7 @@ from sftkit.model.load import ModelError, load_model
 from tests.train_helpers import crash_in_step, final_weights, logged_losses, max_weight_difference, tiny_config, write_chat_data
 
 # Two runs cover every option; PiSSA, whose saved adapter is rewritten, meets the others too. OLoRA takes
-# PiSSA's path (same conversion); add {"init_lora_weights": "olora"} here to run it as well (~20 s).
+# PiSSA's path (same conversion); add {"init_lora_weights": "olora"} here to run it as well.
 VARIANTS = {
     "dora_modules_to_save": {"use_dora": True, "lora_modules_to_save": ["lm_head"]},
     "pissa_rslora_modules_to_save": {"init_lora_weights": "pissa", "use_rslora": True,
