@@ -48,7 +48,6 @@ from sftkit.train.batches import BatchPlan
 from sftkit.train.checkpoint import is_sharded, save_checkpoint
 from sftkit.train.errors import TrainingError
 from sftkit.train.forward import CausalLMLoss, chunked_loss_is_exact
-from sftkit.train.offload import activation_offloading
 from sftkit.train.metrics import (
     MetricsWriter,
     accumulate,
@@ -57,6 +56,7 @@ from sftkit.train.metrics import (
     truncate_after,
     window_row,
 )
+from sftkit.train.offload import activation_offloading
 from sftkit.train.optim import build_optimizer
 from sftkit.train.outputs import (
     log_samples,
