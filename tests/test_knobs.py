@@ -145,6 +145,8 @@ def test_activation_offloading_gives_the_same_gradients_and_moves_activations(ti
         before = torch.cuda.memory_allocated()
         with context:
             loss = loss_model(**batch)
+        torch.cuda.synchronize()  # copies done; the next allocation lets their device blocks go
+        torch.empty(1, device="cuda")
         kept = torch.cuda.memory_allocated() - before  # activations held for backward (+ the loss)
         loss.backward()
         torch.cuda.synchronize()
@@ -154,7 +156,7 @@ def test_activation_offloading_gives_the_same_gradients_and_moves_activations(ti
     offloaded_loss, offloaded_grads, offloaded_kept = step(offload.activation_offloading(True))
     assert offloaded_loss == plain_loss
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(offloaded_grads[name], grad, atol=0, rtol=0)
+        torch.testing.assert_close(offloaded_grads[name], grad)  # attention backward may use atomics
     assert offloaded_kept < plain_kept / 2, (offloaded_kept, plain_kept)
 
 
