@@ -6,7 +6,7 @@ import pytest
 
 import sftkit.train.loop as loop
 from sftkit.train.checkpoint import CheckpointError
-from tests.train_helpers import final_weights, logged_losses, max_weight_difference, tiny_config, write_chat_data
+from tests.train_helpers import crash_in_step, final_weights, logged_losses, max_weight_difference, tiny_config, write_chat_data
 
 pytestmark = pytest.mark.slow
 
@@ -17,19 +17,8 @@ def test_resume_continues_the_same_run(tmp_path, tiny_model_dir, monkeypatch):
     loop.train(straight)
 
     crashed = tiny_config(tiny_model_dir, data, tmp_path / "crashed")
-    real = loop.accumulate_gradients
-    calls = {"n": 0}
-
-    def crash_on_step_five(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "accumulate_gradients", crash_on_step_five)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_in_step(monkeypatch, 5), pytest.raises(RuntimeError, match="simulated crash"):
         loop.train(crashed)
-    monkeypatch.setattr(loop, "accumulate_gradients", real)
     assert (tmp_path / "crashed" / "checkpoint-3").is_dir()
     assert not (tmp_path / "crashed" / "checkpoint-6").exists()
 

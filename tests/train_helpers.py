@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +56,24 @@ def max_weight_difference(a: dict, b: dict) -> float:
 def logged_losses(output_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@contextmanager
+def crash_in_step(monkeypatch: Any, step: int) -> Iterator[None]:
+    """Inside the block, the loop's `step`-th gradient accumulation raises `RuntimeError("simulated crash")`."""
+    import sftkit.train.loop as loop
+
+    real = loop.accumulate_gradients
+    calls = {"n": 0}
+
+    def crash(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "accumulate_gradients", crash)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(loop, "accumulate_gradients", real)

@@ -60,6 +60,12 @@ class SFTConfig(BaseModel):
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     lora_target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt; `all-linear`: every linear layer but the output head.")
+    use_dora: bool = Field(False, description="DoRA: LoRA plus a learned magnitude per output feature (slower step).")
+    use_rslora: bool = Field(False, description="rsLoRA: scale the adapter by alpha / sqrt(r) instead of alpha / r.")
+    lora_modules_to_save: list[str] | None = Field(
+        None, description="Modules trained in full and saved with the adapter, e.g. [lm_head, embed_tokens].")
+    init_lora_weights: bool | str = Field(
+        True, description="Adapter init: true (B = 0), false, gaussian, orthogonal, pissa, pissa_niter_N or olora.")
 
     # --- data ---
     datasets: list[DatasetSpec] = Field(min_length=1, description="Training data sources, concatenated.")
@@ -102,6 +108,11 @@ class SFTConfig(BaseModel):
     bf16: bool = Field(False, description="bfloat16 autocast.")
     fp16: bool = Field(False, description="float16 autocast with loss scaling.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    activation_offloading: bool = Field(
+        False, description="Keep activations saved for backward in pinned host memory (CUDA only; a no-op on CPU).")
+    torch_compile: bool = Field(False, description="Compile each decoder layer with torch.compile (on the first step; one graph for all layers).")
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: uniform noise of scale alpha / sqrt(seq × hidden) on input embeddings, training only.")
     chunked_loss: bool | Literal["auto"] = Field(
         "auto", description="Cross-entropy over sequence chunks, never holding all logits; `auto`: on where exact.")
     loss_chunk_size: int = Field(1024, ge=16, description="Tokens per chunk of the chunked loss.")
@@ -145,6 +156,7 @@ class SFTConfig(BaseModel):
         if self.eval_dataset is not None and self.eval_split_ratio > 0:
             raise ValueError("eval_dataset and eval_split_ratio are both set; keep one")
         self._check_eval_sets()
+        self._check_lora_variant()
         return self
 
     def _check_eval_sets(self) -> None:
@@ -170,6 +182,24 @@ class SFTConfig(BaseModel):
             if self.best_model_metric not in names:
                 raise ValueError(f"metric_for_best_model = {self.metric_for_best_model!r} names no eval set of this "
                                  f"config; choose one of: {', '.join(names)}")
+
+    def _check_lora_variant(self) -> None:
+        init = self.init_lora_weights
+        if isinstance(init, str) and not _LORA_INITS.match(init):
+            raise ValueError(f"init_lora_weights = {init!r} is not supported; use true, false, gaussian, orthogonal, "
+                             "pissa, pissa_niter_N (N iterations of fast SVD) or olora")
+        variant = {"use_dora": self.use_dora, "use_rslora": self.use_rslora,
+                   "lora_modules_to_save": bool(self.lora_modules_to_save), "init_lora_weights": init is not True}
+        if self.finetuning == "full" and any(variant.values()):
+            keys = ", ".join(k for k, on in variant.items() if on)
+            raise ValueError(f"{keys} only apply to LoRA, but finetuning = 'full'; remove them or use finetuning: lora")
+        mutates_base = isinstance(init, str) and init.startswith(("pissa", "olora"))
+        if mutates_base and self.use_dora:
+            raise ValueError(f"init_lora_weights = {init!r} with use_dora: the trained DoRA adapter cannot be written as "
+                             "an adapter of the original base; choose one of them")
+        if mutates_base and self.finetuning == "qlora":
+            raise ValueError(f"init_lora_weights = {init!r} with finetuning: qlora would quantize the residual base "
+                             "weights, so the saved adapter would not fit the original base; use lora, or the default init")
 
     # Derived values, never stored: the config stays what the user wrote.
     @property
@@ -231,6 +261,10 @@ def eval_loss_key(metric: str) -> str:
 def greater_is_better(metric: str) -> bool:
     """Losses improve downwards, accuracies upwards."""
     return not metric.endswith("loss")
+
+
+# peft's init_lora_weights strings that need no data or extra config (eva, corda and loftq do).
+_LORA_INITS = re.compile(r"^(gaussian|orthogonal|pissa|pissa_niter_\d+|olora)$")
 
 
 # --------------------------------------------------------------------------- loading

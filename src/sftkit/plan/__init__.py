@@ -92,7 +92,8 @@ def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: boo
     inputs = MemoryInputs(
         gradient_checkpointing=config.gradient_checkpointing, autocast_dtype=autocast,
         attn_implementation=config.attn_implementation, micro_batch=config.per_device_train_batch_size,
-        seq_len=config.max_seq_length, chunked_loss=chunked, loss_chunk_size=config.loss_chunk_size)
+        seq_len=config.max_seq_length, chunked_loss=chunked, loss_chunk_size=config.loss_chunk_size,
+        activation_offloading=config.activation_offloading)
     estimate = estimate_memory(meta, inputs)
     fits = estimate.total <= gpu.memory_bytes
     changes = advise(Setting(inputs, config.finetuning, config.gradient_accumulation_steps), estimate.total,
@@ -134,6 +135,7 @@ def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: boo
             "activations_without_checkpointing": estimate.activations[False],
             "activations_with_checkpointing": estimate.activations[True],
             "gradient_checkpointing": config.gradient_checkpointing,
+            "activation_offloading": config.activation_offloading, "activations_on_host": estimate.host_activations,
             "micro_batch": config.per_device_train_batch_size, "seq_len": config.max_seq_length},
         "fits": fits,
         "lora_vs_qlora": adapters_trade_off,

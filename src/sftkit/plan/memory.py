@@ -54,6 +54,7 @@ class MemoryInputs:
     chunked_loss: bool
     loss_chunk_size: int
     shards: int = 1  # FSDP: weights, gradients and optimizer states split across this many GPUs
+    activation_offloading: bool = False  # saved activations wait in pinned host memory (sftkit.train.offload)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class MemoryEstimate:
     params: ParameterBytes
     loss: int  # head + cross-entropy peak
     activations: dict[bool, int]  # kept + backward working set, by gradient checkpointing off / on
+    host_activations: int = 0  # with activation offloading: what waits in pinned host memory instead
 
     @property
     def total(self) -> int:
@@ -286,6 +288,12 @@ def kept_for_backward(trace: ActivationTrace, gradient_checkpointing: bool) -> i
     return trace.outside_layers + sum(trace.per_layer)
 
 
+def kept_while_offloading(trace: ActivationTrace, gradient_checkpointing: bool) -> int:
+    """On the GPU with activation offloading: the layer whose saved tensors are in flight (copied out in
+    forward, back in backward), the layer input with checkpointing, else a whole layer's share."""
+    return trace.layer_input if gradient_checkpointing else max(trace.per_layer)
+
+
 def backward_working_set(trace: ActivationTrace, gradient_checkpointing: bool) -> int:
     """On top of what is kept: one layer recomputed (checkpointing) and the gradients flowing through it:
     two of its largest intermediate (into and out of the MLP activation) and two of the hidden state
@@ -364,11 +372,12 @@ def estimate_memory(meta: MetaModel, inputs: MemoryInputs, cuda_overhead: bool =
                       inputs.loss_chunk_size, params.head_trainable, trace.hidden_dtype_bytes)
     shards = inputs.shards
     gradients = math.ceil(params.gradients / shards)
+    kept = kept_for_backward(trace, checkpointing)
     parts = {
         "weights": math.ceil(params.weights / shards),
         "adapters": math.ceil(params.adapters / shards),
         "optimizer states": math.ceil(params.optimizer / shards),
-        "activations": kept_for_backward(trace, checkpointing),
+        "activations": kept_while_offloading(trace, checkpointing) if inputs.activation_offloading else kept,
         # The loss peaks at the end of forward, a checkpointed layer's recomputation in backward: never together.
         "loss or backward working set": max(loss, backward_working_set(trace, checkpointing)),
         "gradients": gradients,
@@ -386,4 +395,5 @@ def estimate_memory(meta: MetaModel, inputs: MemoryInputs, cuda_overhead: bool =
         parts["CUDA context + allocator"] = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * held)
         counted.add("CUDA context + allocator")
     return MemoryEstimate(parts, counted, params, loss,
-                          {on: kept_for_backward(trace, on) + backward_working_set(trace, on) for on in (False, True)})
+                          {on: kept_for_backward(trace, on) + backward_working_set(trace, on) for on in (False, True)},
+                          kept if inputs.activation_offloading else 0)

@@ -100,6 +100,8 @@ def _print_memory(plan: dict[str, Any], console: Console) -> None:
         if part == "activations":
             detail = (f" (with backward: checkpointing off {_gib(memory['activations_without_checkpointing'])}, "
                       f"on {_gib(memory['activations_with_checkpointing'])})")
+            if memory.get("activation_offloading"):
+                detail = f" (offloaded: {_gib(memory['activations_on_host'])} wait in pinned host memory)"
         if part.startswith("loss"):
             detail = f" (logits and loss {_gib(memory['loss_bytes'])})"
         held = part in memory["held_at_peak"]

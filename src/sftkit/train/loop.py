@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,8 +29,16 @@ from sftkit.data.dataset import DataOptions, prepare_data
 from sftkit.data.inspect import data_stats
 from sftkit.data.packing import pack_balanced
 from sftkit.data.template import IGNORE_INDEX, resolve_chat_template
-from sftkit.model.adapters import AdapterOptions, apply_adapters, parameter_counts
+from sftkit.model.adapters import (
+    AdapterOptions,
+    LoraVariant,
+    apply_adapters,
+    initial_adapter_state,
+    parameter_counts,
+)
+from sftkit.model.compile import compile_decoder_layers
 from sftkit.model.load import ModelError, load_model, load_tokenizer, resolve_dtype
+from sftkit.model.neftune import add_neftune_noise
 from sftkit.model.quantize import check_qlora_supported, quantization_config
 from sftkit.monitor.diagnosis import Monitor, MonitorSettings
 from sftkit.monitor.samples import generate_samples, load_sample_prompts
@@ -47,6 +55,7 @@ from sftkit.train.metrics import (
     truncate_after,
     window_row,
 )
+from sftkit.train.offload import activation_offloading
 from sftkit.train.optim import build_optimizer
 from sftkit.train.outputs import (
     log_samples,
@@ -108,10 +117,18 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     model = load_model(config.model_name_or_path, resolve_dtype(config.torch_dtype, config.bf16, config.fp16),
                        config.attn_implementation, config.trust_remote_code,
                        quantization_config() if config.finetuning == "qlora" else None, vocab_size=len(tokenizer))
+    variant = LoraVariant(config.use_dora, config.use_rslora, tuple(config.lora_modules_to_save or ()),
+                          config.init_lora_weights)
     model = apply_adapters(model, AdapterOptions(
         config.finetuning, config.lora_r, config.lora_alpha, config.lora_dropout,
         tuple(config.lora_target_modules) if isinstance(config.lora_target_modules, list) else config.lora_target_modules,
-        config.gradient_checkpointing))
+        config.gradient_checkpointing, variant))
+    initial_adapter = initial_adapter_state(model, variant)  # PiSSA/OLoRA: to save against the original base
+    if config.neftune_noise_alpha:
+        add_neftune_noise(model, config.neftune_noise_alpha)  # active in train mode only
+    if config.torch_compile:
+        compile_decoder_layers(model)  # compiled on the first step's forward
+    offload = activation_offloading(config.activation_offloading, tell=say)
     trainable, total_params = parameter_counts(model)
     chunked = chunked_loss_is_exact(model) if config.chunked_loss == "auto" else config.chunked_loss
     if chunked and not chunked_loss_is_exact(model):
@@ -245,7 +262,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 step_trained = sum(trained_per_example[e] for mb in group for s in mb for e in sequences[s])
                 step_tokens = sum(lengths[e] for mb in group for s in mb for e in sequences[s])
                 batches = [batch_of(sequence_ids, group[0]) for sequence_ids in plan.for_rank(group, rank)]
-                sums = accumulate_gradients(loss_model, accelerator, batches, step_trained)
+                sums = accumulate_gradients(loss_model, accelerator, batches, step_trained, offload)
                 step_loss_sum, step_correct = accelerator.reduce(sums, "sum").tolist()
                 step_loss = step_loss_sum / step_trained
                 grad_norm = accelerator.clip_grad_norm_(
@@ -309,7 +326,8 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 # Samples run on the main process alone, which a sharded (FSDP/DeepSpeed) model cannot do.
                 if prompts and not is_sharded(accelerator) and (step % sample_steps == 0 or step == total_steps):
                     if main:
-                        samples = generate_samples(unwrapped, tokenizer, template, prompts, config.max_new_tokens)
+                        with torch.compiler.set_stance("force_eager"):  # KV-cache decoding: never worth compiling
+                            samples = generate_samples(unwrapped, tokenizer, template, prompts, config.max_new_tokens)
                         log_samples(output_dir, writer, step, samples, console)
                         tell(monitor.observe_samples(step, samples))
                     accelerator.wait_for_everyone()
@@ -357,7 +375,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     gathered = accelerator.get_state_dict(loss_model) if is_sharded(accelerator) else None
     if main:
         state_dict = {k.removeprefix("model."): v for k, v in gathered.items()} if gathered else None
-        save_final(unwrapped, tokenizer, template, final_dir, state_dict)
+        save_final(unwrapped, tokenizer, template, final_dir, state_dict, initial_adapter)
     accelerator.wait_for_everyone()
     run_info.update(status=status, last_step=step, final_dir=str(final_dir),
                     finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -372,13 +390,13 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
 
 
 def accumulate_gradients(loss_model: torch.nn.Module, accelerator: Accelerator, batches: list[dict[str, torch.Tensor]],
-                         step_trained: int) -> torch.Tensor:
+                         step_trained: int, saved_tensors: AbstractContextManager | None = None) -> torch.Tensor:
     """Backward over this process's micro-batches of one optimizer step; returns (2,): their summed
     loss and how many of their trained targets were the argmax, so one all-reduce gathers both.
 
     Each micro-batch contributes sum_loss / N_step, N_step counting the trained tokens of the whole
     step on all processes; × world because DDP averages gradients. Gradients are only all-reduced
-    on the last micro-batch.
+    on the last micro-batch. `saved_tensors` is the context the forward runs in (activation offloading).
     """
     world = accelerator.num_processes
     counter = accelerator.unwrap_model(loss_model)  # the CausalLMLoss that records `correct`
@@ -388,7 +406,8 @@ def accumulate_gradients(loss_model: torch.nn.Module, accelerator: Accelerator, 
         # DeepSpeed steps inside backward when gradients sync: only on the last micro-batch.
         accelerator.gradient_state._set_sync_gradients(last)
         with nullcontext() if last else accelerator.no_sync(loss_model):
-            micro_loss = loss_model(**batch)
+            with saved_tensors or nullcontext():
+                micro_loss = loss_model(**batch)
             accelerator.backward(micro_loss * world / step_trained)
         sums += torch.stack([micro_loss.detach().float(), counter.correct.float()])
     return sums
@@ -424,6 +443,8 @@ def run_fingerprint(config: SFTConfig, world: int) -> dict[str, Any]:
     return {
         "model_name_or_path": config.model_name_or_path, "finetuning": config.finetuning,
         "lora": [config.lora_r, config.lora_alpha, config.lora_target_modules] if config.finetuning != "full" else None,
+        **({"lora_variant": [config.use_dora, config.use_rslora, config.lora_modules_to_save, config.init_lora_weights]}
+           if config.finetuning != "full" else {}),
         "datasets": redacted(config)["datasets"], "max_seq_length": config.max_seq_length,
         "packing": config.packing, "seed": config.seed, "per_device_train_batch_size": config.per_device_train_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps, "world_size": world,

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from sftkit.config import SFTConfig
+from sftkit.model.adapters import save_adapter
 from sftkit.model.load import ModelError
 from sftkit.train.metrics import MetricsWriter
 
@@ -41,11 +42,16 @@ def prepare_output_dir(output_dir: Path, config: SFTConfig) -> None:
 
 
 def save_final(model: torch.nn.Module, tokenizer: Any, template: str, final_dir: Path,
-               state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """The final weights with the tokenizer whose chat template is the one trained with."""
+               state_dict: dict[str, torch.Tensor] | None = None,
+               initial_adapter: dict[str, torch.Tensor] | None = None) -> None:
+    """The final weights with the tokenizer whose chat template is the one trained with; an adapter is
+    written against the original base even when its init changed the base (see `save_adapter`)."""
     if final_dir.exists():
         shutil.rmtree(final_dir)
-    model.save_pretrained(final_dir, safe_serialization=True, state_dict=state_dict)
+    if hasattr(model, "peft_config"):
+        save_adapter(model, final_dir, initial_adapter, state_dict)
+    else:
+        model.save_pretrained(final_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.chat_template = template
     tokenizer.save_pretrained(final_dir)
     (final_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
