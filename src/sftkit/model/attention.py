@@ -93,15 +93,21 @@ def _torch_varlen_attn() -> Any:
     return varlen_attn
 
 
+def _gpu_kernels_apply(query: torch.Tensor) -> bool:
+    """flash-attn and torch's varlen_attn run on CUDA in half precision only."""
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+
+
 def varlen_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, longest: int,
                   scale: float | None, window: int | None, dropout: float) -> torch.Tensor:
-    """Dispatch one layer's attention over the flattened tokens (tokens, heads, dim) to the best kernel."""
-    left = window - 1 if window else -1
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        if (flash := _flash_attn_varlen()) is not None:
+    """One layer's attention over the flattened tokens: query (tokens, heads, dim), key/value
+    (tokens, kv_heads, dim) → (tokens, heads, dim), on the best kernel present."""
+    left = window - 1 if window else -1  # keys visible behind the query: `window` keys including itself
+    if _gpu_kernels_apply(query):
+        if (flash := _flash_attn_varlen()) is not None:  # GQA is native in flash-attn
             return flash(query, key, value, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scale,
                          causal=True, window_size=(left, 0))
-        if (varlen := _torch_varlen_attn()) is not None and dropout == 0.0:
+        if (varlen := _torch_varlen_attn()) is not None and dropout == 0.0:  # (left, 0): causal
             return varlen(query, key, value, cu, cu, longest, longest, scale=scale, window_size=(left, 0),
                           enable_gqa=query.shape[1] != key.shape[1])
     return sdpa_per_example(query, key, value, cu.tolist(), scale, window, dropout)
