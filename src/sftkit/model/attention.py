@@ -35,7 +35,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 VARLEN = "varlen"
-BOUNDARY_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# Kernels that compute Σ l² scores per example and take no seq × seq mask.
+MASK_FREE = (VARLEN, "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def boundary_kwargs(cu: torch.Tensor) -> dict[str, Any]:

@@ -57,7 +57,7 @@ class CausalLMLoss(nn.Module):
 
     def attention_inputs(self, segment_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> dict:
         """What the model's forward needs so that each example attends only to itself."""
-        if self.attn_implementation in (VARLEN, "flash_attention_2", "flash_attention_3"):
+        if self.attn_implementation in (VARLEN, "flash_attention_2", "flash_attention_3"):  # cu_seqlens kwargs
             return boundary_kwargs(cu_seqlens)
         if self.attn_implementation == "flex_attention":
             return {"attention_mask": flex_block_mask(segment_ids)}
