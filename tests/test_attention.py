@@ -4,6 +4,8 @@ like Llama and Qwen2. The CUDA kernels' wiring is checked through CPU stand-ins 
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,7 +180,8 @@ def test_cuda_varlen_kernel_matches_sdpa_per_example(window):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("attn", ["varlen", "sdpa"])
+@pytest.mark.parametrize("attn", ["varlen", "sdpa", pytest.param("flash_attention_2", marks=pytest.mark.skipif(
+    importlib.util.find_spec("flash_attn") is None, reason="flash-attn not installed"))])
 def test_cuda_packed_loss_equals_alone_in_bf16(attn):
     loss_model = CausalLMLoss(tiny_model("llama", attn).cuda().to(torch.bfloat16), attn, chunked=False)
     examples = examples_of(LENGTHS)
