@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 from sftkit.data.collate import collate, cu_seqlens
 from sftkit.model import attention
 from sftkit.train.forward import CausalLMLoss
+from tests.train_helpers import worst_packed_vs_alone
 
 IGNORE = -100
 VOCAB = 96
@@ -59,19 +60,7 @@ def relative(a: float, b: float) -> float:
 @pytest.mark.parametrize("attn", PATHS)
 def test_packed_example_loss_equals_its_loss_alone(attn, shape, micro_batch):
     loss_model = CausalLMLoss(tiny_model(shape, attn), attn, chunked=False)
-    examples = examples_of(LENGTHS)
-    rows = rows_of(examples, micro_batch)
-    packed = collate(rows, pad_token_id=0)
-    worst = 0.0
-    with torch.no_grad():
-        for r, row in enumerate(rows):
-            for s, example in enumerate(row, start=1):
-                alone = loss_model(**collate([[example]], pad_token_id=0)).item()
-                only_this = dict(packed)
-                keep = torch.zeros_like(packed["segment_ids"], dtype=torch.bool)
-                keep[r] = packed["segment_ids"][r] == s
-                only_this["targets"] = packed["targets"].masked_fill(~keep, IGNORE)
-                worst = max(worst, relative(loss_model(**only_this).item(), alone))
+    worst = worst_packed_vs_alone(loss_model, rows_of(examples_of(LENGTHS), micro_batch))
     print(f"{attn} {shape} micro-batch {micro_batch}: max relative loss difference packed vs alone {worst:.1e}")
     assert worst <= 1e-5
 
@@ -184,13 +173,4 @@ def test_cuda_varlen_kernel_matches_sdpa_per_example(window):
     importlib.util.find_spec("flash_attn") is None, reason="flash-attn not installed"))])
 def test_cuda_packed_loss_equals_alone_in_bf16(attn):
     loss_model = CausalLMLoss(tiny_model("llama", attn).cuda().to(torch.bfloat16), attn, chunked=False)
-    examples = examples_of(LENGTHS)
-    rows = rows_of(examples, 4)
-    packed = {k: v.cuda() for k, v in collate(rows, pad_token_id=0).items()}
-    with torch.no_grad():
-        for s, example in enumerate(rows[0], start=1):
-            alone = loss_model(**{k: v.cuda() for k, v in collate([[example]], pad_token_id=0).items()}).item()
-            keep = torch.zeros_like(packed["segment_ids"], dtype=torch.bool)
-            keep[0] = packed["segment_ids"][0] == s
-            inside = loss_model(**dict(packed, targets=packed["targets"].masked_fill(~keep, IGNORE))).item()
-            assert relative(inside, alone) <= 2e-2  # bf16 rounding differs between layouts
+    assert worst_packed_vs_alone(loss_model, rows_of(examples_of(LENGTHS), 4)) <= 2e-2  # bf16 rounding per layout

@@ -16,8 +16,8 @@ from transformers import modeling_flash_attention_utils as fa_utils
 
 from sftkit.data.collate import collate
 from sftkit.train.forward import CausalLMLoss
+from tests.train_helpers import worst_packed_vs_alone
 
-IGNORE = -100
 VOCAB = 96
 
 
@@ -61,20 +61,6 @@ def examples_of(lengths: list[int]) -> list[dict[str, list[int]]]:
     generator = torch.Generator().manual_seed(0)
     ids = [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in lengths]
     return [{"input_ids": x, "labels": x} for x in ids]
-
-
-def worst_packed_vs_alone(loss_model: CausalLMLoss, rows: list[list[dict]]) -> float:
-    packed = collate(rows, pad_token_id=0)
-    worst = 0.0
-    with torch.no_grad():
-        for r, row in enumerate(rows):
-            for s, example in enumerate(row, start=1):
-                alone = loss_model(**collate([[example]], pad_token_id=0)).item()
-                keep = torch.zeros_like(packed["segment_ids"], dtype=torch.bool)
-                keep[r] = packed["segment_ids"][r] == s
-                inside = loss_model(**dict(packed, targets=packed["targets"].masked_fill(~keep, IGNORE))).item()
-                worst = max(worst, abs(inside - alone) / max(1.0, abs(alone)))
-    return worst
 
 
 @pytest.mark.parametrize("micro_batch", [1, 4])
