@@ -10,7 +10,8 @@ and this module turns them into what each backend needs:
     varlen              our kernel (registered with transformers' AttentionInterface):
                         CUDA: flash-attn's varlen kernel when installed, else torch's `varlen_attn`;
                         CPU (and fp32 CUDA): causal SDPA per example.
-                        Cost Σ l² per layer, never seq²; no mask is built; K/V are never repeated for GQA.
+                        Cost Σ l² per layer, never seq²; no mask is built; K/V keep their own head
+                        count (the kernels group query heads themselves: enable_gqa, flash-attn GQA).
     flash_attention_2/3 the same `cu_seq_lens_q/k`, `max_length_q/k` kwargs, so transformers runs its
                         varlen path at any micro-batch size (it infers packing from position_ids only at
                         batch 1 and otherwise attends each row as one sequence)
