@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench gpu-check install clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/vs_trl.py
 	$(BIN)/python bench/loss_memory.py
 	$(BIN)/python bench/plan_accuracy.py
+
+# On a CUDA machine: the `cuda` tests, bench/vs_trl.py --gpu and bench/attention.py --gpu (needs the
+# bench extra: `make bench` once, or offline see bench/README.md). Without CUDA (or with DRY=1) the
+# same stages run on CPU at their smallest: wiring, not figures.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py $(if $(DRY),--dry)
 
 clean:
 	rm -rf $(VENV) runs

@@ -37,6 +37,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
+import sftkit.model.attention  # noqa: F401  (registers attn_implementation = "varlen")
+from sftkit.data.collate import cu_seqlens
 from sftkit.model.adapters import AdapterOptions, apply_adapters
 from sftkit.model.load import load_model
 from sftkit.model.quantize import quantization_config
@@ -153,7 +155,8 @@ def measure(case: Case, device: str) -> int:
     input_ids = torch.randint(0, config.vocab_size, (case.micro_batch, case.seq_len), device=device)
     batch = {"input_ids": input_ids, "targets": torch.roll(input_ids, -1, dims=1),
              "position_ids": torch.arange(case.seq_len, device=device).expand_as(input_ids),
-             "segment_ids": torch.ones_like(input_ids)}  # one example per row: the mask is plain causal
+             "segment_ids": torch.ones_like(input_ids),  # one example per row: the mask is plain causal
+             "cu_seqlens": cu_seqlens([[case.seq_len]] * case.micro_batch, case.seq_len).to(device)}
     run_step(loss_model, optimizer, batch, case)  # warm-up: creates the AdamW state
     if device == "cuda":
         torch.cuda.synchronize()

@@ -2,10 +2,11 @@
 
     python bench/vs_trl.py            # CPU, tiny random Llama (4 × 256), about 7 minutes on 2 CPU cores
     python bench/vs_trl.py --quick    # smoke run: 1 repeat, 3 steps
-    python bench/vs_trl.py --gpu      # CUDA: Llama-3-8B-shaped, bf16, LoRA r=16, seq 2048, MFU
+    python bench/vs_trl.py --gpu      # CUDA: Llama-3-8B-shaped, bf16, LoRA r=16, seq 4096, MFU
 
 What is the same on both sides:
-  model      one random Llama saved once (same init seed), fp32 on CPU, sdpa attention, full fine-tuning
+  model      one random Llama saved once (same init seed), fp32 on CPU, full fine-tuning; attention is
+             each side's default (sftkit: varlen; TRL: sdpa, which its padding-free mode relies on)
   data       GSM8K train rows (prompt_completion: question → answer) + the ShareGPT chats, rendered
              with sftkit's built-in `llama2` template and tokenized *once*, by sftkit; TRL gets the
              same `input_ids` and `labels` (assistant-only loss), so masks are identical
@@ -13,7 +14,7 @@ What is the same on both sides:
              order (sftkit's seeded order, fed to TRL with a sequential sampler)
   optimizer  AdamW (0.9, 0.999, 1e-8), no weight decay, cosine without warmup, clip 1.0, same GA
 Configurations, run as separate processes interleaved A B C D A B C D … to cancel machine noise:
-  sftkit-packed   balanced best-fit packing, block-diagonal attention, chunked loss (the default)
+  sftkit-packed   balanced best-fit packing, per-example (varlen) attention, chunked loss (the default)
   sftkit-padded   one example per row, padded to the longest row of the micro-batch
   trl-padded      SFTTrainer, padding to the longest row of the micro-batch
   trl-bfd         SFTTrainer, packing_strategy="bfd" (padding-free: a micro-batch is one flat row)
@@ -75,13 +76,14 @@ class Settings:
     steps: int = 10
     learning_rate: float = 5e-4
     seed: int = 42
-    attn: str = "sdpa"
+    attn: str = "sdpa"  # TRL's attention
+    sftkit_attn: str = "varlen"  # sftkit's default: per-example kernel, no seq² mask
     gradient_checkpointing: bool = False
 
 
 GPU_SETTINGS = Settings(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128_256,
-                        dtype="bfloat16", finetuning="lora", gsm8k_rows=3000, max_seq_length=2048,
-                        packed_micro_batch=1, padded_micro_batch=8, gradient_accumulation=4, steps=10,
+                        dtype="bfloat16", finetuning="lora", gsm8k_rows=3000, max_seq_length=4096,
+                        packed_micro_batch=1, padded_micro_batch=16, gradient_accumulation=4, steps=10,
                         learning_rate=2e-4, gradient_checkpointing=True)
 
 
@@ -114,7 +116,7 @@ def sftkit_config(settings: Settings, workdir: Path, packing: bool, output_dir: 
     return validate_config({
         "model_name_or_path": str(workdir / "model"), "finetuning": settings.finetuning, "lora_r": settings.lora_r,
         "lora_alpha": 2 * settings.lora_r, "lora_dropout": 0.0, "torch_dtype": settings.dtype,
-        "bf16": settings.dtype == "bfloat16", "attn_implementation": settings.attn,
+        "bf16": settings.dtype == "bfloat16", "attn_implementation": settings.sftkit_attn,
         "datasets": [
             {"path": str(workdir / "gsm8k.jsonl"), "format": "prompt_completion",
              "columns": {"prompt": "question", "completion": "answer"}},
@@ -167,6 +169,10 @@ def prepare(settings: Settings, workdir: Path) -> dict:
                                        for micro in group) for group in steps],
             "trained_per_epoch": sum(sum(1 for x in row[1:] if x != IGNORE_INDEX) for row in labels),
             "examples": len(ids), "tokens": sum(lengths),
+            # keys per query row attended per example (Σ l² / Σ l): the attention FLOPs a kernel that
+            # respects example boundaries needs, the rule `sftkit plan` uses
+            "attention_span": sum(min(n, settings.max_seq_length) ** 2 for n in lengths)
+            / sum(min(n, settings.max_seq_length) for n in lengths),
         }
         if packing:  # check-only: TRL padding-free on sftkit's own packs, in sftkit's order
             datasets.Dataset.from_dict({
@@ -389,7 +395,7 @@ def print_report(results: dict[str, dict], facts: dict, settings: Settings, raw:
             print(f"    sftkit {' '.join(f'{x:.4f}' for x in a)}\n    TRL    {' '.join(f'{x:.4f}' for x in b)}")
 
 
-def mfu_report(results: dict[str, dict], settings: Settings) -> None:
+def mfu_report(results: dict[str, dict], settings: Settings, span: float) -> None:
     """Model FLOPs utilisation, the 6 × N accounting, against the GPU's dense BF16 peak."""
     import torch
 
@@ -399,10 +405,12 @@ def mfu_report(results: dict[str, dict], settings: Settings) -> None:
     linear = settings.layers * (2 * settings.hidden**2 + 2 * settings.hidden * settings.hidden
                                 * settings.kv_heads // settings.heads + 3 * settings.hidden * settings.intermediate)
     path = linear + settings.hidden * settings.vocab  # every matmul a token passes through (embedding is a lookup)
-    attention = 6 * 2 * settings.layers * settings.hidden * settings.max_seq_length // 2  # QKᵀ and AV, causal half
+    attention = 6 * 2 * settings.layers * settings.hidden * span / 2  # QKᵀ and AV over the example, causal half
     per_token = 6 * path + attention
     print(f"\nMFU on {name} (dense BF16 peak {peak / 1e12 if peak else float('nan'):.0f} TFLOPS):")
-    print(f"  FLOPs/token = 6 × N_path + 6 × 2 × layers × hidden × seq/2 = 6 × {path / 1e9:.2f} G + "
+    print(f"  FLOPs/token = 6 × N_path + 6 × 2 × layers × hidden × span/2, span = Σ l² / Σ l = {span:.0f} "
+          "(the keys a query attends within its own example; a dense mask computes more, which is not counted)")
+    print(f"  = 6 × {path / 1e9:.2f} G + "
           f"{attention / 1e9:.2f} G = {per_token / 1e9:.1f} GFLOP (N_path: all matmul weights on the token's path, "
           "LoRA's frozen weights included, as the 6N convention does, though LoRA skips their weight gradients; "
           "the adapters themselves, < 1% more, left out)")
@@ -414,7 +422,7 @@ def mfu_report(results: dict[str, dict], settings: Settings) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 repeat of 3 steps: checks that everything runs")
-    parser.add_argument("--gpu", action="store_true", help="Llama-3-8B-shaped, bf16, LoRA r=16, seq 2048 on CUDA")
+    parser.add_argument("--gpu", action="store_true", help="Llama-3-8B-shaped, bf16, LoRA r=16, seq 4096 on CUDA")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3 CPU, 1 GPU)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per run (default 1: on a shared machine, idle OpenMP threads spin and "
@@ -470,7 +478,7 @@ def main() -> None:
     results = {name: summarize(name, runs, facts) for name, runs in raw.items() if runs}
     print_report(results, facts, settings, raw, args.threads)
     if args.gpu:
-        mfu_report(results, settings)
+        mfu_report(results, settings, facts["packed"]["attention_span"])
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": asdict(settings), "facts": facts, "runs": raw}, indent=1))
     print(f"\nTotal {time.perf_counter() - began:.0f} s")

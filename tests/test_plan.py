@@ -17,6 +17,7 @@ from sftkit.plan import build_plan
 from sftkit.plan.gpus import GIB, Gpu, parse_gpu_memory, resolve_gpu
 from sftkit.plan.memory import MemoryInputs, MetaModel, estimate_memory
 from sftkit.plan.schedule import ScheduleInputs, plan_schedule
+from sftkit.plan.throughput import attention_span, flops_per_token
 
 TINY = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 512}
@@ -97,6 +98,31 @@ def test_activation_estimate_orders_like_the_settings_do():
         2 * base["activations"], rel=0.01)
     assert estimate_memory(sdpa, _inputs(chunked_loss=False)).parts["loss or backward working set"] == \
         2 * 256 * TINY["vocab_size"] * (4 + 12)
+
+
+def test_mask_free_kernels_hold_no_seq_squared_mask():
+    """varlen and flash keep what fused sdpa keeps, less the seq² mask: the batch's bool mask and the
+    float copy sdpa makes of it in every layer. Their activations grow linearly with the sequence."""
+    config = CONFIGS["llama"]()
+    adapter = AdapterOptions(finetuning="lora")
+    sdpa = estimate_memory(MetaModel.build(config, torch.float32, adapter, "sdpa"), _inputs()).parts["activations"]
+    layers, squares = TINY["num_hidden_layers"], 2 * 256 * 256
+    for attn in ("varlen", "flash_attention_2"):
+        meta = MetaModel.build(config, torch.float32, adapter, attn)
+        at_256 = estimate_memory(meta, _inputs(attn_implementation=attn)).parts["activations"]
+        at_512 = estimate_memory(meta, _inputs(attn_implementation=attn, seq_len=512)).parts["activations"]
+        assert sdpa - at_256 >= squares * (1 + 4 * layers)
+        assert at_512 == pytest.approx(2 * at_256, rel=1e-3)
+
+
+def test_attention_flops_follow_the_examples_not_the_pack():
+    config = CONFIGS["llama"]()
+    lengths = [100] * 6 + [300, 4000]  # the 4000 is cut to max_seq_length
+    assert attention_span(lengths, 2048, "varlen") == pytest.approx((6 * 100**2 + 300**2 + 2048**2) / (900 + 2048))
+    assert attention_span(lengths, 2048, "sdpa") == attention_span(None, 2048, "varlen") == 2048
+    short, long = (flops_per_token(config, 10**6, span, "full", False) for span in (100, 2048))
+    # forward + 2 × forward backward, attention: 2 × layers × span × heads × head_dim per token
+    assert long - short == pytest.approx(3 * 2 * TINY["num_hidden_layers"] * (2048 - 100) * TINY["hidden_size"])
 
 
 @pytest.mark.parametrize("text, expected", [("80GiB", 80 * GIB), ("80GB", 80 * GIB), ("24G", 24 * GIB),

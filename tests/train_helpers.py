@@ -77,3 +77,27 @@ def crash_in_step(monkeypatch: Any, step: int) -> Iterator[None]:
         yield
     finally:
         monkeypatch.setattr(loop, "accumulate_gradients", real)
+
+
+def worst_packed_vs_alone(loss_model: Any, rows: list[list[dict]], pad_token_id: int = 0) -> float:
+    """Max relative difference between each example's loss inside the packed rows and its loss alone."""
+    import torch
+
+    from sftkit.data.collate import collate
+
+    device = next(loss_model.parameters()).device
+
+    def on_device(batch: dict) -> dict:
+        return {k: v.to(device) for k, v in batch.items()}
+
+    packed = on_device(collate(rows, pad_token_id))
+    worst = 0.0
+    with torch.no_grad():
+        for r, row in enumerate(rows):
+            for s, example in enumerate(row, start=1):
+                alone = loss_model(**on_device(collate([[example]], pad_token_id))).item()
+                keep = torch.zeros_like(packed["segment_ids"], dtype=torch.bool)
+                keep[r] = packed["segment_ids"][r] == s  # this example's targets only
+                inside = loss_model(**dict(packed, targets=packed["targets"].masked_fill(~keep, -100))).item()
+                worst = max(worst, abs(inside - alone) / max(1.0, abs(alone)))
+    return worst

@@ -50,8 +50,10 @@ class SFTConfig(BaseModel):
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off unless you trust it.")
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Dtype the weights are loaded in; `auto`: bf16 with `bf16`, fp16 with `fp16`, else fp32.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel. Packed examples never attend to each other on any of them.")
+    attn_implementation: Literal["varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                                 "flex_attention"] = Field(
+        "varlen", description="Attention kernel; `varlen`: per-example kernel without a seq² mask (flash-attn or "
+        "torch varlen on CUDA, SDPA per example on CPU). Packed examples never attend to each other on any of them.")
 
     # --- adapters ---
     finetuning: Literal["lora", "qlora", "full"] = Field("lora", description="LoRA adapters, 4-bit QLoRA, or all weights.")

@@ -9,6 +9,7 @@ asked to predict the first token of the next:
     targets   a1 a2 -  | b1 -  | -      (targets[t] = label of t+1 within the same example)
     positions 0  1  2  | 0  1  | 0
     segments  1  1  1  | 2  2  | 0
+    cu_seqlens 0, 3, 5, 6                (example boundaries over the flattened batch; padding is a span)
 
 Rows are padded to the longest row of the batch, not to max_seq_length.
 """
@@ -41,7 +42,23 @@ def collate(rows: Sequence[Sequence[dict]], pad_token_id: int) -> dict[str, torc
             segment_ids[r, offset:offset + n] = s
             offset += n
         position_ids[r, offset:] = torch.arange(width - offset)  # padding: its own segment, 0..k
-    return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "segment_ids": segment_ids}
+    boundaries = cu_seqlens([[len(ex["input_ids"]) for ex in row] for row in rows], width)
+    return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "segment_ids": segment_ids,
+            "cu_seqlens": boundaries}
+
+
+def cu_seqlens(lengths_per_row: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    """(spans + 1,) int32: start offsets of every example over the flattened (batch × width) tokens, then the total.
+
+    Each row's padding (width − Σ lengths) is one more span, so padding attends only to padding.
+    Varlen kernels read these instead of a seq × seq mask. Linear in the number of examples.
+    """
+    spans: list[int] = []
+    for lengths in lengths_per_row:
+        spans.extend(n for n in lengths if n > 0)
+        if width > sum(lengths):
+            spans.append(width - sum(lengths))
+    return torch.tensor([0, *spans], dtype=torch.int32).cumsum(0, dtype=torch.int32)
 
 
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:

@@ -82,13 +82,29 @@ def load_model_config(name: str, trust_remote_code: bool = False) -> Any:
         raise _remote_code_error(name, err) or ModelError(f"{name}: could not read the model config: {err}") from None
 
 
+# attn_implementation → (the module it needs, the package that provides it)
+_FLASH_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"), "flash_attention_3": ("flash_attn_interface", "flash-attn 3 (hopper)")}
+
+
+def check_attention(attn_implementation: str) -> None:
+    """Fail before loading when the kernel cannot run here; registers the varlen kernel with transformers."""
+    import sftkit.model.attention  # noqa: F401  (registers attn_implementation = "varlen")
+
+    if attn_implementation in _FLASH_PACKAGES:
+        module, package = _FLASH_PACKAGES[attn_implementation]
+        if importlib.util.find_spec(module) is None:
+            raise ModelError(f"attn_implementation = {attn_implementation!r} but {package} is not installed; "
+                             "install it or use 'varlen' (no extra package)")
+    if attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise ModelError("attn_implementation = 'flex_attention' needs a CUDA GPU (torch has no FlexAttention "
+                         "backward on CPU); use 'varlen'")
+
+
 def load_model(name: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
                trust_remote_code: bool = False, quantization_config: Any = None, vocab_size: int | None = None) -> Any:
     """The base causal LM. Weights are read from safetensors only; the embedding grows if the tokenizer did."""
     load_model_config(name, trust_remote_code)
-    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ModelError("attn_implementation = 'flash_attention_2' but flash-attn is not installed; "
-                         "install sftkit[gpu] or use 'sdpa'")
+    check_attention(attn_implementation)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,

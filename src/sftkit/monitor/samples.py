@@ -16,6 +16,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from sftkit.config import ConfigError
 from sftkit.data.template import end_of_turn, render_prompt
+from sftkit.model.attention import generation_attention
 from sftkit.rng import capture_rng, restore_rng
 
 
@@ -58,19 +59,20 @@ def generate_samples(model: Any, tokenizer: Any, template: str, conversations: l
     model.eval()
     samples = []
     try:
-        for messages in conversations:
-            prompt_text = render_prompt(messages, template, tokenizer)
-            # The template writes BOS itself where it wants one, as in training.
-            input_ids = tokenizer(prompt_text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-                "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-            output = model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                stopping_criteria=StoppingCriteriaList([_StopAtText(stop, tokenizer, input_ids.shape[1])]),
-                **sampling)
-            samples.append(_decode(output[0, input_ids.shape[1]:].tolist(), stop, stop_ids, tokenizer,
-                                   prompt=_last_user_message(messages)))
+        with generation_attention(model):  # varlen is a training kernel: generate on sdpa with a KV cache
+            for messages in conversations:
+                prompt_text = render_prompt(messages, template, tokenizer)
+                # The template writes BOS itself where it wants one, as in training.
+                input_ids = tokenizer(prompt_text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+                sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+                    "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+                output = model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                    eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                    stopping_criteria=StoppingCriteriaList([_StopAtText(stop, tokenizer, input_ids.shape[1])]),
+                    **sampling)
+                samples.append(_decode(output[0, input_ids.shape[1]:].tolist(), stop, stop_ids, tokenizer,
+                                       prompt=_last_user_message(messages)))
     finally:
         model.train(was_training)
         restore_rng(*states)

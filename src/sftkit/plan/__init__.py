@@ -20,7 +20,7 @@ from sftkit.plan.advice import Setting, advise
 from sftkit.plan.gpus import KNOWN_GPUS, Gpu, resolve_gpu
 from sftkit.plan.memory import MemoryInputs, MetaModel, estimate_memory
 from sftkit.plan.schedule import ScheduleInputs, plan_schedule
-from sftkit.plan.throughput import default_throughput, flops_per_token, probe_throughput
+from sftkit.plan.throughput import attention_span, default_throughput, flops_per_token, probe_throughput
 from sftkit.train.forward import chunked_loss_is_exact
 
 __all__ = ["build_plan", "run_plan"]
@@ -102,7 +102,8 @@ def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: boo
                                             lambda ft: estimate_memory(meta_for(ft), inputs).total)
 
     # --- time
-    flops = flops_per_token(model_config, meta.params.total_params, config.max_seq_length, config.finetuning,
+    span = attention_span(full_lengths, config.max_seq_length, config.attn_implementation)
+    flops = flops_per_token(model_config, meta.params.total_params, span, config.finetuning,
                             config.gradient_checkpointing)
     if probe:
         throughput = probe_throughput(model_config, config.finetuning, weight_dtype, config.max_seq_length,
@@ -140,7 +141,7 @@ def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: boo
         "fits": fits,
         "lora_vs_qlora": adapters_trade_off,
         "changes": [{"change": c.what, "total_bytes": c.total, "fits": c.fits, "note": c.note} for c in changes],
-        "time": {"tokens": tokens, "tokens_note": tokens_note, "flops_per_token": flops,
+        "time": {"tokens": tokens, "tokens_note": tokens_note, "flops_per_token": flops, "attention_span": span,
                  "tokens_per_second_per_gpu": throughput.tokens_per_second if throughput else None,
                  "throughput_source": throughput.source if throughput else "unknown GPU: give --gpu or --probe",
                  "hours": hours},

@@ -15,10 +15,12 @@ Activations are traced, not guessed: one forward of the decoder on meta tensors 
 (micro batch, max_seq_length) runs inside `saved_tensors_hooks`, which sees every tensor autograd
 keeps for backward. Each decoder layer's share is recorded, so gradient checkpointing is
 (everything outside the layers) + (one input per layer) + (one layer recomputed in backward).
-Attention: eager keeps (batch, heads, seq, seq) probabilities, which the trace sees; sdpa and
-flash_attention_2 on a GPU keep only q, k, v, the output and a logsumexp per row, which the trace
-reproduces by standing in for `scaled_dot_product_attention` (on meta it would fall back to the
-math kernel and keep the scores).
+Attention: eager keeps (batch, heads, seq, seq) probabilities, which the trace sees; the fused
+kernels (sdpa, varlen, flash, flex) on a GPU keep only q, k, v, the output and a logsumexp per row,
+which the trace reproduces by standing in for `scaled_dot_product_attention` (on meta it would fall
+back to the math kernel and keep the scores). Only sdpa and eager carry the batch's dense
+(batch, 1, seq, seq) mask; varlen and flash get per-example boundaries (a few bytes per example),
+flex a block mask (seq² / 128² entries), so their trace holds no seq² term.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from sftkit.model.adapters import AdapterOptions, apply_adapters
+from sftkit.model.attention import MASK_FREE
 
 GIB = 2**30
 NF4_BLOCK = 64  # weights per fp absmax (bitsandbytes blocksize for 4-bit)
@@ -48,7 +51,7 @@ class MemoryInputs:
 
     gradient_checkpointing: bool
     autocast_dtype: torch.dtype | None  # bf16/fp16 autocast, or None
-    attn_implementation: str  # sdpa | eager | flash_attention_2
+    attn_implementation: str  # varlen | sdpa | eager | flash_attention_2/3 | flex_attention
     micro_batch: int
     seq_len: int
     chunked_loss: bool
@@ -102,14 +105,15 @@ def build_meta_model(model_config: Any, weight_dtype: torch.dtype, adapter: Adap
                      attn_implementation: str, vocab_size: int | None = None) -> tuple[nn.Module, set[int]]:
     """The model training would build, on `meta`; and the ids of the weights QLoRA stores in 4 bits.
 
-    flash_attention_2 is built as sdpa: the parameters are the same and flash-attn need not be installed.
+    The mask-free kernels (varlen, flash, flex) are built as sdpa: the parameters are the same, and the
+    trace then runs the fused stand-in without a mask.
     """
     from transformers import AutoModelForCausalLM
 
     model_config = copy.deepcopy(model_config)
     if vocab_size is not None and vocab_size > model_config.vocab_size:
         model_config.vocab_size = vocab_size  # load_model grows the embedding when the tokenizer added a pad token
-    attn = "sdpa" if attn_implementation == "flash_attention_2" else attn_implementation
+    attn = "sdpa" if attn_implementation in MASK_FREE else attn_implementation
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=weight_dtype, attn_implementation=attn)
         model.config.use_cache = False
@@ -253,7 +257,7 @@ def trace_activations(model: nn.Module, micro_batch: int, seq_len: int, attn_imp
                                                layer.register_forward_hook(after))]
     input_ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
     # sftkit's batches carry a (batch, 1, seq, seq) block-causal mask for sdpa (boolean) and eager
-    # (additive, in the hidden states' dtype); flash_attention_2 reads position_ids instead.
+    # (additive, in the hidden states' dtype); the mask-free kernels read per-example boundaries.
     mask = None
     if attn_implementation == "sdpa":
         mask = torch.ones(micro_batch, 1, seq_len, seq_len, dtype=torch.bool, device="meta")

@@ -2,8 +2,10 @@
 
 FLOPs per trained-on token (the usual 2 × params per matmul, forward):
 
-    forward   2 × (linear parameters, head included) + 2 × layers × seq × attention width
-              (q·kᵀ and p·v, 4 × … halved by the causal mask)
+    forward   2 × (linear parameters, head included) + 2 × layers × span × attention width
+              (q·kᵀ and p·v, 4 × … halved by the causal mask), where span is the number of keys a
+              token's row of scores has on average: Σ l² / Σ l over the examples for the kernels
+              that attend per example (varlen, flash, flex), the row width for a dense mask
     backward  2 × forward for full fine-tuning (input and weight gradients); 1 × forward with
               adapters (input gradients only; the adapters' own are negligible)
     + 1 × forward again when gradient checkpointing recomputes the layers
@@ -27,13 +29,26 @@ class Throughput:
     source: str  # what was measured, or that it is a default
 
 
-def flops_per_token(model_config: Any, total_params: int, seq_len: int, finetuning: str,
+def attention_span(lengths: list[int] | None, max_seq_length: int, attn_implementation: str) -> float:
+    """Average keys per query row that the kernel computes: Σ l² / Σ l per example for the mask-free
+    kernels (the cost of a pack is the sum of its examples' costs), max_seq_length for a dense mask
+    (or when the data is unknown). Linear in the number of examples."""
+    from sftkit.model.attention import MASK_FREE
+
+    if not lengths or attn_implementation not in MASK_FREE:
+        return float(max_seq_length)
+    clipped = [min(n, max_seq_length) for n in lengths]
+    return sum(n * n for n in clipped) / sum(clipped)
+
+
+def flops_per_token(model_config: Any, total_params: int, span: float, finetuning: str,
                     gradient_checkpointing: bool) -> float:
+    """`span`: keys per query row (see `attention_span`); the sequence length for one unpacked row."""
     embedding = model_config.vocab_size * model_config.hidden_size
     linear = total_params - embedding  # the input embedding is a lookup, not a matmul
     heads = model_config.num_attention_heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    forward = 2 * linear + 2 * model_config.num_hidden_layers * seq_len * heads * head_dim
+    forward = 2 * linear + 2 * model_config.num_hidden_layers * span * heads * head_dim
     backward = 2 * forward if finetuning == "full" else forward
     return forward + backward + (forward if gradient_checkpointing else 0)
 

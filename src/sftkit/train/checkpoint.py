@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sftkit.rng import capture_rng, restore_rng
+from sftkit.train.distributed import is_sharded
 from sftkit.train.errors import CheckpointWriteError
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -216,10 +216,6 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     with safe_open(str(path / f"rng_torch_{rank}.safetensors"), "pt") as handle:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     restore_rng(plain, tensors)
-
-
-def is_sharded(accelerator: Accelerator) -> bool:
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, model: torch.nn.Module,

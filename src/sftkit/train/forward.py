@@ -1,15 +1,12 @@
 """The training forward pass: packed batches with block-diagonal attention, loss as a token sum.
 
-Packing must never let an example attend to its neighbours. We do not trust each attention backend
-to infer that from `position_ids` (with a KV cache built, transformers' sdpa/eager paths let a packed
-example see the previous ones); instead:
+Packing must never let an example attend to its neighbours. No backend is trusted to infer that from
+`position_ids` (transformers' flash path does so only at micro-batch 1; with a KV cache its sdpa/eager
+paths let a packed example see the previous ones). Each backend gets the boundaries explicitly, as
+`sftkit.model.attention` describes: cu_seqlens kwargs for varlen and flash, a BlockMask for flex, a
+dense block-causal mask for sdpa and eager.
 
-    flash_attention_2   position_ids restart per example → varlen kernel with per-example cu_seqlens
-    sdpa                explicit (batch, 1, seq, seq) boolean block-causal mask
-    eager               the same mask as an additive float mask (0 / dtype min)
-
-`tests/test_packing_attention.py` proves, per backend, that each packed example's loss equals its
-loss computed alone.
+`tests/test_attention.py` proves, per backend, that each packed example's loss equals its loss alone.
 """
 
 from __future__ import annotations
@@ -18,6 +15,7 @@ import torch
 from torch import nn
 
 from sftkit.data.collate import block_causal_mask
+from sftkit.model.attention import VARLEN, boundary_kwargs, flex_block_mask
 from sftkit.train.loss import chunked_cross_entropy, correct_predictions, cross_entropy_sum
 
 # Configs whose logits are not plain `lm_head(hidden)`; the chunked loss would not be exact for them.
@@ -57,9 +55,12 @@ class CausalLMLoss(nn.Module):
         self.chunk_size = chunk_size
         self.correct: torch.Tensor | None = None  # 0-d long, set by forward
 
-    def attention_inputs(self, segment_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.attn_implementation == "flash_attention_2":
-            return {}  # position_ids alone drive the varlen kernel
+    def attention_inputs(self, segment_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> dict:
+        """What the model's forward needs so that each example attends only to itself."""
+        if self.attn_implementation in (VARLEN, "flash_attention_2", "flash_attention_3"):  # cu_seqlens kwargs
+            return boundary_kwargs(cu_seqlens)
+        if self.attn_implementation == "flex_attention":
+            return {"attention_mask": flex_block_mask(segment_ids)}
         mask = block_causal_mask(segment_ids)  # (batch, 1, seq, seq) bool
         if self.attn_implementation == "eager":
             dtype = next(self.model.parameters()).dtype
@@ -68,10 +69,10 @@ class CausalLMLoss(nn.Module):
         return {"attention_mask": mask}
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor,
-                segment_ids: torch.Tensor) -> torch.Tensor:
+                segment_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy over the trained targets of the batch (a 0-d fp32 tensor)."""
         inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False,
-                  **self.attention_inputs(segment_ids)}
+                  **self.attention_inputs(segment_ids, cu_seqlens)}
         if not self.chunked:
             logits = self.model(**inputs).logits  # (batch, seq, vocab)
             self.correct = correct_predictions(logits, targets)

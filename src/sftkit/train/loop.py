@@ -45,7 +45,8 @@ from sftkit.monitor.samples import generate_samples, load_sample_prompts
 from sftkit.rng import capture_rng, restore_rng
 from sftkit.train import checkpoint as ckpt
 from sftkit.train.batches import BatchPlan
-from sftkit.train.checkpoint import is_sharded, save_checkpoint
+from sftkit.train.checkpoint import save_checkpoint
+from sftkit.train.distributed import is_sharded, make_accelerator
 from sftkit.train.errors import TrainingError
 from sftkit.train.forward import CausalLMLoss, chunked_loss_is_exact
 from sftkit.train.metrics import (
@@ -79,9 +80,7 @@ class RunResult:
 
 def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     console = console or Console()
-    # cpu=True without CUDA so `torchrun`/`accelerate launch` on CPU machines form a gloo process group
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if config.bf16 else "fp16" if config.fp16 else "no")
+    accelerator = make_accelerator("bf16" if config.bf16 else "fp16" if config.fp16 else "no")
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     say = console.print if main else (lambda *a, **k: None)
 
