@@ -9,12 +9,14 @@ tokens; the rows dropped are found with Arrow compute over one string column, ne
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import pyarrow.compute as pc
+from datasets.fingerprint import Hasher
 
 from sftkit.data.formats import DataError
 from sftkit.data.template import IGNORE_INDEX, TemplateError, tokenize_conversation, tokenize_text
@@ -101,6 +103,20 @@ class TokenizedData:
 MAP_BATCH_SIZE = 256
 
 
+def tokenize_fingerprint(rows: datasets.Dataset, tokenizer: Any, options: TokenizeOptions) -> str:
+    """The cache key of the tokenize map: the rows, the tokenizer, the options and the data code.
+
+    `datasets` would pickle the whole tokenizer object to key the map (seconds per run and per
+    process); a fast tokenizer is fully described by its JSON (vocabulary, merges, added and special
+    tokens, normalizer, post-processor), which hashes in milliseconds.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    identity = (backend.to_str(), type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id) \
+        if backend is not None else tokenizer
+    code = [path.read_text(encoding="utf-8") for path in sorted(Path(__file__).parent.glob("*.py"))]
+    return Hasher.hash([rows._fingerprint, identity, asdict(options), code])
+
+
 def tokenize_dataset(rows: datasets.Dataset, tokenizer: Any, options: TokenizeOptions,
                      num_proc: int = 1, describe: str = "Tokenizing") -> TokenizedData:
     """Tokenize every row; drop (and count) rows that cannot be trained on; stop on `truncation: error`."""
@@ -108,7 +124,8 @@ def tokenize_dataset(rows: datasets.Dataset, tokenizer: Any, options: TokenizeOp
         tokenize_batch, fn_kwargs={"tokenizer": tokenizer, "options": options}, batched=True,
         batch_size=MAP_BATCH_SIZE, writer_batch_size=MAP_BATCH_SIZE,
         remove_columns=[c for c in ("messages", "tools", "text") if c in rows.column_names],
-        num_proc=num_proc if num_proc > 1 and len(rows) > 1000 else None, desc=describe)
+        num_proc=num_proc if num_proc > 1 and len(rows) > 1000 else None, desc=describe,
+        new_fingerprint=tokenize_fingerprint(rows, tokenizer, options))
     # One Arrow column, counted with Arrow compute: no Python string per row.
     reasons = tokenized.select_columns(["drop_reason"]).with_format("arrow")[:]["drop_reason"]
     errors = np.flatnonzero(pc.starts_with(reasons, "error:").to_numpy(zero_copy_only=False))
