@@ -114,9 +114,9 @@ def _bins_of(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray
     bin_of = np.empty(len(lengths), np.int64)
     buckets = _Buckets(capacity)
     bins = 0
-    starts = np.flatnonzero(np.concatenate([[True], sorted_lengths[1:] != sorted_lengths[:-1]])) if len(lengths) else []
-    ends = np.append(starts[1:], len(lengths)) if len(lengths) else []
-    for run_start, run_end in zip(starts.tolist() if len(lengths) else [], ends.tolist() if len(lengths) else []):
+    starts = np.flatnonzero(np.diff(sorted_lengths, prepend=-1))  # where each run of equal lengths begins
+    ends = np.append(starts[1:], len(lengths))
+    for run_start, run_end in zip(starts.tolist(), ends.tolist()):
         length = int(sorted_lengths[run_start])
         position = run_start
         while position < run_end:
