@@ -139,10 +139,10 @@ def prepare(settings: Settings, workdir: Path) -> dict:
     import datasets
 
     from sftkit.data.dataset import DataOptions, prepare_data
+    from sftkit.data.examples import TrainingExamples
     from sftkit.data.template import IGNORE_INDEX, resolve_chat_template
     from sftkit.model.load import load_tokenizer
     from sftkit.train.batches import BatchPlan
-    from sftkit.train.loop import training_sequences
 
     build_model(settings, workdir / "model")
     with GSM8K.open() as source, (workdir / "gsm8k.jsonl").open("w") as subset:
@@ -156,7 +156,7 @@ def prepare(settings: Settings, workdir: Path) -> dict:
         table = data.train.dataset
         ids, labels, lengths = table["input_ids"], table["labels"], table["length"]
         # The very plan the loop builds (same functions, same arguments), to know its batches.
-        sequences = training_sequences(list(lengths), settings.max_seq_length, packing)
+        sequences = TrainingExamples.from_dataset(table).sequences(settings.max_seq_length, packing)
         plan = BatchPlan(sequences, config.per_device_train_batch_size, config.gradient_accumulation_steps, 1,
                          config.seed)
         order = [s for micro in plan.epoch_micro_batches(0) for s in micro]

@@ -58,8 +58,8 @@ def data_inspect(
     """Rows, formats, token lengths, trained-token fraction, padding vs packing waste, one masked example."""
     from sftkit.data.dataset import DataOptions, prepare_data
     from sftkit.data.inspect import (
-        data_stats,
         dump_examples,
+        inspect_data,
         masked_segments,
         print_stats,
     )
@@ -74,7 +74,7 @@ def data_inspect(
     except USER_ERRORS as err:
         _fail(err)
     stats = {"rendering": describe_rendering(cfg.chat_template, template),
-             **data_stats(data, cfg.max_seq_length, cfg.per_device_train_batch_size)}
+             **inspect_data(data, cfg.max_seq_length, cfg.per_device_train_batch_size, progress=not as_json)}
     if dump is not None:
         written = dump_examples(data, dump[0], dump[1])
         # With --json, stdout holds the JSON document only, so `| jq` works.

@@ -87,7 +87,8 @@ class SFTConfig(BaseModel):
     truncation: Literal["truncate_right", "drop", "error"] = Field(
         "truncate_right", description="What to do with examples longer than max_seq_length.")
     skip_bad_rows: bool = Field(False, description="Skip rows that fit no format (counted and reported) instead of stopping.")
-    dataset_num_proc: int = Field(1, ge=1, description="Processes for tokenization (datasets.map).")
+    dataset_num_proc: int | None = Field(
+        None, ge=1, description="Processes for tokenization (datasets.map); unset: one per CPU core this process may use.")
 
     # --- schedule and optimizer (HF TrainingArguments names) ---
     learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,7 @@ import datasets
 from sftkit.config import DatasetSpec, SFTConfig
 from sftkit.data.formats import DataError, LoadedSource, load_source
 from sftkit.data.template import require_chat_template
-from sftkit.data.tokenize import TokenizedData, TokenizeOptions, tokenize_dataset
+from sftkit.data.tokenize import TokenizedData, TokenizeOptions, default_num_proc, tokenize_dataset
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class DataOptions:
                                      truncation=config.truncation, assistant_only_loss=config.assistant_only_loss,
                                      train_on_reasoning=config.train_on_reasoning),
             system_prompt=config.system_prompt, skip_bad_rows=config.skip_bad_rows,
-            num_proc=config.dataset_num_proc, seed=config.seed)
+            num_proc=config.dataset_num_proc or default_num_proc(), seed=config.seed)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class PreparedData:
     eval_sets: dict[str, TokenizedData] = field(default_factory=dict)  # label ('' when unnamed) → eval set
     sources: list[LoadedSource] = field(default_factory=list)
     eval_messages: list[list[dict[str, str]]] = field(default_factory=list)  # held-out prompts for samples
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage: read, tokenize
 
     @property
     def eval(self) -> TokenizedData | None:
@@ -65,6 +67,7 @@ def _load_all(specs: tuple[DatasetSpec, ...], options: DataOptions) -> tuple[dat
 
 def prepare_data(options: DataOptions, tokenizer: Any) -> PreparedData:
     """Load, normalise, split off eval, tokenize and mask. Raises DataError with file and row on bad input."""
+    started = time.perf_counter()
     rows, sources = _load_all(options.train_sources, options)
     eval_rows: dict[str, datasets.Dataset] = {}
     for label, spec in options.eval_sources:
@@ -81,6 +84,7 @@ def prepare_data(options: DataOptions, tokenizer: Any) -> PreparedData:
         rows, eval_rows[""] = split["train"], split["test"]
     for source in sources:
         require_chat_template(options.tokenize.template, source.format, source.name, tokenizer)
+    read_done = time.perf_counter()
     train = tokenize_dataset(rows, tokenizer, options.tokenize, options.num_proc, "Tokenizing train")
     if len(train.dataset) == 0:
         files = ", ".join(spec.path for spec in options.train_sources)
@@ -97,4 +101,6 @@ def prepare_data(options: DataOptions, tokenizer: Any) -> PreparedData:
                             "check eval_dataset / eval_split_ratio and max_seq_length")
     first = next(iter(eval_rows.values()), None)
     eval_messages = [m for m in first.select(range(min(len(first), 16)))["messages"] if m] if first else []
-    return PreparedData(train=train, eval_sets=evaluations, sources=sources, eval_messages=eval_messages)
+    seconds = {"read": read_done - started, "tokenize": time.perf_counter() - read_done}
+    return PreparedData(train=train, eval_sets=evaluations, sources=sources, eval_messages=eval_messages,
+                        seconds=seconds)

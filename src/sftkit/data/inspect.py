@@ -1,20 +1,26 @@
-"""The figures a user needs before spending GPU hours: rows, formats, lengths, masking, waste."""
+"""The figures a user needs before spending GPU hours: rows, formats, lengths, masking, waste, time.
+
+Every figure comes from scalar Arrow columns read as numpy arrays (a few bytes per example), never
+from the token rows themselves, so the cost is linear in examples and flat in tokens.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sftkit.data.dataset import PreparedData
-from sftkit.data.packing import pack_balanced, packing_efficiency, padding_efficiency
+from sftkit.data.examples import column
+from sftkit.data.packing import Packs, balanced, packing_efficiency, padding_efficiency
 from sftkit.data.template import IGNORE_INDEX
 
 
-def _length_stats(values: list[int]) -> dict[str, float]:
-    if not values:
+def _length_stats(values: np.ndarray) -> dict[str, float]:
+    if not len(values):
         return {"min": 0, "median": 0, "p95": 0, "max": 0, "mean": 0}
     array = np.asarray(values)
     return {"min": int(array.min()), "median": float(np.median(array)), "p95": float(np.percentile(array, 95)),
@@ -22,15 +28,15 @@ def _length_stats(values: list[int]) -> dict[str, float]:
 
 
 def data_stats(data: PreparedData, max_seq_length: int, batch_size: int,
-               packs: list[list[int]] | None = None) -> dict[str, Any]:
+               packs: Packs | None = None) -> dict[str, Any]:
     """Everything `data inspect` prints, as plain JSON-able values. `packs`: the balanced packs when
     the caller already has them (training does), so they are not computed twice."""
     train = data.train.dataset
-    lengths = list(train["length"])  # plain lists: a datasets Column indexes through Arrow
-    labels = list(train["labels"])
-    trained = sum(sum(1 for label in row[1:] if label != IGNORE_INDEX) for row in labels)
-    total = sum(lengths)
-    bins = packs if packs is not None else pack_balanced(lengths, max_seq_length)
+    lengths = column(train, "length").astype(np.int64)
+    full_lengths = column(train, "full_length")
+    trained = int(column(train, "trained_tokens").sum())
+    total = int(lengths.sum())
+    bins = packs if packs is not None else balanced(lengths, max_seq_length)
     pack_eff = packing_efficiency(lengths, bins, batch_size)
     pad_eff = padding_efficiency(lengths, batch_size)
     return {
@@ -39,11 +45,11 @@ def data_stats(data: PreparedData, max_seq_length: int, batch_size: int,
         "eval_examples": sum(len(evaluation.dataset) for evaluation in data.eval_sets.values()),
         "skipped_rows": data.skipped,
         "dropped_examples": data.train.dropped,
-        "truncated_examples": int(sum(train["truncated"])),
-        "examples_over_max_seq_length": int(sum(n > max_seq_length for n in train["full_length"])),
+        "truncated_examples": int(column(train, "truncated").sum()),
+        "examples_over_max_seq_length": int((full_lengths > max_seq_length).sum()),
         "max_seq_length": max_seq_length,
-        "prompt_tokens": _length_stats(train["prompt_tokens"]),
-        "response_tokens": _length_stats(train["response_tokens"]),
+        "prompt_tokens": _length_stats(column(train, "prompt_tokens")),
+        "response_tokens": _length_stats(column(train, "response_tokens")),
         "example_tokens": _length_stats(lengths),
         "total_tokens": total,
         "trained_tokens": trained,
@@ -55,6 +61,22 @@ def data_stats(data: PreparedData, max_seq_length: int, batch_size: int,
         "padding_waste": 1 - pad_eff,
         "batch_size": batch_size,
     }
+
+
+def inspect_data(data: PreparedData, max_seq_length: int, batch_size: int, progress: bool = False) -> dict[str, Any]:
+    """`data_stats` plus the wall time of each stage (read, tokenize, pack) and the tokenization speed.
+
+    Speed counts every token tokenized (train and eval, before truncation); a second run served
+    from the cache shows the cache's speed, not the tokenizer's.
+    """
+    started = time.perf_counter()
+    packs = balanced(column(data.train.dataset, "length"), max_seq_length, progress=progress)
+    seconds = {**data.seconds, "pack": time.perf_counter() - started}
+    stats = data_stats(data, max_seq_length, batch_size, packs=packs)
+    tokenized = int(column(data.train.dataset, "full_length").sum())
+    tokenized += sum(int(column(evaluation.dataset, "full_length").sum()) for evaluation in data.eval_sets.values())
+    speed = tokenized / seconds["tokenize"] if seconds.get("tokenize") else None
+    return {**stats, "timings": {"seconds": seconds, "tokenized_tokens": tokenized, "tokens_per_s": speed}}
 
 
 def dump_examples(data: PreparedData, count: int, path: Path) -> int:
@@ -124,6 +146,18 @@ def print_stats(stats: dict[str, Any], example: list[tuple[str, bool]] | None, c
     for what, value in rows:
         summary.add_row(what, value)
     console.print(summary)
+
+    timings = stats.get("timings")
+    if timings:
+        times = Table(title="Time per stage", title_justify="left", show_header=False)
+        times.add_column("stage")
+        times.add_column("seconds", justify="right")
+        for stage, seconds in timings["seconds"].items():
+            times.add_row(stage, f"{seconds:.2f} s")
+        if timings["tokens_per_s"]:
+            times.add_row("tokenization speed", f"{timings['tokens_per_s']:,.0f} tokens/s "
+                          f"({timings['tokenized_tokens']:,} tokens)")
+        console.print(times)
 
     if example:
         text = Text()

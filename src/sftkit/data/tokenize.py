@@ -1,15 +1,22 @@
 """Tokenize normalised rows into `input_ids`/`labels`, apply the truncation policy, count what happened.
 
-Runs through `datasets.map`, so large datasets use several processes and a second run with the
-same data, tokenizer and template reuses the cache.
+Runs through a batched `datasets.map`: the result is written to the `datasets` cache as Arrow and
+read back memory-mapped, so host memory does not grow with the dataset; large datasets use several
+processes; a second run with the same data, tokenizer and template reuses the cache. Cost: linear in
+tokens; the rows dropped are found with Arrow compute over one string column, never as Python lists.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow.compute as pc
+from datasets.fingerprint import Hasher
 
 from sftkit.data.formats import DataError
 from sftkit.data.template import IGNORE_INDEX, TemplateError, tokenize_conversation, tokenize_text
@@ -54,7 +61,8 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any, options: TokenizeOptions) 
         else:
             input_ids, labels = input_ids[: options.max_seq_length], labels[: options.max_seq_length]
     # The first label is never a target (nothing predicts it), so it does not count as trained.
-    if not drop_reason and not any(label != IGNORE_INDEX for label in labels[1:]):
+    trained_tokens = sum(label != IGNORE_INDEX for label in labels[1:])
+    if not drop_reason and not trained_tokens:
         drop_reason = "no trained tokens left after truncation" if truncated else "no trained tokens"
     return {
         "input_ids": input_ids,
@@ -63,37 +71,74 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any, options: TokenizeOptions) 
         "full_length": full_length,
         "prompt_tokens": full_length - response_tokens,
         "response_tokens": response_tokens,
+        "trained_tokens": trained_tokens,
         "truncated": truncated,
         "drop_reason": drop_reason,
     }
 
 
+def tokenize_batch(batch: dict[str, list], tokenizer: Any, options: TokenizeOptions) -> dict[str, list]:
+    """`tokenize_row` over a batch of rows (column → values), for a batched `datasets.map`."""
+    count = len(next(iter(batch.values())))
+    rows = [tokenize_row({name: values[i] for name, values in batch.items()}, tokenizer, options) for i in range(count)]
+    return {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
+
+
+def default_num_proc() -> int:
+    """The CPU cores this process may use: tokenization is CPU-bound and runs one process per core."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 @dataclass
 class TokenizedData:
-    dataset: datasets.Dataset  # input_ids, labels, length, full_length, prompt/response_tokens, truncated, source
+    dataset: datasets.Dataset  # input_ids, labels, length, full_length, prompt/response/trained_tokens, truncated, source
     dropped: dict[str, int]
+
+
+# Rows per map batch (and per Arrow write): large enough to amortise the per-batch overhead, small
+# enough that one batch of ~1,000-token conversations stays a few MB in each worker.
+MAP_BATCH_SIZE = 256
+
+
+def tokenize_fingerprint(rows: datasets.Dataset, tokenizer: Any, options: TokenizeOptions) -> str:
+    """The cache key of the tokenize map: the rows, the tokenizer, the options and the data code.
+
+    `datasets` would pickle the whole tokenizer object to key the map (seconds per run and per
+    process); a fast tokenizer is fully described by its JSON (vocabulary, merges, added and special
+    tokens, normalizer, post-processor), which hashes in milliseconds.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    identity = (backend.to_str(), type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id) \
+        if backend is not None else tokenizer
+    code = [path.read_text(encoding="utf-8") for path in sorted(Path(__file__).parent.glob("*.py"))]
+    return Hasher.hash([rows._fingerprint, identity, asdict(options), code])
 
 
 def tokenize_dataset(rows: datasets.Dataset, tokenizer: Any, options: TokenizeOptions,
                      num_proc: int = 1, describe: str = "Tokenizing") -> TokenizedData:
     """Tokenize every row; drop (and count) rows that cannot be trained on; stop on `truncation: error`."""
     tokenized = rows.map(
-        tokenize_row, fn_kwargs={"tokenizer": tokenizer, "options": options},
+        tokenize_batch, fn_kwargs={"tokenizer": tokenizer, "options": options}, batched=True,
+        batch_size=MAP_BATCH_SIZE, writer_batch_size=MAP_BATCH_SIZE,
         remove_columns=[c for c in ("messages", "tools", "text") if c in rows.column_names],
-        num_proc=num_proc if num_proc > 1 and len(rows) > 1000 else None, desc=describe)
-    reasons = tokenized["drop_reason"]
-    dropped: dict[str, int] = {}
-    keep: list[int] = []
-    for index, reason in enumerate(reasons):
-        if not reason:
-            keep.append(index)
-            continue
-        if reason.startswith("error:"):
-            row = tokenized[index]
-            raise DataError(
-                f"{row.get('source', 'dataset')}: row {row['source_row'] + 1}: {reason.removeprefix('error: ')}; "
-                "raise max_seq_length, or set `truncation: truncate_right` or `truncation: drop`")
-        dropped[reason] = dropped.get(reason, 0) + 1
-    if len(keep) < len(tokenized):
-        tokenized = tokenized.select(keep)
+        num_proc=num_proc if num_proc > 1 and len(rows) > 1000 else None, desc=describe,
+        new_fingerprint=tokenize_fingerprint(rows, tokenizer, options))
+    # One Arrow column, counted with Arrow compute: no Python string per row.
+    reasons = tokenized.select_columns(["drop_reason"]).with_format("arrow")[:]["drop_reason"]
+    errors = np.flatnonzero(pc.starts_with(reasons, "error:").to_numpy(zero_copy_only=False))
+    if len(errors):
+        row = tokenized[int(errors[0])]
+        raise DataError(
+            f"{row.get('source', 'dataset')}: row {row['source_row'] + 1}: "
+            f"{row['drop_reason'].removeprefix('error: ')}; "
+            "raise max_seq_length, or set `truncation: truncate_right` or `truncation: drop`")
+    is_kept = pc.equal(reasons, "")
+    kept = is_kept.to_numpy(zero_copy_only=False)
+    dropped = {str(item["values"]): int(item["counts"])
+               for item in pc.value_counts(pc.filter(reasons, pc.invert(is_kept))).to_pylist()}
+    if not kept.all():
+        tokenized = tokenized.select(np.flatnonzero(kept))
     return TokenizedData(dataset=tokenized.remove_columns("drop_reason"), dropped=dropped)

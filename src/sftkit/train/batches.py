@@ -11,6 +11,7 @@ the micro-batches of 1 process × GA 4.
 from __future__ import annotations
 
 import math
+from collections.abc import Sized
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,15 +19,19 @@ import numpy as np
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """sequences: per training sequence (a pack, or one example when not packing), its example ids."""
+    """sequences: the training sequences (packs, or one example each); only their count matters here.
 
-    sequences: list[list[int]]
+    One epoch's order is one numpy permutation (8 bytes per sequence); a step's micro-batches are
+    sliced out of it as small lists.
+    """
+
+    sequences: Sized
     micro_batch_size: int
     accumulation: int
     world_size: int
     seed: int
     shuffle: bool = True
-    _epochs: dict[int, list[list[int]]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _epochs: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -39,25 +44,26 @@ class BatchPlan:
     def total_steps(self, num_train_epochs: float, max_steps: int) -> int:
         return max_steps if max_steps > 0 else max(1, math.ceil(num_train_epochs * self.steps_per_epoch))
 
-    def epoch_micro_batches(self, epoch: int) -> list[list[int]]:
-        """Micro-batches of one epoch, each a list of sequence indices (shuffled once per epoch, not per step)."""
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The sequence indices of one epoch in training order (shuffled once per epoch, not per step)."""
         if epoch not in self._epochs:
             self._epochs.clear()  # one epoch at a time: steps walk forward
-            self._epochs[epoch] = self._shuffle(epoch)
+            count = len(self.sequences)
+            self._epochs[epoch] = (np.random.default_rng(self.seed + epoch).permutation(count) if self.shuffle
+                                   else np.arange(count))
         return self._epochs[epoch]
 
-    def _shuffle(self, epoch: int) -> list[list[int]]:
-        order = np.arange(len(self.sequences))
-        if self.shuffle:
-            order = np.random.default_rng(self.seed + epoch).permutation(len(self.sequences))
-        size = self.micro_batch_size
+    def epoch_micro_batches(self, epoch: int) -> list[list[int]]:
+        """Micro-batches of one epoch, each a list of sequence indices."""
+        order, size = self.epoch_order(epoch), self.micro_batch_size
         return [order[i:i + size].tolist() for i in range(0, len(order), size)]
 
     def step_micro_batches(self, step: int) -> list[list[int]]:
         """All micro-batches of optimizer step `step` (0-based), across every process, in order."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        per_step = self.accumulation * self.world_size
-        return self.epoch_micro_batches(epoch)[index * per_step:(index + 1) * per_step]
+        size, per_step = self.micro_batch_size, self.accumulation * self.world_size
+        order = self.epoch_order(epoch)[index * per_step * size:(index + 1) * per_step * size]
+        return [order[i:i + size].tolist() for i in range(0, len(order), size)]
 
     def for_rank(self, group: list[list[int]], rank: int) -> list[list[int] | None]:
         """This process's micro-batches of a step. Every process gets the same count (None = a

@@ -26,8 +26,8 @@ from rich.markup import escape
 from sftkit.config import SFTConfig, eval_loss_key, eval_metric_key, greater_is_better, redacted, save_config
 from sftkit.data.collate import collate
 from sftkit.data.dataset import DataOptions, prepare_data
+from sftkit.data.examples import TrainingExamples
 from sftkit.data.inspect import data_stats
-from sftkit.data.packing import pack_balanced
 from sftkit.data.template import IGNORE_INDEX, resolve_chat_template
 from sftkit.model.adapters import (
     AdapterOptions,
@@ -102,10 +102,8 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     template = resolve_chat_template(config.chat_template, tokenizer)
     with accelerator.main_process_first():
         data = prepare_data(DataOptions.from_config(config, template), tokenizer)
-    train_set, trained_per_example = columns_for_training(data.train.dataset)
-    lengths = list(data.train.dataset["length"])  # plain lists: a datasets Column indexes through Arrow
-    source_rows = list(data.train.dataset["source_row"])
-    sequences = training_sequences(lengths, config.max_seq_length, config.packing)
+    examples = TrainingExamples.from_dataset(data.train.dataset)  # tokens stay in Arrow; figures in numpy
+    sequences = examples.sequences(config.max_seq_length, config.packing, progress=main)
     plan = BatchPlan(sequences, config.per_device_train_batch_size, config.gradient_accumulation_steps, world, config.seed)
     total_steps = plan.total_steps(config.num_train_epochs, config.max_steps)
     warmup = warmup_steps_for(total_steps, *config.warmup_fraction_or_steps)
@@ -194,19 +192,18 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
 
     def batch_of(sequence_ids: list[int] | None, fallback: list[int]) -> dict[str, torch.Tensor]:
         """Collate a micro-batch; `None` stands for a process's empty slot: same shape, no targets."""
-        rows = [[train_set[e] for e in sequences[s]] for s in (sequence_ids or fallback)]
-        batch = collate(rows, tokenizer.pad_token_id)
+        batch = collate(examples.read(sequences, sequence_ids or fallback), tokenizer.pad_token_id)
         if sequence_ids is None:
             batch["targets"].fill_(IGNORE_INDEX)
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 
-    eval_sets = {}  # label ('' when unnamed) → (examples, micro-batches of sequences, trained tokens)
+    eval_sets = {}  # label ('' when unnamed) → (examples, their sequences, micro-batches of sequence ids)
     for label, tokenized in data.eval_sets.items():
-        examples, trained = columns_for_training(tokenized.dataset)
-        eval_sequences = training_sequences(list(tokenized.dataset["length"]), config.max_seq_length, config.packing)
+        eval_examples = TrainingExamples.from_dataset(tokenized.dataset)
+        eval_sequences = eval_examples.sequences(config.max_seq_length, config.packing)
         size = config.per_device_eval_batch_size
-        eval_sets[label] = (examples, [eval_sequences[i:i + size] for i in range(0, len(eval_sequences), size)],
-                            sum(trained))
+        eval_sets[label] = (eval_examples, eval_sequences,
+                            [range(i, min(i + size, len(eval_sequences))) for i in range(0, len(eval_sequences), size)])
 
     def evaluate() -> dict[str, float]:
         """Loss and token accuracy of each eval set (eval_loss or eval_<label>_loss, ...), normalised by
@@ -215,10 +212,11 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
         counter = accelerator.unwrap_model(loss_model)
         loss_model.eval()
         with torch.no_grad():
-            for label, (examples, micro_batches, tokens) in eval_sets.items():
+            for label, (eval_examples, eval_sequences, micro_batches) in eval_sets.items():
+                tokens = int(eval_examples.trained.sum())
                 sums = torch.zeros(2, device=accelerator.device)
-                for rows in micro_batches[rank::world]:
-                    batch = collate([[examples[e] for e in seq] for seq in rows], tokenizer.pad_token_id)
+                for sequence_ids in micro_batches[rank::world]:
+                    batch = collate(eval_examples.read(eval_sequences, sequence_ids), tokenizer.pad_token_id)
                     loss = loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
                     sums += torch.stack([loss.float(), counter.correct.float()])
                 loss_sum, correct = accelerator.reduce(sums, "sum").tolist()
@@ -258,8 +256,9 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
             while step < total_steps:
                 rng_at_step_start = capture_rng()  # Ctrl-C mid-step saves the RNG this step began with
                 group = plan.step_micro_batches(step)
-                step_trained = sum(trained_per_example[e] for mb in group for s in mb for e in sequences[s])
-                step_tokens = sum(lengths[e] for mb in group for s in mb for e in sequences[s])
+                step_examples = sequences.examples_of([s for micro in group for s in micro])
+                step_trained = int(examples.trained[step_examples].sum())
+                step_tokens = int(examples.lengths[step_examples].sum())
                 batches = [batch_of(sequence_ids, group[0]) for sequence_ids in plan.for_rank(group, rank)]
                 sums = accumulate_gradients(loss_model, accelerator, batches, step_trained, offload)
                 step_loss_sum, step_correct = accelerator.reduce(sums, "sum").tolist()
@@ -278,7 +277,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                     if bad_steps > config.max_bad_steps:
                         if monitor:
                             tell(monitor.observe_step(step + 1, step_loss, grad_norm, lr,
-                                                      example_rows(source_rows, group, sequences)))
+                                                      example_rows(examples, step_examples)))
                         raise TrainingError(
                             f"step {step + 1}: loss {step_loss} / grad norm {grad_norm} is not finite; the step was "
                             "not applied. " + nonfinite_advice(config) + " (or allow skipping with max_bad_steps: N)")
@@ -293,7 +292,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                            int(step_correct) if finite else 0, clipped)
 
                 if monitor:
-                    tell(monitor.observe_step(step, step_loss, grad_norm, lr, example_rows(source_rows, group, sequences)))
+                    tell(monitor.observe_step(step, step_loss, grad_norm, lr, example_rows(examples, step_examples)))
                 if step % config.logging_steps == 0 or step == total_steps:
                     elapsed = time.perf_counter() - started
                     row = window_row(window, step, plan.epoch_of(step), lr, grad_norm, elapsed, world)
@@ -429,14 +428,6 @@ def check_hardware(config: SFTConfig) -> str | None:
     return check_qlora_supported(torch.cuda.is_available()) if config.finetuning == "qlora" else None
 
 
-def columns_for_training(dataset: Any) -> tuple[list[dict[str, list[int]]], list[int]]:
-    """Examples as plain lists (fast random access) and each one's count of trained targets."""
-    ids, labels = list(dataset["input_ids"]), list(dataset["labels"])
-    examples = [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
-    trained = [sum(1 for label in l[1:] if label != IGNORE_INDEX) for l in labels]
-    return examples, trained
-
-
 def run_fingerprint(config: SFTConfig, world: int) -> dict[str, Any]:
     """Settings that must not change between a checkpoint and the run that resumes it."""
     return {
@@ -450,14 +441,9 @@ def run_fingerprint(config: SFTConfig, world: int) -> dict[str, Any]:
     }
 
 
-def training_sequences(lengths: list[int], max_seq_length: int, packing: bool) -> list[list[int]]:
-    """The model's rows as lists of example ids: balanced packs, or one example each."""
-    return pack_balanced(lengths, max_seq_length) if packing else [[i] for i in range(len(lengths))]
-
-
-def example_rows(source_rows: list[int], group: list[list[int]], sequences: list[list[int]]) -> list[int]:
+def example_rows(examples: TrainingExamples, example_ids: Any) -> list[int]:
     """Rows (1-based, as in the source file) of the examples in a step, for spike reports."""
-    return sorted(source_rows[e] + 1 for mb in group for s in mb for e in sequences[s])
+    return sorted((examples.source_rows[example_ids] + 1).tolist())
 
 
 def nonfinite_advice(config: SFTConfig) -> str:
