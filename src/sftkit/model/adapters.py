@@ -18,6 +18,7 @@ class AdapterOptions:
     dropout: float = 0.05
     target_modules: tuple[str, ...] | str = "all-linear"
     gradient_checkpointing: bool = False
+    trainable_token_ids: tuple[int, ...] = ()  # embedding and output-head rows trained beside LoRA
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -53,10 +54,27 @@ def apply_adapters(model: nn.Module, options: AdapterOptions) -> nn.Module:
         raise ModelError(f"lora_target_modules: {unknown} are not linear layers of this model; "
                          f"its linear layers are {sorted(known)}")
     config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM",
+                        trainable_token_indices=token_rows(model, options.trainable_token_ids))
     if options.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return get_peft_model(model, config)
+
+
+def token_rows(model: nn.Module, token_ids: tuple[int, ...]) -> dict[str, list[int]] | None:
+    """peft `trainable_token_indices`: the same rows of the input embedding and of the output head.
+
+    With tied embeddings (one matrix for both) peft wraps the head around the embedding's trainable
+    rows, so each token has one trained row serving both; untied, each module trains its own copy.
+    """
+    if not token_ids:
+        return None
+    modules = {id(module): name for name, module in model.named_modules()}
+    rows = sorted(token_ids)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if rows[-1] >= vocab:
+        raise ModelError(f"trainable_tokens: token id {rows[-1]} is beyond this model's {vocab} embedding rows")
+    return {modules[id(model.get_input_embeddings())]: rows, modules[id(model.get_output_embeddings())]: rows}
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

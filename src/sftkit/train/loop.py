@@ -32,6 +32,7 @@ from sftkit.data.template import IGNORE_INDEX, resolve_chat_template
 from sftkit.model.adapters import AdapterOptions, apply_adapters, parameter_counts
 from sftkit.model.load import ModelError, load_model, load_tokenizer, resolve_dtype
 from sftkit.model.quantize import check_qlora_supported, quantization_config
+from sftkit.model.tokens import resolve_trainable_tokens
 from sftkit.monitor.diagnosis import Monitor, MonitorSettings
 from sftkit.monitor.samples import generate_samples, load_sample_prompts
 from sftkit.rng import capture_rng, restore_rng
@@ -90,7 +91,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     set_seed(config.seed)
 
     # ---- data: tokenized, masked, packed; the batch order is a pure function of (seed, step)
-    tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path, config.trust_remote_code)
+    tokenizer = load_tokenizer(config.tokenizer_source, config.trust_remote_code)
     template = resolve_chat_template(config.chat_template, tokenizer)
     with accelerator.main_process_first():
         data = prepare_data(DataOptions.from_config(config, template), tokenizer)
@@ -105,13 +106,18 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                        packs=sequences if config.packing else None)
 
     # ---- model: base weights, adapters, the loss wrapper, optimizer and schedule
-    model = load_model(config.model_name_or_path, resolve_dtype(config.torch_dtype, config.bf16, config.fp16),
+    model = load_model(config.model_source, resolve_dtype(config.torch_dtype, config.bf16, config.fp16),
                        config.attn_implementation, config.trust_remote_code,
                        quantization_config() if config.finetuning == "qlora" else None, vocab_size=len(tokenizer))
+    # full fine-tuning trains every token row already: `auto` has nothing to add there
+    token_ids = () if config.finetuning == "full" else tuple(
+        resolve_trainable_tokens(config.trainable_tokens, template, tokenizer))
     model = apply_adapters(model, AdapterOptions(
         config.finetuning, config.lora_r, config.lora_alpha, config.lora_dropout,
         tuple(config.lora_target_modules) if isinstance(config.lora_target_modules, list) else config.lora_target_modules,
-        config.gradient_checkpointing))
+        config.gradient_checkpointing, token_ids))
+    if token_ids:
+        say(f"Trainable token rows (embedding and output head): {escape(', '.join(tokenizer.convert_ids_to_tokens(list(token_ids))))}")
     trainable, total_params = parameter_counts(model)
     chunked = chunked_loss_is_exact(model) if config.chunked_loss == "auto" else config.chunked_loss
     if chunked and not chunked_loss_is_exact(model):
@@ -422,8 +428,10 @@ def columns_for_training(dataset: Any) -> tuple[list[dict[str, list[int]]], list
 def run_fingerprint(config: SFTConfig, world: int) -> dict[str, Any]:
     """Settings that must not change between a checkpoint and the run that resumes it."""
     return {
-        "model_name_or_path": config.model_name_or_path, "finetuning": config.finetuning,
+        "model_name_or_path": config.model_name_or_path, "gguf_file": config.gguf_file, "finetuning": config.finetuning,
         "lora": [config.lora_r, config.lora_alpha, config.lora_target_modules] if config.finetuning != "full" else None,
+        "trainable_tokens": None if config.finetuning == "full" or config.trainable_tokens == "none"
+        else config.trainable_tokens,
         "datasets": redacted(config)["datasets"], "max_seq_length": config.max_seq_length,
         "packing": config.packing, "seed": config.seed, "per_device_train_batch_size": config.per_device_train_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps, "world_size": world,
