@@ -115,3 +115,32 @@ def test_untied_head_trains_its_own_rows_and_merges(tiny_model_dir, tmp_path):
     ids = sorted(tokenizer.convert_tokens_to_ids(words))
     assert changed_rows(base.model.embed_tokens.weight, merged.model.embed_tokens.weight) == ids
     assert changed_rows(base.lm_head.weight, merged.lm_head.weight) == ids
+
+
+def test_chunked_loss_sees_the_trained_head_rows(chatml_model_dir):
+    """With trainable token rows in the head, the chunked loss (which reads the head's weight rather than
+    calling it) equals the plain loss, gradients of the token rows included."""
+    from sftkit.data.collate import collate
+    from sftkit.model.adapters import AdapterOptions, apply_adapters
+    from sftkit.model.load import load_model
+    from sftkit.train.forward import CausalLMLoss, chunked_loss_is_exact
+
+    tokenizer = load_tokenizer(str(chatml_model_dir))
+    rows = tuple(tokenizer.convert_tokens_to_ids(CHAT_TOKENS))
+    model = apply_adapters(load_model(str(chatml_model_dir), torch.float32),
+                           AdapterOptions(r=4, alpha=8, dropout=0.0, trainable_token_ids=rows))
+    assert chunked_loss_is_exact(model)
+    delta = next(p for n, p in model.named_parameters() if "trainable_tokens_delta" in n)
+    with torch.no_grad():
+        delta.add_(torch.randn_like(delta))  # trained rows that differ from the base
+    ids = tokenizer("<|im_start|>user\nthe quick fox<|im_end|>")["input_ids"]
+    batch = collate([[{"input_ids": ids, "labels": ids}]], tokenizer.pad_token_id)
+    losses, grads = [], []
+    for chunked in (False, True):
+        loss = CausalLMLoss(model, "sdpa", chunked, chunk_size=16)(**batch)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(delta.grad.clone())
+        delta.grad = None
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
