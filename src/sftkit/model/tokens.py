@@ -6,9 +6,9 @@ random or untrained row, and the model cannot learn to emit it. Training those f
 `trainable_token_indices`) fixes that at the cost of 2 × hidden parameters per token.
 
 `auto` picks the template's special tokens: the added/special tokens of the tokenizer that the chat
-template writes when it renders a conversation (with a system turn where it accepts one) and its
-generation prompt; e.g. ChatML gives `<|im_start|>` and `<|im_end|>`, the llama2 template `<s>` and
-`</s>`. Cost: two renderings and tokenizations of a three-message conversation.
+template writes when it renders a short conversation (with a system turn where it accepts one) and
+its generation prompt; e.g. ChatML gives `<|im_start|>` and `<|im_end|>`, the llama2 template `<s>`
+and `</s>`. Cost: one rendering and tokenization of a four-message conversation.
 """
 
 from __future__ import annotations
@@ -18,18 +18,29 @@ from typing import Any
 from sftkit.data.template import TemplateError, render
 from sftkit.model.load import ModelError
 
-PROBE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+# A conversation to render, then shorter ones for templates that reject a system turn or several turns
+# (the plain rendering of base models takes one prompt and one completion).
+PROBES = (
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+)
 
 
 def template_special_tokens(template: str, tokenizer: Any) -> list[int]:
     """Ids of the special (or added) tokens the template renders, in id order; the pad token excluded."""
-    try:
-        texts = [render(PROBE, template, tokenizer, add_generation_prompt=True)]
-    except TemplateError:  # templates that reject a system turn
-        texts = [render(PROBE[1:], template, tokenizer, add_generation_prompt=True)]
+    for messages in PROBES:
+        try:
+            text = render(messages, template, tokenizer, add_generation_prompt=messages[-1]["role"] == "user")
+            break
+        except TemplateError:
+            continue
+    else:
+        raise ModelError("trainable_tokens = 'auto': the chat template renders none of the probe conversations; "
+                         "list the tokens instead, e.g. trainable_tokens: ['<|im_end|>']")
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    rendered = {token for text in texts for token in tokenizer(text, add_special_tokens=False)["input_ids"]}
+    rendered = set(tokenizer(text, add_special_tokens=False)["input_ids"])
     return sorted((rendered & special) - {tokenizer.pad_token_id})
 
 
