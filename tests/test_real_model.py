@@ -163,16 +163,15 @@ def test_merged_model_equals_base_plus_adapter(gsm8k_run, adapted, smollm2_dir, 
           f"vs base: {(got - base_logits).abs().max():.2e}")
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     assert (got - base_logits).abs().max() > 1e-2  # the adapter changed something
-    samples = generate_cli(merged_dir, [QUESTION], None, max_new_tokens=64)
+    assert generate_cli(merged_dir, [QUESTION], None, max_new_tokens=4)  # `sftkit generate` takes the folder
+
+
+def test_generation_stops_at_im_end(smollm2_dir):
+    """`sftkit generate` on the real model stops at its end-of-turn `<|im_end|>` (pad is not EOS)."""
+    samples = generate_cli(smollm2_dir, ["What is the capital of France?"], None, max_new_tokens=32)
     print(f"generated: {samples[0]}")
     assert samples[0]["ended"], samples  # stopped at <|im_end|>, before max_new_tokens
-    assert "<|im_end|>" not in samples[0]["completion"]
-
-
-@pytest.mark.slow
-def test_samples_during_training_stop_at_im_end(gsm8k_run):
-    samples = [json.loads(line) for line in (gsm8k_run / "samples.jsonl").read_text().splitlines()]
-    assert samples and all(s["ended"] and "<|im_end|>" not in s["completion"] for s in samples), samples
+    assert samples[0]["completion"] == "The capital of France is Paris."
 
 
 @requires(SMOLLM2_GGUF)
