@@ -161,7 +161,8 @@ def test_merged_model_equals_base_plus_adapter(gsm8k_run, adapted, smollm2_dir, 
             base_logits = model(input_ids=input_ids).logits
     print(f"merged vs base + adapter: max |Δlogit| = {(got - expected).abs().max():.2e}; "
           f"vs base: {(got - base_logits).abs().max():.2e}")
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    # 30 fp32 layers, logits up to ~10: merged and unmerged sums round differently (seen: 1.0e-4 at most)
+    torch.testing.assert_close(got, expected, atol=3e-4, rtol=0)
     assert (got - base_logits).abs().max() > 1e-2  # the adapter changed something
     assert generate_cli(merged_dir, [QUESTION], None, max_new_tokens=4)  # `sftkit generate` takes the folder
 
