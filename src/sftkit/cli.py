@@ -68,7 +68,7 @@ def data_inspect(
 
     try:
         cfg = _config(config, ctx.args)
-        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.tokenizer_source, cfg.trust_remote_code)
         template = resolve_chat_template(cfg.chat_template, tokenizer)
         data = prepare_data(DataOptions.from_config(cfg, template), tokenizer)
     except USER_ERRORS as err:

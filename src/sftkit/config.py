@@ -46,7 +46,9 @@ class SFTConfig(BaseModel):
 
     # --- model ---
     model_name_or_path: str = Field(description="Hub id or local folder of the base causal LM.")
-    tokenizer_name_or_path: str | None = Field(None, description="Tokenizer to use; default: the model's.")
+    gguf_file: str | None = Field(
+        None, description="A .gguf file inside model_name_or_path to fine-tune, dequantized (needs the gguf package).")
+    tokenizer_name_or_path: str | None = Field(None, description="Tokenizer to use; default: the model's (or the GGUF file's).")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off unless you trust it.")
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Dtype the weights are loaded in; `auto`: bf16 with `bf16`, fp16 with `fp16`, else fp32.")
@@ -68,6 +70,8 @@ class SFTConfig(BaseModel):
         None, description="Modules trained in full and saved with the adapter, e.g. [lm_head, embed_tokens].")
     init_lora_weights: bool | str = Field(
         True, description="Adapter init: true (B = 0), false, gaussian, orthogonal, pissa, pissa_niter_N or olora.")
+    trainable_tokens: Literal["auto", "none"] | list[str] = Field(
+        "none", description="Tokens whose embedding and output-head rows LoRA trains too; `auto`: the chat template's special tokens.")
 
     # --- data ---
     datasets: list[DatasetSpec] = Field(min_length=1, description="Training data sources, concatenated.")
@@ -158,6 +162,12 @@ class SFTConfig(BaseModel):
             raise ValueError("max_steps and num_train_epochs are both zero: nothing to train; set one of them")
         if self.eval_dataset is not None and self.eval_split_ratio > 0:
             raise ValueError("eval_dataset and eval_split_ratio are both set; keep one")
+        if isinstance(self.trainable_tokens, list) and self.finetuning == "full":
+            raise ValueError(f"trainable_tokens ({self.trainable_tokens}) with finetuning: full: full fine-tuning already "
+                             "trains every token row; remove trainable_tokens (or set it to auto or none)")
+        if self.gguf_file and self.finetuning == "qlora":
+            raise ValueError(f"gguf_file ({self.gguf_file}) with finetuning: qlora: a GGUF base is dequantized and "
+                             "cannot be quantized again; use finetuning: lora, or a safetensors base for qlora")
         self._check_eval_sets()
         self._check_lora_variant()
         return self
@@ -205,6 +215,15 @@ class SFTConfig(BaseModel):
                              "weights, so the saved adapter would not fit the original base; use lora, or the default init")
 
     # Derived values, never stored: the config stays what the user wrote.
+    @property
+    def model_source(self) -> str:
+        """The base as the loaders take it: model_name_or_path, or `model_name_or_path/gguf_file`."""
+        return f"{self.model_name_or_path.rstrip('/')}/{self.gguf_file}" if self.gguf_file else self.model_name_or_path
+
+    @property
+    def tokenizer_source(self) -> str:
+        return self.tokenizer_name_or_path or self.model_source
+
     @property
     def report_sinks(self) -> list[str]:
         sinks = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
@@ -273,6 +292,7 @@ _LORA_INITS = re.compile(r"^(gaussian|orthogonal|pissa|pissa_niter_\d+|olora)$")
 # --------------------------------------------------------------------------- loading
 
 _SECRET_KEY = re.compile(r"(token|secret|password|api[_-]?key|auth)", re.I)
+_NOT_SECRET_KEYS = ("name_or_path", "trainable_tokens")  # keys that say "token" but hold names, never secrets
 _SECRET_VALUE = re.compile(r"(hf_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9_-]{16,}|ghp_[A-Za-z0-9]{16,}|[A-Fa-f0-9]{40})")
 _HUB_COMMIT = re.compile(r"(?<=/snapshots/)[A-Fa-f0-9]{40}")  # hub-cache folders are named by commit, not secrets
 
@@ -407,7 +427,7 @@ def _redact(node: Any, key: str = "") -> Any:
         return {k: _redact(v, k) for k, v in node.items()}
     if isinstance(node, list):
         return [_redact(v, key) for v in node]
-    if isinstance(node, str) and (_SECRET_KEY.search(key) and "name_or_path" not in key or _SECRET_VALUE.search(_HUB_COMMIT.sub("", node))):
+    if isinstance(node, str) and (_SECRET_KEY.search(key) and not any(k in key for k in _NOT_SECRET_KEYS) or _SECRET_VALUE.search(_HUB_COMMIT.sub("", node))):
         return "***redacted***"
     return node
 

@@ -64,6 +64,7 @@ class AdapterOptions:
     target_modules: tuple[str, ...] | str = "all-linear"
     gradient_checkpointing: bool = False
     variant: LoraVariant = field(default_factory=LoraVariant)
+    trainable_token_ids: tuple[int, ...] = ()  # embedding and output-head rows trained beside LoRA
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -101,7 +102,8 @@ def apply_adapters(model: nn.Module, options: AdapterOptions) -> nn.Module:
     check_modules_to_save(model, options.variant.modules_to_save)
     config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM",
-                        **options.variant.lora_config_kwargs())
+                        **options.variant.lora_config_kwargs(),
+                        trainable_token_indices=token_rows(model, options.trainable_token_ids))
     if options.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return get_peft_model(model, config)
@@ -158,6 +160,22 @@ def save_adapter(model: nn.Module, directory: Path, initial: dict[str, torch.Ten
              if "lora_" not in k}  # modules_to_save (not low-rank, unchanged by the conversion)
     if extra:
         save_file({**load_file(str(saved)), **extra}, str(saved), metadata={"format": "pt"})
+
+
+def token_rows(model: nn.Module, token_ids: tuple[int, ...]) -> dict[str, list[int]] | None:
+    """peft `trainable_token_indices`: the same rows of the input embedding and of the output head.
+
+    With tied embeddings (one matrix for both) peft wraps the head around the embedding's trainable
+    rows, so each token has one trained row serving both; untied, each module trains its own copy.
+    """
+    if not token_ids:
+        return None
+    modules = {id(module): name for name, module in model.named_modules()}
+    rows = sorted(token_ids)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if rows[-1] >= vocab:
+        raise ModelError(f"trainable_tokens: token id {rows[-1]} is beyond this model's {vocab} embedding rows")
+    return {modules[id(model.get_input_embeddings())]: rows, modules[id(model.get_output_embeddings())]: rows}
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

@@ -53,7 +53,7 @@ def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: boo
     if gpu is None:
         gpu = DEFAULT_GPU
         notes.append(f"no --gpu or --gpu-memory given: planned for one {gpu.name} ({gpu.memory_bytes / 2**30:.0f} GiB)")
-    model_config = load_model_config(config.model_name_or_path, config.trust_remote_code)
+    model_config = load_model_config(config.model_source, config.trust_remote_code)
     data, full_lengths, vocab_size = _read_data(config)
 
     # --- batch and schedule
@@ -168,7 +168,7 @@ def _read_data(config: SFTConfig) -> tuple[dict[str, Any], list[int] | None, int
     from sftkit.model.load import load_tokenizer
 
     try:
-        tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path, config.trust_remote_code)
+        tokenizer = load_tokenizer(config.tokenizer_source, config.trust_remote_code)
     except (OSError, ValueError) as err:  # offline hub id, missing folder: the plan goes on without data
         return {"error": f"tokenizer could not be loaded: {err}"}, None, None
     try:

@@ -27,13 +27,21 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def head_weight(head: nn.Module) -> torch.Tensor:
+    """The output head's weight as its forward uses it: with trainable token rows (peft's
+    `trainable_token_indices`), the base weight with those rows replaced by their trained values."""
+    rows = getattr(head, "token_adapter", None)
+    return rows.get_merged_weights(rows.active_adapters) if rows is not None else head.weight
+
+
 def chunked_loss_is_exact(model: nn.Module) -> bool:
-    """True when logits are exactly `hidden @ lm_head.weight.T` (no bias, scaling or soft-capping)."""
+    """True when logits are exactly `hidden @ head_weight.T` (no bias, scaling or soft-capping)."""
     lm = causal_lm(model)
     head = lm.get_output_embeddings()
+    linear = head.token_adapter.base_layer if hasattr(head, "token_adapter") else head
     config = lm.config
     return (
-        type(head) is nn.Linear and head.bias is None and hasattr(lm, lm.base_model_prefix)
+        type(linear) is nn.Linear and linear.bias is None and hasattr(lm, lm.base_model_prefix)
         and not any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
     )
 
@@ -79,5 +87,5 @@ class CausalLMLoss(nn.Module):
             return cross_entropy_sum(logits, targets)
         lm = causal_lm(self.model)
         hidden = getattr(lm, lm.base_model_prefix)(**inputs).last_hidden_state  # (batch, seq, hidden)
-        loss, self.correct = chunked_cross_entropy(hidden, lm.get_output_embeddings().weight, targets, self.chunk_size)
+        loss, self.correct = chunked_cross_entropy(hidden, head_weight(lm.get_output_embeddings()), targets, self.chunk_size)
         return loss

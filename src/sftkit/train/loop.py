@@ -40,6 +40,7 @@ from sftkit.model.compile import compile_decoder_layers
 from sftkit.model.load import ModelError, load_model, load_tokenizer, resolve_dtype
 from sftkit.model.neftune import add_neftune_noise
 from sftkit.model.quantize import check_qlora_supported, quantization_config
+from sftkit.model.tokens import resolve_trainable_tokens
 from sftkit.monitor.diagnosis import Monitor, MonitorSettings
 from sftkit.monitor.samples import generate_samples, load_sample_prompts
 from sftkit.rng import capture_rng, restore_rng
@@ -98,7 +99,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     set_seed(config.seed)
 
     # ---- data: tokenized, masked, packed; the batch order is a pure function of (seed, step)
-    tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path, config.trust_remote_code)
+    tokenizer = load_tokenizer(config.tokenizer_source, config.trust_remote_code)
     template = resolve_chat_template(config.chat_template, tokenizer)
     with accelerator.main_process_first():
         data = prepare_data(DataOptions.from_config(config, template), tokenizer)
@@ -111,15 +112,20 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                        packs=sequences if config.packing else None)
 
     # ---- model: base weights, adapters, the loss wrapper, optimizer and schedule
-    model = load_model(config.model_name_or_path, resolve_dtype(config.torch_dtype, config.bf16, config.fp16),
+    model = load_model(config.model_source, resolve_dtype(config.torch_dtype, config.bf16, config.fp16),
                        config.attn_implementation, config.trust_remote_code,
                        quantization_config() if config.finetuning == "qlora" else None, vocab_size=len(tokenizer))
     variant = LoraVariant(config.use_dora, config.use_rslora, tuple(config.lora_modules_to_save or ()),
                           config.init_lora_weights)
+    # full fine-tuning trains every token row already: `auto` has nothing to add there
+    token_ids = () if config.finetuning == "full" else tuple(
+        resolve_trainable_tokens(config.trainable_tokens, template, tokenizer))
     model = apply_adapters(model, AdapterOptions(
         config.finetuning, config.lora_r, config.lora_alpha, config.lora_dropout,
         tuple(config.lora_target_modules) if isinstance(config.lora_target_modules, list) else config.lora_target_modules,
-        config.gradient_checkpointing, variant))
+        config.gradient_checkpointing, variant=variant, trainable_token_ids=token_ids))
+    if token_ids:
+        say(f"Trainable token rows (embedding and output head): {escape(', '.join(tokenizer.convert_ids_to_tokens(list(token_ids))))}")
     initial_adapter = initial_adapter_state(model, variant)  # PiSSA/OLoRA: to save against the original base
     if config.neftune_noise_alpha:
         add_neftune_noise(model, config.neftune_noise_alpha)  # active in train mode only
@@ -431,10 +437,12 @@ def check_hardware(config: SFTConfig) -> str | None:
 def run_fingerprint(config: SFTConfig, world: int) -> dict[str, Any]:
     """Settings that must not change between a checkpoint and the run that resumes it."""
     return {
-        "model_name_or_path": config.model_name_or_path, "finetuning": config.finetuning,
+        "model_name_or_path": config.model_name_or_path, "gguf_file": config.gguf_file, "finetuning": config.finetuning,
         "lora": [config.lora_r, config.lora_alpha, config.lora_target_modules] if config.finetuning != "full" else None,
         **({"lora_variant": [config.use_dora, config.use_rslora, config.lora_modules_to_save, config.init_lora_weights]}
            if config.finetuning != "full" else {}),
+        "trainable_tokens": None if config.finetuning == "full" or config.trainable_tokens == "none"
+        else config.trainable_tokens,
         "datasets": redacted(config)["datasets"], "max_seq_length": config.max_seq_length,
         "packing": config.packing, "seed": config.seed, "per_device_train_batch_size": config.per_device_train_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps, "world_size": world,
