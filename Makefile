@@ -27,7 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/loss_memory.py
 	$(BIN)/python bench/plan_accuracy.py
 
-# On a CUDA machine: the `cuda` tests, bench/vs_trl.py --gpu and bench/attention.py --gpu (needs the
+# On a CUDA machine: the `cuda` tests, bench/vs_trl.py --gpu, bench/attention.py --gpu and bench/compile.py (needs the
 # bench extra: `make bench` once, or offline see bench/README.md). Without CUDA (or with DRY=1) the
 # same stages run on CPU at their smallest: wiring, not figures.
 gpu-check: $(STAMP)

@@ -1,7 +1,7 @@
 """The GPU check in one command: the CUDA tests, then the two GPU benchmarks.
 
     python bench/gpu_check.py          # on a CUDA machine (what `make gpu-check` runs)
-    python bench/gpu_check.py --dry    # anywhere: the same three stages on CPU at their smallest
+    python bench/gpu_check.py --dry    # anywhere: the same four stages on CPU at their smallest
 
 Stages, each its own process, each printed with its exit status and time:
   1. pytest -m cuda                    packed == alone on varlen / sdpa / flash (when installed) in bf16,
@@ -9,8 +9,9 @@ Stages, each its own process, each printed with its exit status and time:
   2. bench/vs_trl.py --gpu             Llama-3-8B-shaped LoRA bf16 at seq 4096: tokens/s, MFU (its FLOP rule
                                        printed), peak memory; sftkit vs TRL in the same run
   3. bench/attention.py --gpu          dense mask vs varlen, seq 2048/4096/8192 × 2/8/32 examples per pack
+  4. bench/compile.py --device cuda    torch_compile: compile time, step time and loss against eager (bf16)
 The dry mode runs stage 1 as is (every `cuda` test skips without a GPU: it proves they are collected and
-import), stage 2 as `--quick` and stage 3 as `--quick`, on CPU. It checks the wiring, not the figures.
+import), and stages 2-4 at their smallest (`--quick`), on CPU. It checks the wiring, not the figures.
 Without CUDA the dry mode is chosen by itself, and says so.
 """
 
@@ -32,6 +33,7 @@ def stages(dry: bool) -> list[tuple[str, list[str]]]:
         ("CUDA tests", [python, "-m", "pytest", "-q", "-m", "cuda", "-rs"]),
         ("sftkit vs TRL", [python, "bench/vs_trl.py", gpu_or_quick]),
         ("packed attention", [python, "bench/attention.py", gpu_or_quick]),
+        ("torch_compile", [python, "bench/compile.py", *(["--quick", "--device", "cpu"] if dry else ["--device", "cuda"])]),
     ]
 
 
