@@ -30,7 +30,9 @@ full rendering: a token is trained when it overlaps a trained span.
 The same `render_prompt` is used for generation during training and at inference, and the
 template text is saved with every checkpoint, so inference never uses a different template.
 Cost: one render of the conversation plus two per assistant turn (three for a turn that ends
-differently mid-conversation), each linear in the conversation's length.
+differently mid-conversation), each linear in the conversation's length. Every render is of a prefix of
+the one conversation, so each prefix is rendered once: the last turn's "turn-as-last" is the full
+rendering itself, which saves one render per conversation that ends with the assistant (most data).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -152,16 +154,19 @@ def render_prompt(messages: list[dict[str, Any]], template: str, tokenizer: Any,
 
 def assistant_spans(messages: list[dict[str, Any]], template: str, tokenizer: Any,
                     tools: list[dict] | str | None = None,
-                    train_on_reasoning: bool = True) -> tuple[str, list[tuple[int, int]]]:
+                    train_on_reasoning: bool = True,
+                    reuse_renders: bool = True) -> tuple[str, list[tuple[int, int]]]:
     """The full rendering and the character spans [start, end) to train on, in order.
 
     Renders the whole conversation once and, per assistant turn, the prompt and the turn-as-last
-    (two renders a turn; one more only for a turn that ends differently mid-conversation).
+    (two renders a turn; one more only for a turn that ends differently mid-conversation), each prefix
+    once: the turn-as-last of a final assistant turn is the full rendering. `reuse_renders=False` renders
+    every prefix afresh (the reference the tests hold the reuse to; the spans are the same).
     `train_on_reasoning=False` leaves out the reasoning text as rendered (the turn's headers, think tags,
     answer and end-of-turn stay trained), so a turn may give two spans.
     """
     messages = [_for_template(message) for message in messages]
-    renderer = _Renderer(template, tokenizer, _parse_tools(tools))  # tools parsed once, not per render
+    renderer = _Renderer(template, tokenizer, _parse_tools(tools), messages if reuse_renders else [])
     full = renderer(messages)
     spans: list[tuple[int, int]] = []
     cursor = 0
@@ -186,16 +191,29 @@ def assistant_spans(messages: list[dict[str, Any]], template: str, tokenizer: An
     return full, spans
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Renderer:
-    """`render` with one conversation's template, tokenizer and tools."""
+    """`render` with one conversation's template, tokenizer and tools (parsed once, not per render).
+
+    Renders of prefixes of `conversation` are kept by (length, add_generation_prompt): a template is a
+    function of its messages, so a prefix asked for twice (the full conversation, and the turn-as-last of
+    its final assistant turn) is rendered once. An empty `conversation` keeps nothing."""
 
     template: str
     tokenizer: Any
     tools: list[dict] | None
+    conversation: list[dict[str, Any]]
+    _rendered: dict[tuple[int, bool], str] = field(default_factory=dict)
 
     def __call__(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        return render(messages, self.template, self.tokenizer, add_generation_prompt, self.tools)
+        key = (len(messages), add_generation_prompt)
+        is_prefix = bool(self.conversation) and messages == self.conversation[: len(messages)]
+        if is_prefix and key in self._rendered:
+            return self._rendered[key]
+        text = render(messages, self.template, self.tokenizer, add_generation_prompt, self.tools)
+        if is_prefix:
+            self._rendered[key] = text
+        return text
 
 
 def _span_after_prompt(full: str, prompt: str, alone: str, messages: list[dict[str, Any]], index: int,

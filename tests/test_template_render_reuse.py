@@ -1,0 +1,69 @@
+"""Each prefix of a conversation is rendered once: the masks are exactly those of rendering every prefix
+afresh, on every template we ship or test against, and a conversation that ends with the assistant costs
+one render less (its last turn-as-last is the full rendering)."""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from sftkit.data import template as template_module
+from sftkit.data.template import BUILTIN_TEMPLATES, TemplateError, resolve_chat_template, tokenize_conversation
+from tests.test_data_properties import conversations
+from tests.test_template_masking import TEMPLATES
+
+FIXTURES = sorted(path.stem for path in TEMPLATES.glob("*.jinja"))
+# Templates that render every turn the same whether or not it is last: two renders per assistant turn,
+# none for the conversation itself when it ends with the assistant.
+PREFIX_STABLE = {"llama2", "chatml", "llama3", "zephyr", "qwen25", "llama31", "default_system"}
+
+
+def template_text(name: str, tokenizer) -> str:
+    return resolve_chat_template(name if name in BUILTIN_TEMPLATES else str(TEMPLATES / f"{name}.jinja"), tokenizer)
+
+
+def counted(monkeypatch, reuse_renders: bool, messages, template: str, tokenizer):
+    """(labels or the TemplateError text, how many times the template was rendered)."""
+    calls = Counter()
+    render = template_module.render
+
+    def counting_render(*args, **kwargs):
+        calls["render"] += 1
+        return render(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(template_module, "render", counting_render)
+        patch.setattr(template_module, "assistant_spans",
+                      functools.partial(template_module.assistant_spans, reuse_renders=reuse_renders))
+        try:
+            encoded = tokenize_conversation(messages, template, tokenizer)
+            result = (encoded["input_ids"], encoded["labels"])
+        except TemplateError as err:
+            result = str(err)
+    return result, calls["render"]
+
+
+@pytest.mark.parametrize("name", [*BUILTIN_TEMPLATES, *FIXTURES])
+def test_reused_renders_give_the_reference_masks(name, llama2_tokenizer, monkeypatch):
+    template = template_text(name, llama2_tokenizer)
+
+    @settings(max_examples=60, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(messages=conversations())
+    def check(messages):
+        reference, reference_renders = counted(monkeypatch, False, messages, template, llama2_tokenizer)
+        reused, reused_renders = counted(monkeypatch, True, messages, template, llama2_tokenizer)
+        assert reused == reference
+        if isinstance(reference, str):
+            return
+        ends_with_reply = messages[-1]["role"] == "assistant"
+        assert reused_renders == reference_renders - ends_with_reply
+        if name in PREFIX_STABLE:
+            turns = sum(message["role"] == "assistant" for message in messages)
+            assert reference_renders == 1 + 2 * turns
+            assert reused_renders == 1 + 2 * turns - ends_with_reply
+
+    check()
