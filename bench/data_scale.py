@@ -2,7 +2,7 @@
 
     python bench/data_scale.py                         # 20k, 100k, 200k rows (about an hour on 2 cores)
     python bench/data_scale.py --rows 2000 20000       # small vs 10×
-    python bench/data_scale.py --rows 2000 --quick     # smoke run
+    python bench/data_scale.py --rows 2000 --no-ddp    # smoke run, without the 2-process runs
 
 Data: ultrachat-shaped conversations, each 5 user/assistant exchanges drawn (seeded) from GSM8K
 train, ~1,000 Llama-2 tokens each, written once per size as JSONL `messages` rows. Both tools read
