@@ -159,7 +159,7 @@ def prepare(settings: Settings, workdir: Path) -> dict:
         sequences = TrainingExamples.from_dataset(table).sequences(settings.max_seq_length, packing)
         plan = BatchPlan(sequences, config.per_device_train_batch_size, config.gradient_accumulation_steps, 1,
                          config.seed)
-        order = [s for micro in plan.epoch_micro_batches(0) for s in micro]
+        order = plan.epoch_order(0).tolist()
         name = "packed" if packing else "padded"
         steps = [plan.step_micro_batches(step) for step in range(settings.steps)]
         facts[name] = {

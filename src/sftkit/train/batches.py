@@ -53,11 +53,6 @@ class BatchPlan:
                                    else np.arange(count))
         return self._epochs[epoch]
 
-    def epoch_micro_batches(self, epoch: int) -> list[list[int]]:
-        """Micro-batches of one epoch, each a list of sequence indices."""
-        order, size = self.epoch_order(epoch), self.micro_batch_size
-        return [order[i:i + size].tolist() for i in range(0, len(order), size)]
-
     def step_micro_batches(self, step: int) -> list[list[int]]:
         """All micro-batches of optimizer step `step` (0-based), across every process, in order."""
         epoch, index = divmod(step, self.steps_per_epoch)
