@@ -24,7 +24,7 @@ BASE = {"model_name_or_path": "m", "datasets": [{"path": "train.jsonl"}]}
      "metric_for_best_model = 'eval_chat_loss' names no eval set of this config; choose one of: eval_gsm8k_loss, "
      "eval_gsm8k_token_accuracy"),
     ({"metric_for_best_model": "eval_loss"}, "metric_for_best_model = 'eval_loss' but there is no eval data"),
-    ({"datasets": [{"path": "train.jsonl", "label": "t"}]}, "datasets.0.label = 't': labels name eval sets only"),
+    ({"eval_dataset": {"path": "a.jsonl", "weight": 2}}, "weights mix training sources only"),
     ({"eval_dataset": [{"path": "a.jsonl", "lable": "x"}]}, "unknown key 'eval_dataset.0.lable'; did you mean 'label'?"),
     ({"eval_dataset": "a.jsonl"}, "eval_dataset = 'a.jsonl': give one entry"),
 ])

@@ -35,7 +35,11 @@ class DatasetSpec(BaseModel):
     name: str | None = Field(None, description="Hub dataset configuration name.")
     label: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
-        description="Eval sets only: the set's name in metric keys (eval_<label>_loss, eval_<label>_token_accuracy).")
+        description="The source's name in metrics: per-source loss for training data (default: the file's stem), "
+        "eval_<label>_loss and eval_<label>_token_accuracy for eval sets.")
+    weight: float | None = Field(
+        None, gt=0, description="Training data only: this source's share of trained tokens in a mixture (weights are "
+        "normalised; give every source one, or none to concatenate).")
 
 
 class SFTConfig(BaseModel):
@@ -74,7 +78,8 @@ class SFTConfig(BaseModel):
         "none", description="Tokens whose embedding and output-head rows LoRA trains too; `auto`: the chat template's special tokens.")
 
     # --- data ---
-    datasets: list[DatasetSpec] = Field(min_length=1, description="Training data sources, concatenated.")
+    datasets: list[DatasetSpec] = Field(
+        min_length=1, description="Training data sources: concatenated, or mixed by trained tokens when each has a `weight`.")
     eval_dataset: DatasetSpec | list[DatasetSpec] | None = Field(
         None, description="Held-out data for eval loss, token accuracy and sample prompts; a list of entries with "
                           "a `label` each is evaluated set by set.")
@@ -91,6 +96,14 @@ class SFTConfig(BaseModel):
     truncation: Literal["truncate_right", "drop", "error"] = Field(
         "truncate_right", description="What to do with examples longer than max_seq_length.")
     skip_bad_rows: bool = Field(False, description="Skip rows that fit no format (counted and reported) instead of stopping.")
+    streaming: bool = Field(
+        False, description="Read the datasets as streams: tokenized and packed on the fly, no full pass before "
+        "training; needs max_steps.")
+    packing_buffer: int = Field(
+        2000, ge=1, description="Streaming and mixtures: examples gathered before they are packed (larger packs "
+        "tighter, holds more in memory).")
+    on_exhausted: Literal["repeat", "stop"] = Field(
+        "repeat", description="Streaming and mixtures: when a source runs out before max_steps, read it again or stop the run.")
     dataset_num_proc: int | None = Field(
         None, ge=1, description="Processes for tokenization (datasets.map); unset: one per CPU core this process may use.")
 
@@ -168,14 +181,34 @@ class SFTConfig(BaseModel):
         if self.gguf_file and self.finetuning == "qlora":
             raise ValueError(f"gguf_file ({self.gguf_file}) with finetuning: qlora: a GGUF base is dequantized and "
                              "cannot be quantized again; use finetuning: lora, or a safetensors base for qlora")
+        self._check_sources()
         self._check_eval_sets()
         self._check_lora_variant()
         return self
 
+    def _check_sources(self) -> None:
+        weighted = [spec.weight is not None for spec in self.datasets]
+        if any(weighted) and not all(weighted):
+            missing = ", ".join(f"datasets.{i}" for i, has in enumerate(weighted) if not has)
+            raise ValueError(f"{missing} has no weight while others have one; give every training source a weight "
+                             "(its share of trained tokens), or none to concatenate them")
+        names = self.source_names
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"two training sources are both named {repeated[0]!r}; give them distinct labels "
+                             "(datasets.N.label), which name their per-source metrics")
+        if (self.streaming or self.is_mixture) and self.max_steps <= 0:
+            what = "streaming: true" if self.streaming else "weights on datasets"
+            raise ValueError(f"{what} needs max_steps: a stream or a mixture has no epoch to count; set max_steps")
+        if self.streaming and self.eval_split_ratio > 0:
+            raise ValueError("eval_split_ratio cannot hold rows out of a stream; set eval_dataset instead "
+                             "(or streaming: false)")
+
     def _check_eval_sets(self) -> None:
-        for index, spec in enumerate(self.datasets):
-            if spec.label is not None:
-                raise ValueError(f"datasets.{index}.label = {spec.label!r}: labels name eval sets only; remove it")
+        specs = self.eval_dataset if isinstance(self.eval_dataset, list) else [self.eval_dataset] if self.eval_dataset else []
+        for index, spec in enumerate(specs):
+            if spec.weight is not None:
+                raise ValueError(f"eval_dataset weight = {spec.weight}: weights mix training sources only; remove it")
         if isinstance(self.eval_dataset, list):
             labels = [spec.label for spec in self.eval_dataset]
             if not labels:
@@ -230,6 +263,16 @@ class SFTConfig(BaseModel):
         return [s for s in sinks if s != "none"]
 
     @property
+    def source_names(self) -> list[str]:
+        """Each training source's name in per-source metrics: its label, else the file's (or hub id's) stem."""
+        return [spec.label or source_stem(spec.path) for spec in self.datasets]
+
+    @property
+    def is_mixture(self) -> bool:
+        """True when the training sources are mixed by trained-token weights instead of concatenated."""
+        return self.datasets[0].weight is not None
+
+    @property
     def has_eval(self) -> bool:
         return self.eval_dataset is not None or self.eval_split_ratio > 0
 
@@ -268,6 +311,12 @@ class SFTConfig(BaseModel):
 
 
 EVAL_METRICS = ("loss", "token_accuracy")
+
+
+def source_stem(path: str) -> str:
+    """`data/chat.v2.jsonl` → `chat.v2`; `org/dataset` → `dataset`; a folder → its name."""
+    name = Path(path.rstrip("/")).name
+    return Path(name).stem if Path(name).suffix.lower() in (".json", ".jsonl", ".parquet", ".csv") else name
 
 
 def eval_metric_key(label: str, metric: str) -> str:

@@ -27,8 +27,9 @@ class DataOptions:
 
     @classmethod
     def from_config(cls, config: SFTConfig, template: str) -> DataOptions:
+        """Streaming reads the training sources during the run: only the eval sets are prepared here."""
         return cls(
-            train_sources=tuple(config.datasets), eval_sources=tuple(config.eval_sets),
+            train_sources=() if config.streaming else tuple(config.datasets), eval_sources=tuple(config.eval_sets),
             eval_split_ratio=config.eval_split_ratio,
             tokenize=TokenizeOptions(template=template, max_seq_length=config.max_seq_length,
                                      truncation=config.truncation, assistant_only_loss=config.assistant_only_loss,
@@ -39,7 +40,7 @@ class DataOptions:
 
 @dataclass
 class PreparedData:
-    train: TokenizedData
+    train: TokenizedData | None  # None when the training sources are streamed
     eval_sets: dict[str, TokenizedData] = field(default_factory=dict)  # label ('' when unnamed) → eval set
     sources: list[LoadedSource] = field(default_factory=list)
     eval_messages: list[list[dict[str, str]]] = field(default_factory=list)  # held-out prompts for samples
@@ -68,7 +69,7 @@ def _load_all(specs: tuple[DatasetSpec, ...], options: DataOptions) -> tuple[dat
 def prepare_data(options: DataOptions, tokenizer: Any) -> PreparedData:
     """Load, normalise, split off eval, tokenize and mask. Raises DataError with file and row on bad input."""
     started = time.perf_counter()
-    rows, sources = _load_all(options.train_sources, options)
+    rows, sources = _load_all(options.train_sources, options) if options.train_sources else (None, [])
     eval_rows: dict[str, datasets.Dataset] = {}
     for label, spec in options.eval_sources:
         if spec is not None:
@@ -85,8 +86,8 @@ def prepare_data(options: DataOptions, tokenizer: Any) -> PreparedData:
     for source in sources:
         require_chat_template(options.tokenize.template, source.format, source.name, tokenizer)
     read_done = time.perf_counter()
-    train = tokenize_dataset(rows, tokenizer, options.tokenize, options.num_proc, "Tokenizing train")
-    if len(train.dataset) == 0:
+    train = tokenize_dataset(rows, tokenizer, options.tokenize, options.num_proc, "Tokenizing train") if rows is not None else None
+    if train is not None and len(train.dataset) == 0:
         files = ", ".join(spec.path for spec in options.train_sources)
         raise DataError(f"{files}: no training example left after filtering ({train.dropped}) with max_seq_length = "
                         f"{options.tokenize.max_seq_length} and truncation = {options.tokenize.truncation!r}; raise "

@@ -13,8 +13,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sized
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
+
+
+def rank_share(group: list[T], rank: int, world: int) -> list[T | None]:
+    """This process's micro-batches of a step: every world-th one from `rank`. Every process gets the
+    same count (None = a zero-loss stand-in) so DDP's gradient all-reduce stays in step on a short last step."""
+    mine: list[T | None] = list(group[rank::world])
+    return mine + [None] * (math.ceil(len(group) / world) - len(mine))
 
 
 @dataclass(frozen=True)
@@ -59,13 +69,6 @@ class BatchPlan:
         size, per_step = self.micro_batch_size, self.accumulation * self.world_size
         order = self.epoch_order(epoch)[index * per_step * size:(index + 1) * per_step * size]
         return [order[i:i + size].tolist() for i in range(0, len(order), size)]
-
-    def for_rank(self, group: list[list[int]], rank: int) -> list[list[int] | None]:
-        """This process's micro-batches of a step. Every process gets the same count (None = a
-        zero-loss stand-in) so DDP's gradient all-reduce stays in step on a short last step."""
-        mine: list[list[int] | None] = list(group[rank::self.world_size])
-        per_rank = math.ceil(len(group) / self.world_size)
-        return mine + [None] * (per_rank - len(mine))
 
     def epoch_of(self, step: int) -> float:
         return step / self.steps_per_epoch

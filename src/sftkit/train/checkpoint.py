@@ -7,6 +7,8 @@
         rng_state_RANK.json     python + numpy RNG of each process
         rng_torch_RANK.safetensors   torch CPU (and CUDA) RNG of each process
         trainer_state.json      step, epoch, best eval loss, run fingerprint
+        data_state.json + data_examples.safetensors   streaming/mixtures: each source's position, the
+                                packing queue and read-ahead (examples as int64 tensors)
         config.yaml, chat_template.jinja
         manifest.json           every file with size and SHA-256, written last
 
@@ -86,7 +88,8 @@ def write_process_state(directory: Path, rank: int) -> None:
 
 def write_main_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      scheduler: Any, trainer_state: dict[str, Any], finetuning: str,
-                     config_yaml: str, template: str, sharded: bool = False) -> None:
+                     config_yaml: str, template: str, sharded: bool = False,
+                     data_state: tuple[dict, dict[str, torch.Tensor]] | None = None) -> None:
     """Everything but the RNG; weights and optimizer only when not sharded (FSDP/DeepSpeed write
     theirs through `accelerator.save_state` into `sharded_state/`)."""
     if not sharded:
@@ -96,6 +99,17 @@ def write_main_state(directory: Path, model: torch.nn.Module, optimizer: torch.o
     (directory / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     (directory / "config.yaml").write_text(config_yaml, encoding="utf-8")
     (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
+    if data_state is not None:
+        plain, tensors = data_state
+        (directory / "data_state.json").write_text(json.dumps(plain))
+        save_file(tensors, str(directory / "data_examples.safetensors"))
+
+
+def load_data_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """The data position a streaming or mixing run saved; None for a run whose order is f(seed, step)."""
+    if not (path / "data_state.json").is_file():
+        return None
+    return json.loads((path / "data_state.json").read_text()), load_file(str(path / "data_examples.safetensors"))
 
 
 def finalize(directory: Path, output_dir: Path, step: int) -> Path:
@@ -220,7 +234,7 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, model: torch.nn.Module,
                     optimizer: Any, scheduler: Any, trainer_state: dict[str, Any], config: Any,
-                    template: str) -> Path:
+                    template: str, data_state: tuple[dict, dict[str, torch.Tensor]] | None = None) -> Path:
     """Every process writes its RNG state, the main process the rest; then one atomic rename."""
     import yaml
 
@@ -238,7 +252,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, model
         if accelerator.is_main_process:
             write_main_state(temp, model, optimizer, scheduler, trainer_state, config.finetuning,
                                   yaml.safe_dump(redacted(config), sort_keys=False), template,
-                                  sharded=is_sharded(accelerator))
+                                  sharded=is_sharded(accelerator), data_state=data_state)
         accelerator.wait_for_everyone()
         final = finalize(temp, output_dir, step) if accelerator.is_main_process else output_dir / f"checkpoint-{step}"
         accelerator.wait_for_everyone()

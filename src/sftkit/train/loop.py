@@ -25,9 +25,7 @@ from rich.markup import escape
 
 from sftkit.config import SFTConfig, eval_loss_key, eval_metric_key, greater_is_better, redacted, save_config
 from sftkit.data.collate import collate
-from sftkit.data.dataset import DataOptions, prepare_data
 from sftkit.data.examples import TrainingExamples
-from sftkit.data.inspect import data_stats
 from sftkit.data.template import IGNORE_INDEX, resolve_chat_template
 from sftkit.model.adapters import (
     AdapterOptions,
@@ -45,7 +43,6 @@ from sftkit.monitor.diagnosis import Monitor, MonitorSettings
 from sftkit.monitor.samples import generate_samples, load_sample_prompts
 from sftkit.rng import capture_rng, restore_rng
 from sftkit.train import checkpoint as ckpt
-from sftkit.train.batches import BatchPlan
 from sftkit.train.checkpoint import save_checkpoint
 from sftkit.train.distributed import is_sharded, make_accelerator
 from sftkit.train.errors import TrainingError
@@ -65,6 +62,7 @@ from sftkit.train.outputs import (
     save_final,
     write_run_info,
 )
+from sftkit.train.run_data import load_run_data
 from sftkit.train.schedule import build_scheduler, lr_multiplier, warmup_steps_for
 from sftkit.train.sinks import check_installed
 
@@ -98,18 +96,12 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     accelerator.wait_for_everyone()
     set_seed(config.seed)
 
-    # ---- data: tokenized, masked, packed; the batch order is a pure function of (seed, step)
+    # ---- data: tokenized, masked, packed; the feed says which examples each step trains on
     tokenizer = load_tokenizer(config.tokenizer_source, config.trust_remote_code)
     template = resolve_chat_template(config.chat_template, tokenizer)
-    with accelerator.main_process_first():
-        data = prepare_data(DataOptions.from_config(config, template), tokenizer)
-    examples = TrainingExamples.from_dataset(data.train.dataset)  # tokens stay in Arrow; figures in numpy
-    sequences = examples.sequences(config.max_seq_length, config.packing, progress=main)
-    plan = BatchPlan(sequences, config.per_device_train_batch_size, config.gradient_accumulation_steps, world, config.seed)
-    total_steps = plan.total_steps(config.num_train_epochs, config.max_steps)
+    run_data = load_run_data(config, tokenizer, template, accelerator, tell=lambda text: say(escape(text)))
+    data, feed, total_steps = run_data.prepared, run_data.feed, run_data.total_steps
     warmup = warmup_steps_for(total_steps, *config.warmup_fraction_or_steps)
-    stats = data_stats(data, config.max_seq_length, config.per_device_train_batch_size,
-                       packs=sequences if config.packing else None)
 
     # ---- model: base weights, adapters, the loss wrapper, optimizer and schedule
     model = load_model(config.model_source, resolve_dtype(config.torch_dtype, config.bf16, config.fp16),
@@ -156,8 +148,10 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
         else:
             path, state = found
             ckpt.load_state(path, unwrapped, optimizer, scheduler, config.finetuning, rank, accelerator)
+            feed.load_state(ckpt.load_data_state(path))
             say(f"Resumed from {path} at step {state['step']}")
     start_step = state["step"]
+    stats = run_data.stats(config.max_seq_length, config.per_device_train_batch_size, config.packing)
 
     # ---- run directory, sinks, monitor, samples
     eval_steps = config.resolved_eval_steps
@@ -183,7 +177,9 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
         "world_size": world, "micro_batch_size": config.per_device_train_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "effective_batch": config.per_device_train_batch_size * config.gradient_accumulation_steps * world,
-        "sequences": len(sequences), "steps_per_epoch": plan.steps_per_epoch, "total_steps": total_steps,
+        "sequences": run_data.sequences, "steps_per_epoch": run_data.steps_per_epoch, "total_steps": total_steps,
+        "streaming": config.streaming, "sources": feed.sources,
+        "source_weights": [spec.weight for spec in config.datasets] if config.is_mixture else None,
         "warmup_steps": warmup, "trainable_params": trainable, "total_params": total_params,
         "trained_token_fraction": stats["trained_token_fraction"], "packing": config.packing, "chunked_loss": chunked,
         "last_step": start_step, "best_checkpoint": state["best_checkpoint"],
@@ -191,15 +187,16 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "finished_at": None,
     }
     write_run_info(output_dir, run_info, main)
+    per_epoch = f" ({run_data.steps_per_epoch}/epoch)" if run_data.steps_per_epoch else ""
     say(f"[bold]Effective batch[/bold] = {config.per_device_train_batch_size} (micro) × "
         f"{config.gradient_accumulation_steps} (GA) × {world} (processes) = {run_info['effective_batch']} sequences "
-        f"· {total_steps} steps ({plan.steps_per_epoch}/epoch) · warmup {warmup} · "
+        f"· {total_steps} steps{per_epoch} · warmup {warmup} · "
         f"trainable {trainable:,} / {total_params:,} parameters ({trainable / total_params:.2%})")
 
-    def batch_of(sequence_ids: list[int] | None, fallback: list[int]) -> dict[str, torch.Tensor]:
-        """Collate a micro-batch; `None` stands for a process's empty slot: same shape, no targets."""
-        batch = collate(examples.read(sequences, sequence_ids or fallback), tokenizer.pad_token_id)
-        if sequence_ids is None:
+    def batch_of(rows: list[list[dict]], counts: bool) -> dict[str, torch.Tensor]:
+        """Collate a micro-batch; one that does not count (a process's empty slot) has no targets."""
+        batch = collate(rows, tokenizer.pad_token_id)
+        if not counts:
             batch["targets"].fill_(IGNORE_INDEX)
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 
@@ -239,8 +236,8 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     def save(step: int, evaluation: dict[str, float] | None = None) -> Path:
         saved_steps.add(step)
         path = save_checkpoint(accelerator, output_dir, step, unwrapped, optimizer, scheduler,
-                               {**state, "step": step, "epoch": plan.epoch_of(step), **(evaluation or {})},
-                               config, template)
+                               {**state, "step": step, "epoch": feed.epoch_of(step), **(evaluation or {})},
+                               config, template, feed.state_for(step))
         if main:
             keep = {output_dir / state["best_checkpoint"]} if state["best_checkpoint"] else set()
             ckpt.prune(output_dir, config.save_total_limit, keep)
@@ -261,11 +258,13 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
         with progress:
             while step < total_steps:
                 rng_at_step_start = capture_rng()  # Ctrl-C mid-step saves the RNG this step began with
-                group = plan.step_micro_batches(step)
-                step_examples = sequences.examples_of([s for micro in group for s in micro])
-                step_trained = int(examples.trained[step_examples].sum())
-                step_tokens = int(examples.lengths[step_examples].sum())
-                batches = [batch_of(sequence_ids, group[0]) for sequence_ids in plan.for_rank(group, rank)]
+                drawn = feed.step(step)
+                if drawn is None:  # on_exhausted: stop, and every example read is trained on
+                    say(f"[yellow]The training data ran out at step {step} of {total_steps}; stopping "
+                        "(on_exhausted: stop).[/yellow]")
+                    break
+                step_trained, step_tokens = drawn.trained, drawn.tokens
+                batches = [batch_of(rows, counts) for rows, counts in drawn.micro_batches]
                 sums = accumulate_gradients(loss_model, accelerator, batches, step_trained, offload)
                 step_loss_sum, step_correct = accelerator.reduce(sums, "sum").tolist()
                 step_loss = step_loss_sum / step_trained
@@ -282,8 +281,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                     bad_steps += 1
                     if bad_steps > config.max_bad_steps:
                         if monitor:
-                            tell(monitor.observe_step(step + 1, step_loss, grad_norm, lr,
-                                                      example_rows(examples, step_examples)))
+                            tell(monitor.observe_step(step + 1, step_loss, grad_norm, lr, drawn.rows))
                         raise TrainingError(
                             f"step {step + 1}: loss {step_loss} / grad norm {grad_norm} is not finite; the step was "
                             "not applied. " + nonfinite_advice(config) + " (or allow skipping with max_bad_steps: N)")
@@ -298,10 +296,10 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                            int(step_correct) if finite else 0, clipped)
 
                 if monitor:
-                    tell(monitor.observe_step(step, step_loss, grad_norm, lr, example_rows(examples, step_examples)))
+                    tell(monitor.observe_step(step, step_loss, grad_norm, lr, drawn.rows))
                 if step % config.logging_steps == 0 or step == total_steps:
                     elapsed = time.perf_counter() - started
-                    row = window_row(window, step, plan.epoch_of(step), lr, grad_norm, elapsed, world)
+                    row = window_row(window, step, feed.epoch_of(step), lr, grad_norm, elapsed, world)
                     if writer:
                         writer.log(row)
                         if not console.is_terminal:  # logs to a file get a line per row instead of a bar
@@ -320,7 +318,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                     else:
                         state["evals_without_gain"] += 1
                     if writer:
-                        writer.log({"step": step, "epoch": plan.epoch_of(step), **evaluation})
+                        writer.log({"step": step, "epoch": feed.epoch_of(step), **evaluation})
                     if improved and (config.early_stopping_patience or step % config.save_steps == 0):
                         state["best_checkpoint"] = f"checkpoint-{step}"
                         save(step, evaluation)
@@ -447,11 +445,6 @@ def run_fingerprint(config: SFTConfig, world: int) -> dict[str, Any]:
         "packing": config.packing, "seed": config.seed, "per_device_train_batch_size": config.per_device_train_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps, "world_size": world,
     }
-
-
-def example_rows(examples: TrainingExamples, example_ids: Any) -> list[int]:
-    """Rows (1-based, as in the source file) of the examples in a step, for spike reports."""
-    return sorted((examples.source_rows[example_ids] + 1).tolist())
 
 
 def nonfinite_advice(config: SFTConfig) -> str:

@@ -1,0 +1,405 @@
+"""The examples a run trains on, step by step: which ones, packed how, on which process.
+
+Two feeds behind one call, `step(i) -> Step`:
+
+- `PlannedFeed`: the whole tokenized dataset is known. Packs are planned once and every epoch is a
+  seeded permutation of them: a pure function of (seed, step), with nothing to save.
+- `OnlineFeed`: examples arrive from sources, either streams tokenized on the fly or tokenized
+  Arrow sources mixed by trained-token weights. They gather in a buffer of `packing_buffer`
+  examples, which is packed (the same balanced best-fit-decreasing), shuffled and queued; a step
+  takes the sequences it needs from the queue:
+
+      sources ──(mixer: next source by trained tokens)──▶ buffer ──(pack, shuffle)──▶ queue ──▶ steps
+
+  Its state (each source's position and look-ahead, the mixer's counts, the queue) goes into every
+  checkpoint, so a resumed run draws the very same batches. Host memory: the buffer and the queue,
+  independent of the dataset's size.
+
+With one source read in file order and a buffer of exactly one pass, `OnlineFeed` forms the packs
+and the per-pass order of `PlannedFeed`: streaming a dataset trains like tokenizing it first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from sftkit.data.examples import Example, TrainingExamples, make_example
+from sftkit.data.formats import DataError
+from sftkit.data.mixture import TokenMixer
+from sftkit.data.packing import Packs, balanced
+from sftkit.train.batches import BatchPlan, rank_share
+
+Exchange = Callable[[list], list[list]]  # a list from this process → the lists of every process, by rank
+
+
+@dataclass
+class Step:
+    """One optimizer step: this process's micro-batches, and figures over every process's share."""
+
+    micro_batches: list[tuple[list[list[Example]], bool]]  # (per row its examples, counts); a short last step
+    # gives a process a stand-in micro-batch that does not count (its targets are ignored)
+    trained: int  # trained targets of the whole step (all processes)
+    tokens: int
+    source_trained: np.ndarray  # (sources,) trained targets per source
+    rows: list[int]  # 1-based source rows of the step's examples, for spike reports
+
+
+def _mine(group: list, rank: int, world: int, read: Callable[[Any], list[list[Example]]]) -> list:
+    """This process's share of a step's micro-batches, read; an empty slot becomes the first
+    micro-batch, not counted, so every process runs the same number of backward passes."""
+    return [(read(micro), True) if micro is not None else (read(group[0]), False)
+            for micro in rank_share(group, rank, world)]
+
+
+class Feed(Protocol):
+    sources: list[str]
+
+    def step(self, index: int) -> Step | None: ...
+    def epoch_of(self, step: int) -> float: ...
+    def state_for(self, step: int) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The state at the start of `step`: now, or before the step being drawn (a save mid-step)."""
+        if step == self.next_step:
+            return self._serialise(self._capture())
+        if step == self.next_step - 1 and self._snapshot is not None:
+            return self._serialise(self._snapshot)
+        raise ValueError(f"no feed state for step {step} (next step {self.next_step})")
+
+    def _capture(self) -> dict:
+        """The state by reference (examples are never changed once made): cheap enough for every step."""
+        return {"sources": [source.state() for source in self.sources_in], "queue": list(self.queue),
+                "mixer": self.mixer.state_dict(), "refills": self.refills, "ended": self.ended,
+                "next_step": self.next_step}
+
+    def _serialise(self, captured: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(JSON-able positions, tensors of every example held: the queue and the sources' read-ahead)."""
+        held: list[Example] = []
+
+        def keep(examples: Sequence[Example]) -> list[int]:
+            held.extend(examples)
+            return list(range(len(held) - len(examples), len(held)))
+
+        sources = [{"position": position, "ahead": keep(ahead)} for position, ahead in captured["sources"]]
+        queue = [keep(sequence) for sequence in captured["queue"]]
+        plain = {**captured, "sources": sources, "queue": queue, "names": self.sources}
+        return plain, examples_to_tensors(held)
+
+    def load_state(self, state: dict, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
+# --------------------------------------------------------------------------- planned (offline, concatenated)
+
+
+@dataclass
+class PlannedFeed:
+    """Every tokenized example known up front: packs planned once, epochs as seeded permutations."""
+
+    examples: TrainingExamples
+    sequences: Packs
+    plan: BatchPlan
+    rank: int
+    sources: list[str]
+
+    def step(self, index: int) -> Step:
+        """Figures from the numpy columns; only this process's micro-batches are read from Arrow."""
+        group = self.plan.step_micro_batches(index)
+        ids = self.sequences.examples_of([s for micro in group for s in micro])
+        examples = self.examples
+        return Step(micro_batches=_mine(group, self.rank, self.plan.world_size,
+                                        lambda micro: examples.read(self.sequences, micro)),
+                    trained=int(examples.trained[ids].sum()), tokens=int(examples.lengths[ids].sum()),
+                    source_trained=np.bincount(examples.sources[ids], weights=examples.trained[ids],
+                                               minlength=len(self.sources)).astype(np.int64),
+                    rows=sorted((examples.source_rows[ids] + 1).tolist()))
+
+    def epoch_of(self, step: int) -> float:
+        return self.plan.epoch_of(step)
+
+    def state_for(self, step: int) -> None:
+        return None  # the order is a pure function of (seed, step)
+
+    def load_state(self, saved: tuple[dict, dict[str, torch.Tensor]] | None) -> None:
+        pass  # nothing was saved: the step is enough
+
+
+# --------------------------------------------------------------------------- sources of an online feed
+
+
+class ExampleSource(Protocol):
+    name: str
+    passes: int  # completed passes over the source
+    given: int  # examples handed out in this pass
+
+    def next(self) -> Example | None: ...  # None: this pass is over
+    def restart(self) -> None: ...
+    def state(self) -> tuple[dict, list[Example]]: ...  # (position, examples read ahead but not yet taken)
+    def load(self, state: dict, ahead: list[Example]) -> None: ...
+
+
+class ArrowSource:
+    """One source's examples in the tokenized Arrow dataset, in a seeded order per pass.
+
+    Reads `chunk` rows at a time; its position is a count, so resuming costs nothing.
+    """
+
+    def __init__(self, examples: TrainingExamples, ids: np.ndarray, index: int, name: str, seed: int,
+                 chunk: int = 256) -> None:
+        self.examples, self.ids, self.index, self.name, self.seed, self.chunk = examples, ids, index, name, seed, chunk
+        self.passes, self.given = 0, 0
+        self._order = self._pass_order()
+        self._ahead: list[Example] = []
+
+    def _pass_order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.index, self.passes]).permutation(self.ids)
+
+    def next(self) -> Example | None:
+        if not self._ahead:
+            wanted = self._order[self.given:self.given + self.chunk]
+            if not len(wanted):
+                return None
+            self._ahead = self.examples.take(wanted)
+        self.given += 1
+        return self._ahead.pop(0)
+
+    def restart(self) -> None:
+        self.passes, self.given, self._ahead = self.passes + 1, 0, []
+        self._order = self._pass_order()
+
+    def state(self) -> tuple[dict, list[Example]]:
+        return {"passes": self.passes, "given": self.given}, []  # read-ahead is read again on resume
+
+    def load(self, state: dict, ahead: list[Example]) -> None:
+        self.passes, self.given, self._ahead = state["passes"], state["given"], []
+        self._order = self._pass_order()
+
+
+class StreamSource:
+    """A source read as a stream, tokenized on the fly.
+
+    Every process reads the same rows; each tokenizes a disjoint share (rows rank, rank + world, ...)
+    and the shares are exchanged, so all processes hold the same examples, in the same order, at
+    1/world of the tokenizing cost. Rows the tokenizer rejects are counted (`dropped`), never silently.
+    """
+
+    def __init__(self, stream: Any, index: int, tokenize: Callable[[dict], dict], exchange: Exchange,
+                 rank: int = 0, world: int = 1, chunk: int = 64) -> None:
+        self.stream, self.index, self.name = stream, index, stream.name
+        self.tokenize, self.exchange, self.rank, self.world, self.chunk = tokenize, exchange, rank, world, chunk
+        self.passes, self.given = 0, 0
+        self.dropped: dict[str, int] = {}
+        self._rows = iter(stream)
+        self._ahead: list[Example] = []
+
+    def next(self) -> Example | None:
+        while not self._ahead:
+            rows = [row for _, row in zip(range(self.chunk * self.world), self._rows)]
+            if not rows:
+                return None
+            mine = [self._encode(row) for row in rows[self.rank::self.world]]
+            shares = self.exchange(mine)
+            for i in range(len(rows)):  # back into the stream's order
+                encoded = shares[i % self.world][i // self.world]
+                if "error" in encoded:
+                    raise DataError(encoded["error"])
+                if encoded["drop_reason"]:
+                    self.dropped[encoded["drop_reason"]] = self.dropped.get(encoded["drop_reason"], 0) + 1
+                else:
+                    self._ahead.append(make_example(encoded["input_ids"], encoded["labels"], self.index,
+                                                    encoded["source_row"]))
+        self.given += 1
+        return self._ahead.pop(0)
+
+    def _encode(self, row: dict) -> dict:
+        """The tokenizer's result, or the error to raise on every process (never on one alone)."""
+        try:
+            encoded = self.tokenize(row)
+        except (DataError, ValueError) as err:
+            return {"error": str(err)}
+        if encoded["drop_reason"].startswith("error:"):
+            return {"error": f"{self.stream.path}: row {row['source_row'] + 1}: "
+                             f"{encoded['drop_reason'].removeprefix('error: ')}; raise max_seq_length, or set "
+                             "`truncation: truncate_right` or `truncation: drop`"}
+        return {"input_ids": encoded["input_ids"], "labels": encoded["labels"], "drop_reason": encoded["drop_reason"],
+                "source_row": row["source_row"]}
+
+    def restart(self) -> None:
+        self.stream.restart()
+        self.passes, self.given, self._rows, self._ahead = self.passes + 1, 0, iter(self.stream), []
+
+    def state(self) -> tuple[dict, list[Example]]:
+        return {"passes": self.passes, "given": self.given, "stream": self.stream.state_dict(),
+                "dropped": dict(self.dropped)}, list(self._ahead)
+
+    def load(self, state: dict, ahead: list[Example]) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self.passes, self.given, self.dropped = state["passes"], state["given"], dict(state["dropped"])
+        self._rows, self._ahead = iter(self.stream), list(ahead)
+
+
+# --------------------------------------------------------------------------- the online feed
+
+
+@dataclass(frozen=True)
+class OnlineOptions:
+    capacity: int  # max_seq_length
+    packing: bool
+    buffer: int  # examples per packing round
+    micro_batch_size: int
+    accumulation: int
+    world_size: int
+    rank: int
+    seed: int
+    on_exhausted: str  # repeat | stop
+    weights: tuple[float, ...] | None  # trained-token shares; None: take turns by rows
+
+
+@dataclass
+class OnlineFeed:
+    """Examples from sources, mixed, packed per buffer and queued; see the module docstring."""
+
+    sources_in: list[ExampleSource]
+    options: OnlineOptions
+    tell: Callable[[str], None] = print
+    queue: list[list[Example]] = field(default_factory=list)  # packed sequences not yet trained on
+    refills: int = 0
+    ended: bool = False
+    next_step: int = 0
+    _snapshot: dict | None = None
+
+    def __post_init__(self) -> None:
+        weights = self.options.weights or (1.0,) * len(self.sources_in)
+        self.mixer = TokenMixer(weights)
+        self.sources = [source.name for source in self.sources_in]
+
+    # ---- drawing steps
+
+    def step(self, index: int) -> Step | None:
+        """Step `index`'s micro-batches; None once the data has run out (`on_exhausted: stop`)."""
+        if index != self.next_step:
+            raise ValueError(f"an online feed is read step after step: asked for {index}, next is {self.next_step}")
+        self._snapshot = self._capture()
+        options = self.options
+        needed = options.micro_batch_size * options.accumulation * options.world_size
+        while len(self.queue) < needed and not self.ended:
+            self._refill()
+        if not self.queue:
+            return None
+        taken, self.queue = self.queue[:needed], self.queue[needed:]
+        self.next_step += 1
+        size = options.micro_batch_size
+        group = [taken[i:i + size] for i in range(0, len(taken), size)]
+        examples = [example for sequence in taken for example in sequence]
+        trained = np.array([example["trained"] for example in examples], np.int64)
+        sources = np.array([example["source"] for example in examples], np.int64)
+        return Step(micro_batches=_mine(group, options.rank, options.world_size, lambda micro: micro),
+                    trained=int(trained.sum()), tokens=sum(len(example["input_ids"]) for example in examples),
+                    source_trained=np.bincount(sources, weights=trained, minlength=len(self.sources)).astype(np.int64),
+                    rows=sorted(example["source_row"] + 1 for example in examples))
+
+    def prime(self) -> None:
+        """Fill the queue now (the first buffer), e.g. to report on the examples before training."""
+        if not self.queue and not self.ended:
+            self._refill()
+
+    def _refill(self) -> None:
+        """Gather up to `buffer` examples through the mixer, pack them, queue the packs in a seeded order."""
+        buffer: list[Example] = []
+        while len(buffer) < self.options.buffer and not self.ended:
+            index = self.mixer.pick()
+            source = self.sources_in[index]
+            example = source.next()
+            if example is None:
+                if self.options.on_exhausted == "stop":
+                    self.tell(f"{source.name} ran out after {source.passes + 1} pass(es); the run stops when the "
+                              "examples already read are trained on (on_exhausted: stop)")
+                    self.ended = True
+                    break
+                if not source.given:  # a whole pass without an example: repeating would loop forever
+                    raise DataError(f"{source.name}: no example to train on (every row was dropped); check the data "
+                                    "and max_seq_length")
+                source.restart()
+                self.tell(f"{source.name} ran out; reading it again, pass {source.passes + 1} (on_exhausted: repeat)")
+                continue
+            self.mixer.record(index, example["trained"] if self.options.weights else 1)
+            buffer.append(example)
+        if not buffer:
+            self.ended = True
+            return
+        lengths = np.array([len(example["input_ids"]) for example in buffer], np.int64)
+        packs = balanced(lengths, self.options.capacity) if self.options.packing else Packs.one_per_example(len(buffer))
+        order = np.random.default_rng(self.options.seed + self.refills).permutation(len(packs))
+        self.queue.extend([buffer[i] for i in packs[int(p)]] for p in order)
+        self.refills += 1
+
+    def epoch_of(self, step: int) -> float:
+        """Completed passes over the most-read source (a stream has no known length to divide by)."""
+        return float(max(source.passes for source in self.sources_in))
+
+    def realised_shares(self) -> dict[str, float]:
+        return dict(zip(self.sources, self.mixer.realised().tolist()))
+
+    # ---- state
+
+    def state_for(self, step: int) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The state at the start of `step`: now, or before the step being drawn (a save mid-step)."""
+        if step == self.next_step:
+            return self.state_dict()
+        if step == self.next_step - 1 and self._snapshot is not None:
+            return self._snapshot
+        raise ValueError(f"no feed state for step {step} (next step {self.next_step})")
+
+    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(JSON-able positions, tensors of every example held: the queue and the sources' read-ahead)."""
+        held: list[Example] = []
+
+        def keep(examples: Sequence[Example]) -> list[int]:
+            held.extend(examples)
+            return list(range(len(held) - len(examples), len(held)))
+
+        sources = []
+        for source in self.sources_in:
+            position, ahead = source.state()
+            sources.append({"position": position, "ahead": keep(ahead)})
+        queue = [keep(sequence) for sequence in self.queue]
+        plain = {"sources": sources, "queue": queue, "mixer": self.mixer.state_dict(), "refills": self.refills,
+                 "ended": self.ended, "next_step": self.next_step, "names": self.sources}
+        return plain, examples_to_tensors(held)
+
+    def load_state(self, saved: tuple[dict, dict[str, torch.Tensor]] | None) -> None:
+        if saved is None:
+            raise DataError("the checkpoint holds no data position (it was written by a run that did not stream or "
+                            "mix its data); resume with the same data settings, or start a new output_dir")
+        state, tensors = saved
+        if state["names"] != self.sources:
+            raise DataError(f"the checkpoint's data sources {state['names']} are not this run's {self.sources}")
+        held = examples_from_tensors(tensors)
+        for source, saved in zip(self.sources_in, state["sources"]):
+            source.load(saved["position"], [held[i] for i in saved["ahead"]])
+        self.queue = [[held[i] for i in sequence] for sequence in state["queue"]]
+        self.mixer.load_state_dict(state["mixer"])
+        self.refills, self.ended, self.next_step = state["refills"], state["ended"], state["next_step"]
+
+
+def examples_to_tensors(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+    """Examples as flat int64 tensors plus lengths: safetensors holds them exactly, without pickle."""
+    lengths = [len(example["input_ids"]) for example in examples]
+    flat = lambda key: [value for example in examples for value in example[key]]  # noqa: E731
+    return {"input_ids": torch.tensor(flat("input_ids"), dtype=torch.int64),
+            "labels": torch.tensor(flat("labels"), dtype=torch.int64),
+            "lengths": torch.tensor(lengths, dtype=torch.int64),
+            "source": torch.tensor([example["source"] for example in examples], dtype=torch.int64),
+            "source_row": torch.tensor([example["source_row"] for example in examples], dtype=torch.int64)}
+
+
+def examples_from_tensors(tensors: dict[str, torch.Tensor]) -> list[Example]:
+    if not tensors or not len(tensors["lengths"]):
+        return []
+    ends = tensors["lengths"].cumsum(0).tolist()
+    starts = [0, *ends[:-1]]
+    ids, labels = tensors["input_ids"].tolist(), tensors["labels"].tolist()
+    return [make_example(ids[s:e], labels[s:e], int(source), int(row))
+            for s, e, source, row in zip(starts, ends, tensors["source"].tolist(), tensors["source_row"].tolist())]

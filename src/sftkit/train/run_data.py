@@ -1,0 +1,114 @@
+"""The data side of a run, set up from the config: eval sets, and the feed the loop draws steps from.
+
+    concatenated sources           → PlannedFeed (tokenized up front; order = f(seed, step))
+    weighted sources (a mixture)   → OnlineFeed over the tokenized Arrow sources
+    streaming: true                → OnlineFeed over streams, tokenized on the fly (only eval sets up front)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from sftkit.config import SFTConfig
+from sftkit.data.dataset import DataOptions, PreparedData, prepare_data
+from sftkit.data.examples import TrainingExamples
+from sftkit.data.inspect import data_stats
+from sftkit.data.packing import packing_efficiency
+from sftkit.data.template import require_chat_template
+from sftkit.data.tokenize import tokenize_row
+from sftkit.train.batches import BatchPlan
+from sftkit.train.feed import ArrowSource, Exchange, Feed, OnlineFeed, OnlineOptions, PlannedFeed, StreamSource
+
+
+@dataclass
+class RunData:
+    feed: Feed
+    prepared: PreparedData  # eval sets and their prompts (and the tokenized train set unless streaming)
+    total_steps: int
+    steps_per_epoch: int | None  # None: an online feed has no epoch of known length
+    sequences: int | None  # packed training sequences of a planned feed
+
+    def stats(self, max_seq_length: int, batch_size: int, packing: bool) -> dict[str, Any]:
+        """What `data inspect` reports; for a stream, over the examples read so far (the first buffer)."""
+        if isinstance(self.feed, PlannedFeed):
+            return data_stats(self.prepared, max_seq_length, batch_size, self.feed.sequences if packing else None)
+        if self.prepared.train is not None:  # a mixture of tokenized sources
+            return {**data_stats(self.prepared, max_seq_length, batch_size), "sources": self.feed.sources}
+        return sampled_stats(self.feed, batch_size)
+
+
+def exchange_for(world: int) -> Exchange:
+    """How processes swap the examples each tokenized (a stream's rows are tokenized once per run)."""
+    if world == 1:
+        return lambda mine: [mine]
+
+    def exchange(mine: list) -> list[list]:
+        shares: list[Any] = [None] * world
+        torch.distributed.all_gather_object(shares, mine)
+        return shares
+
+    return exchange
+
+
+def load_run_data(config: SFTConfig, tokenizer: Any, template: str, accelerator: Any,
+                  tell: Callable[[str], None]) -> RunData:
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    with accelerator.main_process_first():  # tokenize once; the other processes read the cache
+        prepared = prepare_data(DataOptions.from_config(config, template), tokenizer)
+    names = config.source_names
+    paths = [spec.path for spec in config.datasets]
+    if not config.streaming and not config.is_mixture:
+        examples = TrainingExamples.from_dataset(prepared.train.dataset, paths)
+        sequences = examples.sequences(config.max_seq_length, config.packing, progress=main)
+        plan = BatchPlan(sequences, config.per_device_train_batch_size, config.gradient_accumulation_steps, world,
+                         config.seed)
+        return RunData(PlannedFeed(examples, sequences, plan, rank, names), prepared,
+                       plan.total_steps(config.num_train_epochs, config.max_steps), plan.steps_per_epoch, len(sequences))
+    options = OnlineOptions(
+        capacity=config.max_seq_length, packing=config.packing, buffer=config.packing_buffer,
+        micro_batch_size=config.per_device_train_batch_size, accumulation=config.gradient_accumulation_steps,
+        world_size=world, rank=rank, seed=config.seed, on_exhausted=config.on_exhausted,
+        weights=tuple(spec.weight for spec in config.datasets) if config.is_mixture else None)
+    if config.streaming:
+        from sftkit.data.stream import SourceStream
+
+        tokenize = DataOptions.from_config(config, template).tokenize
+        sources = []
+        for index, (spec, name) in enumerate(zip(config.datasets, names)):
+            stream = SourceStream(spec, name, config.system_prompt, config.skip_bad_rows)
+            require_chat_template(template, stream.format, spec.path, tokenizer)
+            sources.append(StreamSource(
+                stream, index, lambda row, path=spec.path: tokenize_row({**row, "source": path}, tokenizer, tokenize),
+                exchange_for(world), rank, world))
+    else:
+        examples = TrainingExamples.from_dataset(prepared.train.dataset, paths)
+        sources = [ArrowSource(examples, np.flatnonzero(examples.sources == index), index, name, config.seed)
+                   for index, name in enumerate(names)]
+    return RunData(OnlineFeed(sources, options, tell), prepared, config.max_steps, None, None)
+
+
+def sampled_stats(feed: OnlineFeed, batch_size: int) -> dict[str, Any]:
+    """Figures over the examples a stream has queued so far: its first buffer at the start of a run."""
+    feed.prime()
+    examples = [example for sequence in feed.queue for example in sequence]
+    lengths = np.array([len(example["input_ids"]) for example in examples], np.int64)
+    trained = int(sum(example["trained"] for example in examples))
+    total = int(lengths.sum())
+    efficiency = packing_efficiency(lengths, _positions(feed.queue), batch_size) if len(examples) else 0.0
+    return {"streaming": True, "sampled_examples": len(examples), "sources": feed.sources,
+            "total_tokens": total, "trained_tokens": trained, "trained_token_fraction": trained / total if total else 0.0,
+            "packed_sequences": len(feed.queue), "packing_efficiency": efficiency, "packing_waste": 1 - efficiency}
+
+
+def _positions(sequences: list[list[Any]]) -> list[list[int]]:
+    """Sequences of examples → sequences of example positions in their flattened order."""
+    out, start = [], 0
+    for sequence in sequences:
+        out.append(list(range(start, start + len(sequence))))
+        start += len(sequence)
+    return out
