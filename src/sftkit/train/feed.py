@@ -61,34 +61,8 @@ class Feed(Protocol):
 
     def step(self, index: int) -> Step | None: ...
     def epoch_of(self, step: int) -> float: ...
-    def state_for(self, step: int) -> tuple[dict, dict[str, torch.Tensor]]:
-        """The state at the start of `step`: now, or before the step being drawn (a save mid-step)."""
-        if step == self.next_step:
-            return self._serialise(self._capture())
-        if step == self.next_step - 1 and self._snapshot is not None:
-            return self._serialise(self._snapshot)
-        raise ValueError(f"no feed state for step {step} (next step {self.next_step})")
-
-    def _capture(self) -> dict:
-        """The state by reference (examples are never changed once made): cheap enough for every step."""
-        return {"sources": [source.state() for source in self.sources_in], "queue": list(self.queue),
-                "mixer": self.mixer.state_dict(), "refills": self.refills, "ended": self.ended,
-                "next_step": self.next_step}
-
-    def _serialise(self, captured: dict) -> tuple[dict, dict[str, torch.Tensor]]:
-        """(JSON-able positions, tensors of every example held: the queue and the sources' read-ahead)."""
-        held: list[Example] = []
-
-        def keep(examples: Sequence[Example]) -> list[int]:
-            held.extend(examples)
-            return list(range(len(held) - len(examples), len(held)))
-
-        sources = [{"position": position, "ahead": keep(ahead)} for position, ahead in captured["sources"]]
-        queue = [keep(sequence) for sequence in captured["queue"]]
-        plain = {**captured, "sources": sources, "queue": queue, "names": self.sources}
-        return plain, examples_to_tensors(held)
-
-    def load_state(self, state: dict, tensors: dict[str, torch.Tensor]) -> None: ...
+    def state_for(self, step: int) -> tuple[dict, dict[str, torch.Tensor]] | None: ...
+    def load_state(self, saved: tuple[dict, dict[str, torch.Tensor]] | None) -> None: ...
 
 
 # --------------------------------------------------------------------------- planned (offline, concatenated)
@@ -347,12 +321,18 @@ class OnlineFeed:
     def state_for(self, step: int) -> tuple[dict, dict[str, torch.Tensor]]:
         """The state at the start of `step`: now, or before the step being drawn (a save mid-step)."""
         if step == self.next_step:
-            return self.state_dict()
+            return self._serialise(self._capture())
         if step == self.next_step - 1 and self._snapshot is not None:
-            return self._snapshot
+            return self._serialise(self._snapshot)
         raise ValueError(f"no feed state for step {step} (next step {self.next_step})")
 
-    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
+    def _capture(self) -> dict:
+        """The state by reference (examples are never changed once made): cheap enough for every step."""
+        return {"sources": [source.state() for source in self.sources_in], "queue": list(self.queue),
+                "mixer": self.mixer.state_dict(), "refills": self.refills, "ended": self.ended,
+                "next_step": self.next_step}
+
+    def _serialise(self, captured: dict) -> tuple[dict, dict[str, torch.Tensor]]:
         """(JSON-able positions, tensors of every example held: the queue and the sources' read-ahead)."""
         held: list[Example] = []
 
@@ -360,13 +340,9 @@ class OnlineFeed:
             held.extend(examples)
             return list(range(len(held) - len(examples), len(held)))
 
-        sources = []
-        for source in self.sources_in:
-            position, ahead = source.state()
-            sources.append({"position": position, "ahead": keep(ahead)})
-        queue = [keep(sequence) for sequence in self.queue]
-        plain = {"sources": sources, "queue": queue, "mixer": self.mixer.state_dict(), "refills": self.refills,
-                 "ended": self.ended, "next_step": self.next_step, "names": self.sources}
+        sources = [{"position": position, "ahead": keep(ahead)} for position, ahead in captured["sources"]]
+        queue = [keep(sequence) for sequence in captured["queue"]]
+        plain = {**captured, "sources": sources, "queue": queue, "names": self.sources}
         return plain, examples_to_tensors(held)
 
     def load_state(self, saved: tuple[dict, dict[str, torch.Tensor]] | None) -> None:

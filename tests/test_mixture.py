@@ -1,0 +1,141 @@
+"""Mixtures by token budget and the online feed: shares by trained tokens, exhaustion, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+
+import sftkit.train.loop as loop
+from sftkit.data.examples import TrainingExamples
+from sftkit.data.mixture import TokenMixer
+from sftkit.train.feed import ArrowSource, OnlineFeed, OnlineOptions
+from tests.train_helpers import crash_in_step, final_weights, logged_losses, max_weight_difference, tiny_config, write_chat_data
+
+IGNORE = -100
+
+
+def synthetic_examples(sizes: dict[str, tuple[int, int, int]], seed: int = 0) -> TrainingExamples:
+    """Per source (name → rows, shortest, longest): random examples, the second half of each trained."""
+    rng = np.random.default_rng(seed)
+    columns: dict[str, list] = {k: [] for k in ("input_ids", "labels", "length", "trained_tokens", "source_row", "source")}
+    for name, (rows, low, high) in sizes.items():
+        for row in range(rows):
+            length = int(rng.integers(low, high + 1))
+            ids = rng.integers(5, 1000, length).tolist()
+            labels = [IGNORE] * (length // 2) + ids[length // 2:]
+            columns["input_ids"].append(ids)
+            columns["labels"].append(labels)
+            columns["length"].append(length)
+            columns["trained_tokens"].append(sum(label != IGNORE for label in labels[1:]))
+            columns["source_row"].append(row)
+            columns["source"].append(name)
+    return TrainingExamples.from_dataset(datasets.Dataset.from_dict(columns), list(sizes))
+
+
+def make_feed(examples: TrainingExamples, names: list[str], weights: tuple[float, ...] | None, messages: list[str],
+              on_exhausted: str = "repeat", buffer: int = 64, seed: int = 3, packing: bool = True) -> OnlineFeed:
+    options = OnlineOptions(capacity=512, packing=packing, buffer=buffer, micro_batch_size=2, accumulation=2,
+                            world_size=1, rank=0, seed=seed, on_exhausted=on_exhausted, weights=weights)
+    sources = [ArrowSource(examples, np.flatnonzero(examples.sources == i), i, name, seed) for i, name in enumerate(names)]
+    return OnlineFeed(sources, options, tell=messages.append)
+
+
+def step_ids(step) -> list[tuple[int, int]]:
+    return [(example["source"], example["source_row"])
+            for rows, _ in step.micro_batches for row in rows for example in row]
+
+
+def test_mixer_tracks_the_target_shares_at_every_prefix():
+    mixer = TokenMixer([3, 1])
+    rng = np.random.default_rng(0)
+    for pick in range(2000):
+        source = mixer.pick()
+        mixer.record(source, int(rng.integers(50, 400)) if source == 0 else int(rng.integers(5, 40)))
+        if pick >= 40:
+            assert abs(mixer.realised()[0] - 0.75) < 0.05, pick
+    assert mixer.realised() == pytest.approx([0.75, 0.25], abs=0.002)
+
+
+def test_mixture_shares_are_trained_tokens_not_rows():
+    # "long" has 10x longer examples; a row-weighted 1:1 mixture would give it ~90% of the tokens
+    examples = synthetic_examples({"long": (400, 200, 400), "short": (400, 20, 40)})
+    messages: list[str] = []
+    feed = make_feed(examples, ["long", "short"], (1.0, 1.0), messages)
+    trained = np.zeros(2)
+    for index in range(200):
+        trained += feed.step(index).source_trained
+        if index >= 49:  # every prefix past the first buffers stays near the target
+            assert abs(trained[0] / trained.sum() - 0.5) < 0.04, (index, trained)
+    shares = trained / trained.sum()
+    print(f"realised shares after 200 steps: {shares.round(4).tolist()} (target 0.5, 0.5)")
+    assert shares == pytest.approx([0.5, 0.5], abs=0.02)
+    assert any("short ran out" in m for m in messages)  # the short source repeats, and the run says so
+
+
+def test_on_exhausted_stop_trains_what_was_read_then_ends():
+    examples = synthetic_examples({"a": (30, 50, 200), "b": (30, 50, 200)})
+    messages: list[str] = []
+    feed = make_feed(examples, ["a", "b"], (1.0, 1.0), messages, on_exhausted="stop", buffer=16)
+    seen: list[tuple[int, int]] = []
+    for index in range(1000):
+        step = feed.step(index)
+        if step is None:
+            break
+        seen += step_ids(step)
+    assert step is None and index < 1000
+    assert len(seen) == len(set(seen))  # nothing repeated
+    assert any("ran out" in m and "on_exhausted: stop" in m for m in messages)
+
+
+@pytest.mark.parametrize("stop_at", [1, 7, 13])
+def test_feed_state_resumes_the_very_same_steps(stop_at):
+    examples = synthetic_examples({"a": (120, 30, 300), "b": (50, 10, 80)})
+    straight = make_feed(examples, ["a", "b"], (2.0, 1.0), [], buffer=24)
+    expected = [step_ids(straight.step(i)) for i in range(30)]
+
+    first = make_feed(examples, ["a", "b"], (2.0, 1.0), [], buffer=24)
+    for i in range(stop_at):
+        first.step(i)
+    first.step(stop_at)  # a step drawn but not applied (a crash mid-step) saves the state before it
+    plain, tensors = first.state_for(stop_at)
+    plain = json.loads(json.dumps(plain))  # through the checkpoint's JSON
+
+    resumed = make_feed(examples, ["a", "b"], (2.0, 1.0), [], buffer=24)
+    resumed.load_state((plain, tensors))
+    assert [step_ids(resumed.step(i)) for i in range(stop_at, 30)] == expected[stop_at:]
+
+
+def test_online_feed_without_weights_takes_turns_by_rows_and_never_duplicates_within_a_pass():
+    examples = synthetic_examples({"a": (40, 30, 100), "b": (40, 30, 100)})
+    feed = make_feed(examples, ["a", "b"], None, [], buffer=80, on_exhausted="stop")
+    seen = []
+    index = 0
+    while (step := feed.step(index)) is not None:
+        seen += step_ids(step)
+        index += 1
+    assert sorted(seen) == sorted((s, r) for s in (0, 1) for r in range(40))  # every example exactly once
+
+
+@pytest.mark.slow
+def test_a_mixture_run_resumed_after_a_crash_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch):
+    chat = write_chat_data(tmp_path / "chat.jsonl", rows=40, seed=1)
+    other = write_chat_data(tmp_path / "other.jsonl", rows=15, seed=2)
+    settings = dict(datasets=[{"path": str(chat), "weight": 3}, {"path": str(other), "weight": 1}],
+                    packing_buffer=12, max_steps=8, save_steps=3)
+    loop.train(tiny_config(tiny_model_dir, chat, tmp_path / "straight", **settings))
+    with crash_in_step(monkeypatch, 5), pytest.raises(RuntimeError, match="simulated crash"):
+        loop.train(tiny_config(tiny_model_dir, chat, tmp_path / "crashed", **settings))
+    assert (tmp_path / "crashed" / "checkpoint-3" / "data_state.json").is_file()
+    result = loop.train(tiny_config(tiny_model_dir, chat, tmp_path / "crashed", resume_from_checkpoint=True,
+                                    **settings))
+    assert result.last_step == 8
+    difference = max_weight_difference(final_weights(tmp_path / "straight"), final_weights(tmp_path / "crashed"))
+    print(f"mixture resume: max weight difference {difference:.2e}")
+    assert difference <= 1e-6
+    expected, got = logged_losses(tmp_path / "straight"), logged_losses(tmp_path / "crashed")
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=0), step
