@@ -304,9 +304,8 @@ class OnlineFeed:
             self.ended = True
             return
         lengths = np.array([len(example["input_ids"]) for example in buffer], np.int64)
-        packs = balanced(lengths, self.options.capacity) if self.options.packing else Packs.one_per_example(len(buffer))
-        order = np.random.default_rng(self.options.seed + self.refills).permutation(len(packs))
-        self.queue.extend([buffer[i] for i in packs[int(p)]] for p in order)
+        packs = buffer_packs(lengths, self.options.capacity, self.options.packing, self.options.seed + self.refills)
+        self.queue.extend([buffer[i] for i in pack] for pack in packs)
         self.refills += 1
 
     def epoch_of(self, step: int) -> float:
@@ -358,6 +357,14 @@ class OnlineFeed:
         self.queue = [[held[i] for i in sequence] for sequence in state["queue"]]
         self.mixer.load_state_dict(state["mixer"])
         self.refills, self.ended, self.next_step = state["refills"], state["ended"], state["next_step"]
+
+
+def buffer_packs(lengths: np.ndarray, capacity: int, packing: bool, seed: int) -> Packs:
+    """One buffer's sequences in training order: balanced packs (or one example each), shuffled with
+    `seed`, as an offline epoch shuffles its packs."""
+    packs = balanced(lengths, capacity) if packing else Packs.one_per_example(len(lengths))
+    order = np.random.default_rng(seed).permutation(len(packs))
+    return Packs.from_lists([packs[int(p)] for p in order])
 
 
 def examples_to_tensors(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
