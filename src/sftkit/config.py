@@ -91,6 +91,8 @@ class SFTConfig(BaseModel):
     truncation: Literal["truncate_right", "drop", "error"] = Field(
         "truncate_right", description="What to do with examples longer than max_seq_length.")
     skip_bad_rows: bool = Field(False, description="Skip rows that fit no format (counted and reported) instead of stopping.")
+    streaming: bool = Field(False, description="Read the datasets as streams: tokenized and packed on the fly, never a full "
+                            "pass before training; needs max_steps.")
     dataset_num_proc: int | None = Field(
         None, ge=1, description="Processes for tokenization (datasets.map); unset: one per CPU core this process may use.")
 
