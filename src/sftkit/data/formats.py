@@ -164,14 +164,13 @@ def _explain_load_error(path: Path, err: Exception) -> DataError:
                         return bad
     elif path.suffix.lower() == ".json":
         try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as bad:
-            return DataError(f"{path}: line {bad.lineno}: not valid JSON ({bad.msg} at column {bad.colno})")
+            value = parse_json_file(path)
+        except DataError as bad:
+            return bad
         if isinstance(value, list):
             for index, item in enumerate(value, start=1):
                 if not isinstance(item, dict):
-                    return DataError(f"{path}: row {index}: expected a JSON object, got {type(item).__name__}; "
-                                     'each item of the list must be one row object, e.g. {"messages": [...]}')
+                    return list_item_error(path, index, item)
     return DataError(f"{path}: could not read the file ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}); "
                      "check that every row has the same columns with the same types")
 
@@ -187,6 +186,19 @@ def parse_json_line(path: Path, line_number: int, line: str) -> dict[str, Any]:
         raise DataError(f"{path}: line {line_number}: expected a JSON object per line, got {type(value).__name__}; "
                         'write each row as one object, e.g. {"messages": [...]}')
     return value
+
+
+def parse_json_file(path: Path) -> Any:
+    """A whole JSON file's value, or a DataError naming the line where it stops being JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as bad:
+        raise DataError(f"{path}: line {bad.lineno}: not valid JSON ({bad.msg} at column {bad.colno})") from None
+
+
+def list_item_error(path: Path, row_number: int, item: Any) -> DataError:
+    return DataError(f"{path}: row {row_number}: expected a JSON object, got {type(item).__name__}; "
+                     'each item of the list must be one row object, e.g. {"messages": [...]}')
 
 
 def starts_with(path: Path, char: str) -> bool:

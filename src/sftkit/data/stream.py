@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +47,9 @@ from sftkit.data.formats import (
     decode_line,
     detect_format,
     empty_file_error,
+    list_item_error,
     normalise_row,
+    parse_json_file,
     parse_json_line,
     source_kind,
     starts_with,
@@ -95,8 +95,9 @@ class SourceStream:
         self._shards = _resolve_shards(self.spec)
         first = next((row for shard in self._shards for row, _ in _rows(self.spec, shard, None)), None)
         if first is None:
-            if len(self._shards) == 1 and Path(self._shards[0].name).is_file():
-                raise empty_file_error(Path(self._shards[0].name))
+            only = Path(self._shards[0].name)
+            if len(self._shards) == 1 and self._shards[0].reader in ("lines", "csv") and not only.read_bytes().strip():
+                raise empty_file_error(only)  # blank lines only (or no CSV header): nothing was written to it
             raise DataError(f"{self.spec.path}: the dataset is empty")
         self.format = detect_format(list(first), self.spec)
 
@@ -107,7 +108,11 @@ class SourceStream:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """From the current position to the end of the source (one pass). A bad row raises DataError naming
         its file and row, unless `skip_bad_rows`: then it is counted in `skipped` by reason."""
-        position, columns = self._position, dict(self.spec.columns)
+        return self.rows()
+
+    def rows(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """Like iterating the stream, but stops once `limit` rows (kept or skipped) have been read."""
+        position, columns, read = self._position, dict(self.spec.columns), 0
         while position.shard < len(self._shards):
             shard = self._shards[position.shard]
             for row, cursor in _rows(self.spec, shard, position.cursor):
@@ -116,14 +121,17 @@ class SourceStream:
                 position.shard_row += 1
                 position.source_row += 1
                 self.rows_read += 1
+                read += 1
                 error = normalised.pop("error")
-                if error:
-                    if not self.skip_bad_rows:
-                        raise bad_row_error(self._where(shard), self._row_number(shard, position), error)
+                if not error:
+                    self.rows_yielded += 1
+                    yield normalised
+                elif not self.skip_bad_rows:
+                    raise bad_row_error(self._where(shard), self._row_number(shard, position), error)
+                else:
                     count_skipped(self.skipped, error)
-                    continue
-                self.rows_yielded += 1
-                yield normalised
+                if limit is not None and read >= limit:
+                    return
             position.shard, position.cursor, position.shard_row = position.shard + 1, None, 0
         if self.rows_yielded == 0:
             raise DataError(f"{self.spec.path}: no usable rows left after skipping {sum(self.skipped.values())} "
@@ -166,20 +174,13 @@ def sample_source(spec: DatasetSpec, system_prompt: str | None, skip_bad_rows: b
     """The first `rows` rows of a source, normalised, as `load_source` would give them: what `data inspect`
     reads of a streamed source, so that it never reads a whole source. Cost: `rows` rows."""
     stream = SourceStream(spec, spec.path, system_prompt, skip_bad_rows)
-    sample = list(islice(_rows_until(stream, rows), rows))
+    sample = list(stream.rows(limit=rows))
     if not sample:
-        raise DataError(f"{spec.path}: no usable row in the first {stream.rows_read} rows (skipped {stream.skipped})")
+        raise DataError(f"{spec.path}: no usable row in the first {stream.rows_read} rows (skipped {stream.skipped}); "
+                        "fix the rows, or read more of them with --sample_rows")
     dataset = datasets.Dataset.from_list(sample, features=datasets.Features(NORMALISED_FEATURES))
     return LoadedSource(name=spec.path, format=stream.format, dataset=dataset, rows_read=stream.rows_read,
                         skipped=dict(stream.skipped))
-
-
-def _rows_until(stream: SourceStream, limit: int) -> Iterator[dict[str, Any]]:
-    """The stream's kept rows until `limit` rows have been read (kept or skipped)."""
-    for row in stream:
-        yield row
-        if stream.rows_read >= limit:
-            return
 
 
 def _resolve_shards(spec: DatasetSpec) -> list[Shard]:
@@ -311,18 +312,15 @@ def _json_list_rows(path: Path, cursor: Cursor) -> Iterator[tuple[dict[str, Any]
     """A .json file holding one list: JSON has no row boundaries to seek to, so it is parsed whole."""
     start = cursor["row"] if cursor else 0
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = parse_json_file(path)
     except UnicodeDecodeError:
-        with path.open("rb") as handle:
+        with path.open("rb") as handle:  # name the first line that is not UTF-8
             for line_number, line in enumerate(handle, start=1):
                 decode_line(path, line_number, line)
         raise
-    except json.JSONDecodeError as bad:
-        raise DataError(f"{path}: line {bad.lineno}: not valid JSON ({bad.msg} at column {bad.colno})") from None
     for index in range(start, len(rows)):
         if not isinstance(rows[index], dict):
-            raise DataError(f"{path}: row {index + 1}: expected a JSON object, got {type(rows[index]).__name__}; "
-                            'each item of the list must be one row object, e.g. {"messages": [...]}')
+            raise list_item_error(path, index + 1, rows[index])
         yield rows[index], {"row": index + 1}
 
 
