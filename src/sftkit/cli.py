@@ -25,6 +25,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Look at training data before 
 app.add_typer(data_app, name="data")
 console = Console()
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+STREAMING_SAMPLE_ROWS = 1000  # rows of each source `data inspect` reads on a streaming config
 USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingError, FileNotFoundError)
 
 
@@ -54,6 +55,9 @@ def data_inspect(
     config: Path = typer.Argument(..., help="YAML config"),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
     dump: Optional[tuple[int, Path]] = typer.Option(None, help="Write the first N tokenized examples to FILE (JSONL)."),
+    sample_rows: Optional[int] = typer.Option(
+        None, "--sample_rows", min=1, help="Read only the first N rows of each source (with `streaming: true`, "
+        f"where no source is read whole: {STREAMING_SAMPLE_ROWS} unless given)."),
 ) -> None:
     """Rows, formats, token lengths, trained-token fraction, padding vs packing waste, one masked example."""
     from sftkit.data.dataset import DataOptions, prepare_data
@@ -70,10 +74,14 @@ def data_inspect(
         cfg = _config(config, ctx.args)
         tokenizer = load_tokenizer(cfg.tokenizer_source, cfg.trust_remote_code)
         template = resolve_chat_template(cfg.chat_template, tokenizer)
-        data = prepare_data(DataOptions.from_config(cfg, template), tokenizer)
+        if sample_rows is None and cfg.streaming:
+            sample_rows = STREAMING_SAMPLE_ROWS
+        data = prepare_data(DataOptions.from_config(cfg, template, sample_rows), tokenizer)
     except USER_ERRORS as err:
         _fail(err)
-    stats = {"rendering": describe_rendering(cfg.chat_template, template),
+    sample = {"sample": {"rows_per_source": sample_rows, "note": f"figures from the first {sample_rows} rows of each "
+                         "source, not from the whole data"}} if sample_rows is not None else {}
+    stats = {"rendering": describe_rendering(cfg.chat_template, template), **sample,
              **inspect_data(data, cfg.max_seq_length, cfg.per_device_train_batch_size, progress=not as_json)}
     if dump is not None:
         written = dump_examples(data, dump[0], dump[1])
@@ -82,6 +90,9 @@ def data_inspect(
     if as_json:
         print(json.dumps(stats, indent=2))
         return
+    if sample:
+        console.print(f"[bold]Sampled:[/bold] the figures below come from the first {sample_rows} rows of each source, "
+                      "not from the whole data (--sample_rows N reads more)", soft_wrap=True)
     first = data.train.dataset[0]
     print_stats(stats, masked_segments(first["input_ids"], first["labels"], tokenizer), console)
 

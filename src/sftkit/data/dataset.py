@@ -10,6 +10,7 @@ import datasets
 
 from sftkit.config import DatasetSpec, SFTConfig
 from sftkit.data.formats import DataError, LoadedSource, load_source
+from sftkit.data.stream import sample_source
 from sftkit.data.template import require_chat_template
 from sftkit.data.tokenize import TokenizedData, TokenizeOptions, default_num_proc, tokenize_dataset
 
@@ -24,18 +25,20 @@ class DataOptions:
     skip_bad_rows: bool = False
     num_proc: int = 1
     seed: int = 42
+    sample_rows: int | None = None  # read only the first rows of each source (`data inspect` on streamed sources)
 
     @classmethod
-    def from_config(cls, config: SFTConfig, template: str) -> DataOptions:
-        """Streaming reads the training sources during the run: only the eval sets are prepared here."""
+    def from_config(cls, config: SFTConfig, template: str, sample_rows: int | None = None) -> DataOptions:
+        """Streaming reads the training sources during the run: only the eval sets are prepared here
+        (`data inspect` samples the first `sample_rows` of each)."""
         return cls(
-            train_sources=() if config.streaming else tuple(config.datasets), eval_sources=tuple(config.eval_sets),
+            train_sources=() if config.streaming and sample_rows is None else tuple(config.datasets), eval_sources=tuple(config.eval_sets),
             eval_split_ratio=config.eval_split_ratio,
             tokenize=TokenizeOptions(template=template, max_seq_length=config.max_seq_length,
                                      truncation=config.truncation, assistant_only_loss=config.assistant_only_loss,
                                      train_on_reasoning=config.train_on_reasoning),
             system_prompt=config.system_prompt, skip_bad_rows=config.skip_bad_rows,
-            num_proc=config.dataset_num_proc or default_num_proc(), seed=config.seed)
+            num_proc=config.dataset_num_proc or default_num_proc(), seed=config.seed, sample_rows=sample_rows)
 
 
 @dataclass
@@ -61,7 +64,10 @@ class PreparedData:
 
 
 def _load_all(specs: tuple[DatasetSpec, ...], options: DataOptions) -> tuple[datasets.Dataset, list[LoadedSource]]:
-    loaded = [load_source(spec, options.system_prompt, options.skip_bad_rows, options.num_proc) for spec in specs]
+    if options.sample_rows is None:
+        loaded = [load_source(spec, options.system_prompt, options.skip_bad_rows, options.num_proc) for spec in specs]
+    else:
+        loaded = [sample_source(spec, options.system_prompt, options.skip_bad_rows, options.sample_rows) for spec in specs]
     parts = [s.dataset.add_column("source", [s.name] * len(s.dataset)) for s in loaded]
     return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), loaded
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,28 +65,38 @@ class LoadedSource:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
+def source_kind(spec: DatasetSpec) -> str:
+    """'file', 'folder' or 'hub'; a local path that does not exist or a file type we cannot read is a DataError."""
+    path = Path(spec.path)
+    if path.is_file():
+        if path.suffix.lower() not in FILE_BUILDERS:
+            raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .json, .jsonl, .parquet or .csv")
+        return "file"
+    if path.is_dir():
+        return "folder"
+    if spec.path.startswith((".", "/", "~")) or path.suffix.lower() in FILE_BUILDERS:
+        raise DataError(f"{spec.path}: file not found; check `path` under `datasets` (or `eval_dataset`) in your config, "
+                        "relative to the directory you run sftkit from")
+    return "hub"
+
+
 def read_source(spec: DatasetSpec) -> datasets.Dataset:
     """Load a local file, a folder or a hub dataset with `datasets` (so it is cached and memory-mapped)."""
     path = Path(spec.path)
-    if path.is_file():
-        builder = FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .json, .jsonl, .parquet or .csv")
+    kind = source_kind(spec)
+    if kind == "file":
         _check_text_file(path)
         if path.suffix.lower() == ".json":
-            _check_json_layout(path, spec)
+            check_json_layout(path, spec)
         try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+            ds = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
         except Exception as err:  # datasets/pyarrow errors do not say which line is wrong
             raise _explain_load_error(path, err) from None
-    elif path.is_dir():
+    elif kind == "folder":
         try:
             ds = datasets.load_dataset(str(path), split=spec.split)
         except Exception as err:
             raise DataError(f"{path}: could not read the folder as a dataset ({err})") from None
-    elif spec.path.startswith((".", "/", "~")) or Path(spec.path).suffix.lower() in FILE_BUILDERS:
-        raise DataError(f"{spec.path}: file not found; check `path` under `datasets` (or `eval_dataset`) in your config, "
-                        "relative to the directory you run sftkit from")
     else:
         try:
             ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)
@@ -103,20 +114,29 @@ def _check_text_file(path: Path) -> None:
     has_content = False
     with path.open("rb") as handle:
         for line_number, line in enumerate(handle, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(
-                    f"{path}: line {line_number}: not UTF-8 text (byte {err.object[err.start]:#x} at column {err.start + 1}); "
-                    "re-save the file as UTF-8") from None
+            decode_line(path, line_number, line)
             has_content = has_content or bool(line.strip())
     if not has_content:
-        raise DataError(f"{path}: the file is empty; add rows to it, or point `datasets[].path` at the right file")
+        raise empty_file_error(path)
 
 
-def _check_json_layout(path: Path, spec: DatasetSpec) -> None:
+def decode_line(path: Path, line_number: int, line: bytes) -> str:
+    """One line of a JSON or CSV file as text, or a DataError naming the line and the first bad byte."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: line {line_number}: not UTF-8 text (byte {err.object[err.start]:#x} at column {err.start + 1}); "
+            "re-save the file as UTF-8") from None
+
+
+def empty_file_error(path: Path) -> DataError:
+    return DataError(f"{path}: the file is empty; add rows to it, or point `datasets[].path` at the right file")
+
+
+def check_json_layout(path: Path, spec: DatasetSpec) -> None:
     """A .json file holds a list of row objects or one object per line, not rows nested under a key."""
-    if _starts_with(path, "["):
+    if starts_with(path, "["):
         return
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -134,34 +154,54 @@ def _check_json_layout(path: Path, spec: DatasetSpec) -> None:
 
 
 def _explain_load_error(path: Path, err: Exception) -> DataError:
-    if path.suffix.lower() == ".jsonl" or (path.suffix.lower() == ".json" and not _starts_with(path, "[")):
+    if path.suffix.lower() == ".jsonl" or (path.suffix.lower() == ".json" and not starts_with(path, "[")):
         with path.open(encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line.rstrip("\r\n"))
-                except json.JSONDecodeError as bad:
-                    return DataError(f"{path}: line {line_number}: not valid JSON ({bad.msg} at column {bad.colno}); "
-                                     "each line must be one JSON object")
-                if not isinstance(value, dict):
-                    return DataError(f"{path}: line {line_number}: expected a JSON object per line, got {type(value).__name__}; "
-                                     'write each row as one object, e.g. {"messages": [...]}')
+                if line.strip():
+                    try:
+                        parse_json_line(path, line_number, line)
+                    except DataError as bad:
+                        return bad
     elif path.suffix.lower() == ".json":
         try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as bad:
-            return DataError(f"{path}: line {bad.lineno}: not valid JSON ({bad.msg} at column {bad.colno})")
+            value = parse_json_file(path)
+        except DataError as bad:
+            return bad
         if isinstance(value, list):
             for index, item in enumerate(value, start=1):
                 if not isinstance(item, dict):
-                    return DataError(f"{path}: row {index}: expected a JSON object, got {type(item).__name__}; "
-                                     'each item of the list must be one row object, e.g. {"messages": [...]}')
+                    return list_item_error(path, index, item)
     return DataError(f"{path}: could not read the file ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}); "
                      "check that every row has the same columns with the same types")
 
 
-def _starts_with(path: Path, char: str) -> bool:
+def parse_json_line(path: Path, line_number: int, line: str) -> dict[str, Any]:
+    """One line of a JSON Lines file as a row object, or a DataError naming the line."""
+    try:
+        value = json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as bad:
+        raise DataError(f"{path}: line {line_number}: not valid JSON ({bad.msg} at column {bad.colno}); "
+                        "each line must be one JSON object") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: line {line_number}: expected a JSON object per line, got {type(value).__name__}; "
+                        'write each row as one object, e.g. {"messages": [...]}')
+    return value
+
+
+def parse_json_file(path: Path) -> Any:
+    """A whole JSON file's value, or a DataError naming the line where it stops being JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as bad:
+        raise DataError(f"{path}: line {bad.lineno}: not valid JSON ({bad.msg} at column {bad.colno})") from None
+
+
+def list_item_error(path: Path, row_number: int, item: Any) -> DataError:
+    return DataError(f"{path}: row {row_number}: expected a JSON object, got {type(item).__name__}; "
+                     'each item of the list must be one row object, e.g. {"messages": [...]}')
+
+
+def starts_with(path: Path, char: str) -> bool:
     with path.open(encoding="utf-8") as handle:
         return handle.read(4096).lstrip().startswith(char)
 
@@ -355,6 +395,32 @@ def check_conversation(messages: list[dict[str, str]]) -> str:
     return ""
 
 
+_STRING = datasets.Value("string")
+NORMALISED_FEATURES = {
+    "messages": [{"role": _STRING, "content": _STRING, "tool_calls": _STRING, "reasoning_content": _STRING}],
+    "tools": _STRING, "text": _STRING, "source_row": datasets.Value("int64"),
+}
+
+
+def normalise_row(row: dict[str, Any], index: int, fmt: str, columns: dict[str, str],
+                  system_prompt: str | None) -> dict[str, Any]:
+    """One raw row (row `index` of its source, 0-based) → the canonical row; `error` is empty when it is good."""
+    messages, tools, text, error = row_to_messages(row, fmt, columns, system_prompt)
+    return {"messages": messages, "tools": tools, "text": text, "error": error, "source_row": index}
+
+
+def bad_row_error(path: str, row_number: int, error: str, more: int = 0) -> DataError:
+    """The error for a row that fits no format (`row_number` 1-based); `more`: bad rows after it, when known."""
+    return DataError(f"{path}: row {row_number}: {error}" + (f" ({more} more bad rows)" if more else "")
+                     + "; fix the row, or set `skip_bad_rows: true` to skip such rows (they are counted and reported)")
+
+
+def count_skipped(skipped: dict[str, int], error: str) -> None:
+    """Count a skipped row under its reason (the error up to its first colon)."""
+    reason = error.split(":")[0]
+    skipped[reason] = skipped.get(reason, 0) + 1
+
+
 def load_source(spec: DatasetSpec, system_prompt: str | None, skip_bad_rows: bool,
                 num_proc: int = 1) -> LoadedSource:
     """Read one source and normalise it. Bad rows stop the run unless `skip_bad_rows`."""
@@ -362,32 +428,18 @@ def load_source(spec: DatasetSpec, system_prompt: str | None, skip_bad_rows: boo
     if len(raw) == 0:
         raise DataError(f"{spec.path}: the dataset is empty")
     fmt = detect_format(raw.column_names, spec)
-    columns = dict(spec.columns)
-
-    def normalise(row: dict[str, Any], index: int) -> dict[str, Any]:
-        messages, tools, text, error = row_to_messages(row, fmt, columns, system_prompt)
-        return {"messages": messages, "tools": tools, "text": text, "error": error, "source_row": index}
-
-    string = datasets.Value("string")
-    features = datasets.Features({
-        "messages": [{"role": string, "content": string, "tool_calls": string, "reasoning_content": string}],
-        "tools": string, "text": string, "error": string, "source_row": datasets.Value("int64"),
-    })
-    normalised = raw.map(normalise, with_indices=True, remove_columns=raw.column_names, features=features,
+    normalise = partial(normalise_row, fmt=fmt, columns=dict(spec.columns), system_prompt=system_prompt)
+    normalised = raw.map(normalise, with_indices=True, remove_columns=raw.column_names,
+                         features=datasets.Features({**NORMALISED_FEATURES, "error": datasets.Value("string")}),
                          num_proc=num_proc if len(raw) > 1000 else None, desc=f"Reading {Path(spec.path).name}")
     errors = normalised["error"]
     skipped: dict[str, int] = {}
     bad = [i for i, e in enumerate(errors) if e]
     if bad:
         if not skip_bad_rows:
-            first = bad[0]
-            raise DataError(
-                f"{spec.path}: row {first + 1}: {errors[first]}"
-                + (f" ({len(bad) - 1} more bad rows)" if len(bad) > 1 else "")
-                + "; fix the row, or set `skip_bad_rows: true` to skip such rows (they are counted and reported)")
+            raise bad_row_error(spec.path, bad[0] + 1, errors[bad[0]], more=len(bad) - 1)
         for i in bad:
-            reason = errors[i].split(":")[0]
-            skipped[reason] = skipped.get(reason, 0) + 1
+            count_skipped(skipped, errors[i])
         good = set(range(len(errors))) - set(bad)
         normalised = normalised.select(sorted(good))
     normalised = normalised.remove_columns("error")
