@@ -1,0 +1,75 @@
+"""Streaming runs: the same training as tokenizing first, and an exact resume mid-stream (crash or SIGKILL)."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+import sftkit.train.loop as loop
+from tests.test_faults import resume_in_process, resumed_step, run_and_signal, write_yaml
+from tests.train_helpers import crash_in_step, final_weights, logged_losses, max_weight_difference, tiny_config, write_chat_data
+
+pytestmark = pytest.mark.slow
+
+ROWS = 48  # write_chat_data's conversations all fit max_seq_length 256: none is dropped
+
+
+def test_streaming_trains_exactly_like_tokenizing_first(tmp_path, tiny_model_dir):
+    """One source in file order and a buffer of one whole pass: the packs and their order are the offline
+    run's, so every logged loss and the final weights are the same."""
+    data = write_chat_data(tmp_path / "chat.jsonl", rows=ROWS)
+    settings = dict(max_steps=4, save_steps=100, lora_dropout=0.0)
+    offline = loop.train(tiny_config(tiny_model_dir, data, tmp_path / "offline", **settings))
+    streamed = loop.train(tiny_config(tiny_model_dir, data, tmp_path / "streamed", streaming=True,
+                                      packing_buffer=ROWS, **settings))
+    assert offline.last_step == streamed.last_step == 4
+    sequences = json.loads((tmp_path / "offline" / "run.json").read_text())["sequences"]
+    assert sequences >= 4 * 2 * 2  # the 4 steps stay inside the first epoch of the offline run
+    expected, got = logged_losses(tmp_path / "offline"), logged_losses(tmp_path / "streamed")
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=0), step
+    assert max_weight_difference(final_weights(tmp_path / "offline"), final_weights(tmp_path / "streamed")) <= 1e-6
+
+
+STREAM = dict(streaming=True, packing_buffer=10, max_steps=8, save_steps=3)  # buffers of 10: a refill every step or two
+
+
+def test_a_stream_resumed_after_a_crash_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch):
+    data = write_chat_data(tmp_path / "chat.jsonl", rows=30)  # read about twice in 8 steps: resume crosses a repeat
+    loop.train(tiny_config(tiny_model_dir, data, tmp_path / "straight", **STREAM))
+    with crash_in_step(monkeypatch, 5), pytest.raises(RuntimeError, match="simulated crash"):
+        loop.train(tiny_config(tiny_model_dir, data, tmp_path / "crashed", **STREAM))
+    state = json.loads((tmp_path / "crashed" / "checkpoint-3" / "data_state.json").read_text())
+    assert state["sources"][0]["position"]["stream"]["position"]["source_row"] > 0  # saved mid-stream
+    result = loop.train(tiny_config(tiny_model_dir, data, tmp_path / "crashed", resume_from_checkpoint=True, **STREAM))
+    assert result.last_step == 8
+    difference = max_weight_difference(final_weights(tmp_path / "straight"), final_weights(tmp_path / "crashed"))
+    print(f"stream resumed after a crash: max weight difference {difference:.2e}")
+    assert difference <= 1e-6
+    expected, got = logged_losses(tmp_path / "straight"), logged_losses(tmp_path / "crashed")
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=0), step
+
+
+def test_sigkill_mid_stream_then_resume_equals_the_uninterrupted_run(tmp_path, tiny_model_dir):
+    data = write_chat_data(tmp_path / "chat.jsonl", rows=30)
+    loop.train(tiny_config(tiny_model_dir, data, tmp_path / "straight", **STREAM))
+    output_dir = tmp_path / "run"
+    config_path = write_yaml(tiny_config(tiny_model_dir, data, output_dir, **STREAM), tmp_path / "run.yaml")
+    killed, seen = run_and_signal(config_path, output_dir, lambda out: (out / "checkpoint-3").is_dir()
+                                  and (out / "metrics.jsonl").read_text().count("\n") >= 5,
+                                  signal.SIGKILL, {"SFTKIT_TEST_STEP_DELAY": "0.3"})
+    assert killed.returncode == -signal.SIGKILL and "checkpoint-3" in seen["checkpoints"]
+    resumed, console_text = resume_in_process(
+        tiny_config(tiny_model_dir, data, output_dir, resume_from_checkpoint=True, **STREAM))
+    assert resumed_step(console_text) in (3, 6) and resumed.last_step == 8
+    difference = max_weight_difference(final_weights(tmp_path / "straight"), final_weights(output_dir))
+    print(f"stream resumed after SIGKILL at step {seen['last_step']}: max weight difference {difference:.2e}")
+    assert difference <= 1e-6
+    expected, got = logged_losses(tmp_path / "straight"), logged_losses(output_dir)
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=0), step
