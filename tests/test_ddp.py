@@ -15,9 +15,14 @@ from tests.train_helpers import final_weights, logged_losses, max_weight_differe
 pytestmark = pytest.mark.slow
 
 
-def test_two_processes_equal_one_process_with_double_accumulation(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("data_path", ["tokenized", "streamed mixture"])
+def test_two_processes_equal_one_process_with_double_accumulation(data_path, tmp_path, tiny_model_dir):
     data = write_chat_data(tmp_path / "chat.jsonl", rows=40)
     common = dict(max_steps=3, lora_dropout=0.0, per_device_train_batch_size=2, save_steps=100)
+    if data_path == "streamed mixture":  # each process tokenizes half of the rows; both pack the same buffers
+        other = write_chat_data(tmp_path / "other.jsonl", rows=20, seed=5)
+        common.update(streaming=True, packing_buffer=16,
+                      datasets=[{"path": str(data), "weight": 2}, {"path": str(other), "weight": 1}])
     single = tiny_config(tiny_model_dir, data, tmp_path / "one", gradient_accumulation_steps=4, **common)
     double = tiny_config(tiny_model_dir, data, tmp_path / "two", gradient_accumulation_steps=2, **common)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
