@@ -233,6 +233,16 @@ def test_plan_goes_on_without_data_using_max_steps(plan_config):
     assert isinstance(plan["fits"], bool)
 
 
+@pytest.mark.parametrize("mode", ["streaming", "mixture"])
+def test_plan_of_a_stream_or_a_mixture_runs_max_steps(plan_config, mode):
+    spec = plan_config().datasets[0].model_dump()
+    extra = {"streaming": True} if mode == "streaming" else {
+        "datasets": [{**spec, "weight": 1}, {**spec, "label": "again", "weight": 2}]}
+    plan = build_plan(plan_config(max_steps=150, **extra), Gpu("test", 24 * GIB))
+    assert plan["data"]["train_examples"] == (40 if mode == "streaming" else 80)  # a stream: its first rows
+    assert plan["schedule"]["total_steps"] == 150 and plan["schedule"]["steps_per_epoch"] is None
+
+
 def test_qlora_plans_on_a_machine_without_gpu(plan_config):
     plan = build_plan(plan_config(finetuning="qlora", bf16=True), Gpu("test", 24 * GIB))
     assert "nf4" in plan["memory"]["weights_by_dtype"]

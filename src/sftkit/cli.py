@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from sftkit.config import ConfigError, SFTConfig, load_config, parse_cli_overrides
+from sftkit.data.dataset import STREAMING_SAMPLE_ROWS
 from sftkit.data.formats import DataError
 from sftkit.model.load import ModelError
 from sftkit.train.checkpoint import CheckpointError
@@ -25,7 +26,6 @@ data_app = typer.Typer(no_args_is_help=True, help="Look at training data before 
 app.add_typer(data_app, name="data")
 console = Console()
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
-STREAMING_SAMPLE_ROWS = 1000  # rows of each source `data inspect` reads on a streaming config
 USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingError, FileNotFoundError)
 
 

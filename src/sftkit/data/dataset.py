@@ -14,6 +14,8 @@ from sftkit.data.stream import sample_source
 from sftkit.data.template import require_chat_template
 from sftkit.data.tokenize import TokenizedData, TokenizeOptions, default_num_proc, tokenize_dataset
 
+STREAMING_SAMPLE_ROWS = 1000  # rows of each source `data inspect` and `plan` read on a streaming config
+
 
 @dataclass(frozen=True)
 class DataOptions:

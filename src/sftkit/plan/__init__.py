@@ -63,7 +63,7 @@ def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: boo
         scheduler=config.lr_scheduler_type, min_lr_ratio=config.min_lr_ratio, warmup_ratio=config.warmup_ratio or 0.0,
         warmup_steps=config.warmup_steps or 0, num_train_epochs=config.num_train_epochs, max_steps=config.max_steps)
     sequences = examples = None
-    if "error" not in data:
+    if "error" not in data and not (config.streaming or config.is_mixture):  # those run max_steps, not epochs
         examples = data["train_examples"]
         sequences = data["packed_sequences"] if config.packing else examples
     schedule = plan_schedule(schedule_inputs, sequences, examples)
@@ -162,7 +162,7 @@ def lora_against_qlora(finetuning: str, total: int, estimate_for: Callable[[str]
 
 def _read_data(config: SFTConfig) -> tuple[dict[str, Any], list[int] | None, int | None]:
     """(data inspect figures or {"error": why}, untruncated example lengths, tokenizer size)."""
-    from sftkit.data.dataset import DataOptions, prepare_data
+    from sftkit.data.dataset import STREAMING_SAMPLE_ROWS, DataOptions, prepare_data
     from sftkit.data.inspect import data_stats
     from sftkit.data.template import resolve_chat_template
     from sftkit.model.load import load_tokenizer
@@ -173,7 +173,8 @@ def _read_data(config: SFTConfig) -> tuple[dict[str, Any], list[int] | None, int
         return {"error": f"tokenizer could not be loaded: {err}"}, None, None
     try:
         template = resolve_chat_template(config.chat_template, tokenizer)
-        data = prepare_data(DataOptions.from_config(config, template), tokenizer)
+        sample_rows = STREAMING_SAMPLE_ROWS if config.streaming else None  # a stream is never read whole
+        data = prepare_data(DataOptions.from_config(config, template, sample_rows), tokenizer)
     except (OSError, ValueError) as err:  # hub dataset offline, bad rows: said; the schedule uses max_steps
         return {"error": f"data could not be read: {err}"}, None, len(tokenizer)
     stats = data_stats(data, config.max_seq_length, config.per_device_train_batch_size)
