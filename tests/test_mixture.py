@@ -12,7 +12,8 @@ import sftkit.train.loop as loop
 from sftkit.data.examples import TrainingExamples
 from sftkit.data.mixture import TokenMixer
 from sftkit.data.packing import balanced, packing_efficiency, padding_efficiency
-from sftkit.train.feed import ArrowSource, OnlineFeed, OnlineOptions, buffer_packs
+from sftkit.train.feed import OnlineFeed, OnlineOptions, buffer_packs
+from sftkit.train.sources import ArrowSource
 from tests.train_helpers import crash_in_step, final_weights, logged_losses, max_weight_difference, tiny_config, write_chat_data
 
 IGNORE = -100

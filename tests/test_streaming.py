@@ -38,13 +38,17 @@ STREAM = dict(streaming=True, packing_buffer=10, max_steps=8, save_steps=3)  # b
 
 
 def test_a_stream_resumed_after_a_crash_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch):
-    data = write_chat_data(tmp_path / "chat.jsonl", rows=30)  # read about twice in 8 steps: resume crosses a repeat
-    loop.train(tiny_config(tiny_model_dir, data, tmp_path / "straight", **STREAM))
+    """Tokenized by 2 processes, chunks of 64 rows ahead of training: the checkpoint is taken while later
+    chunks are in flight, and the resumed run reads them again."""
+    data = write_chat_data(tmp_path / "chat.jsonl", rows=200)
+    loop.train(tiny_config(tiny_model_dir, data, tmp_path / "straight", **STREAM))  # tokenized in-process
+    workers = dict(STREAM, dataset_num_proc=2)
     with crash_in_step(monkeypatch, 5), pytest.raises(RuntimeError, match="simulated crash"):
-        loop.train(tiny_config(tiny_model_dir, data, tmp_path / "crashed", **STREAM))
+        loop.train(tiny_config(tiny_model_dir, data, tmp_path / "crashed", **workers))
     state = json.loads((tmp_path / "crashed" / "checkpoint-3" / "data_state.json").read_text())
-    assert state["sources"][0]["position"]["stream"]["position"]["source_row"] > 0  # saved mid-stream
-    result = loop.train(tiny_config(tiny_model_dir, data, tmp_path / "crashed", resume_from_checkpoint=True, **STREAM))
+    position = state["sources"][0]["position"]
+    assert position["stream"]["position"]["source_row"] == 64 and position["given"] < 64  # chunk 2 on: read again
+    result = loop.train(tiny_config(tiny_model_dir, data, tmp_path / "crashed", resume_from_checkpoint=True, **workers))
     assert result.last_step == 8
     difference = max_weight_difference(final_weights(tmp_path / "straight"), final_weights(tmp_path / "crashed"))
     print(f"stream resumed after a crash: max weight difference {difference:.2e}")
@@ -56,7 +60,7 @@ def test_a_stream_resumed_after_a_crash_equals_the_uninterrupted_run(tmp_path, t
 
 
 def test_sigkill_mid_stream_then_resume_equals_the_uninterrupted_run(tmp_path, tiny_model_dir):
-    data = write_chat_data(tmp_path / "chat.jsonl", rows=30)
+    data = write_chat_data(tmp_path / "chat.jsonl", rows=30)  # read about twice in 8 steps: resume crosses a repeat
     loop.train(tiny_config(tiny_model_dir, data, tmp_path / "straight", **STREAM))
     output_dir = tmp_path / "run"
     config_path = write_yaml(tiny_config(tiny_model_dir, data, output_dir, **STREAM), tmp_path / "run.yaml")

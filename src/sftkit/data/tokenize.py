@@ -77,6 +77,18 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any, options: TokenizeOptions) 
     }
 
 
+@dataclass(frozen=True)
+class RowTokenizer:
+    """`tokenize_row` for the rows of one source, as a picklable callable (for tokenizing processes)."""
+
+    tokenizer: Any
+    options: TokenizeOptions
+    source: str  # named in errors
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        return tokenize_row({**row, "source": self.source}, self.tokenizer, self.options)
+
+
 def tokenize_batch(batch: dict[str, list], tokenizer: Any, options: TokenizeOptions) -> dict[str, list]:
     """`tokenize_row` over a batch of rows (column → values), for a batched `datasets.map`."""
     count = len(next(iter(batch.values())))

@@ -33,8 +33,7 @@ from sftkit.data.formats import DataError
 from sftkit.data.mixture import TokenMixer
 from sftkit.data.packing import Packs, balanced
 from sftkit.train.batches import BatchPlan, rank_share
-
-Exchange = Callable[[list], list[list]]  # a list from this process → the lists of every process, by rank
+from sftkit.train.sources import ExampleSource
 
 
 @dataclass
@@ -63,6 +62,7 @@ class Feed(Protocol):
     def epoch_of(self, step: int) -> float: ...
     def state_for(self, step: int) -> tuple[dict, dict[str, torch.Tensor]] | None: ...
     def load_state(self, saved: tuple[dict, dict[str, torch.Tensor]] | None) -> None: ...
+    def close(self) -> None: ...
 
 
 # --------------------------------------------------------------------------- planned (offline, concatenated)
@@ -99,119 +99,8 @@ class PlannedFeed:
     def load_state(self, saved: tuple[dict, dict[str, torch.Tensor]] | None) -> None:
         pass  # nothing was saved: the step is enough
 
-
-# --------------------------------------------------------------------------- sources of an online feed
-
-
-class ExampleSource(Protocol):
-    name: str
-    passes: int  # completed passes over the source
-    given: int  # examples handed out in this pass
-
-    def next(self) -> Example | None: ...  # None: this pass is over
-    def restart(self) -> None: ...
-    def state(self) -> tuple[dict, list[Example]]: ...  # (position, examples read ahead but not yet taken)
-    def load(self, state: dict, ahead: list[Example]) -> None: ...
-
-
-class ArrowSource:
-    """One source's examples in the tokenized Arrow dataset, in a seeded order per pass.
-
-    Reads `chunk` rows at a time; its position is a count, so resuming costs nothing.
-    """
-
-    def __init__(self, examples: TrainingExamples, ids: np.ndarray, index: int, name: str, seed: int,
-                 chunk: int = 256) -> None:
-        self.examples, self.ids, self.index, self.name, self.seed, self.chunk = examples, ids, index, name, seed, chunk
-        self.passes, self.given = 0, 0
-        self._order = self._pass_order()
-        self._ahead: list[Example] = []
-
-    def _pass_order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.index, self.passes]).permutation(self.ids)
-
-    def next(self) -> Example | None:
-        if not self._ahead:
-            wanted = self._order[self.given:self.given + self.chunk]
-            if not len(wanted):
-                return None
-            self._ahead = self.examples.take(wanted)
-        self.given += 1
-        return self._ahead.pop(0)
-
-    def restart(self) -> None:
-        self.passes, self.given, self._ahead = self.passes + 1, 0, []
-        self._order = self._pass_order()
-
-    def state(self) -> tuple[dict, list[Example]]:
-        return {"passes": self.passes, "given": self.given}, []  # read-ahead is read again on resume
-
-    def load(self, state: dict, ahead: list[Example]) -> None:
-        self.passes, self.given, self._ahead = state["passes"], state["given"], []
-        self._order = self._pass_order()
-
-
-class StreamSource:
-    """A source read as a stream, tokenized on the fly.
-
-    Every process reads the same rows; each tokenizes a disjoint share (rows rank, rank + world, ...)
-    and the shares are exchanged, so all processes hold the same examples, in the same order, at
-    1/world of the tokenizing cost. Rows the tokenizer rejects are counted (`dropped`), never silently.
-    """
-
-    def __init__(self, stream: Any, index: int, tokenize: Callable[[dict], dict], exchange: Exchange,
-                 rank: int = 0, world: int = 1, chunk: int = 64) -> None:
-        self.stream, self.index, self.name = stream, index, stream.name
-        self.tokenize, self.exchange, self.rank, self.world, self.chunk = tokenize, exchange, rank, world, chunk
-        self.passes, self.given = 0, 0
-        self.dropped: dict[str, int] = {}
-        self._rows = iter(stream)
-        self._ahead: list[Example] = []
-
-    def next(self) -> Example | None:
-        while not self._ahead:
-            rows = [row for _, row in zip(range(self.chunk * self.world), self._rows)]
-            if not rows:
-                return None
-            mine = [self._encode(row) for row in rows[self.rank::self.world]]
-            shares = self.exchange(mine)
-            for i in range(len(rows)):  # back into the stream's order
-                encoded = shares[i % self.world][i // self.world]
-                if "error" in encoded:
-                    raise DataError(encoded["error"])
-                if encoded["drop_reason"]:
-                    self.dropped[encoded["drop_reason"]] = self.dropped.get(encoded["drop_reason"], 0) + 1
-                else:
-                    self._ahead.append(make_example(encoded["input_ids"], encoded["labels"], self.index,
-                                                    encoded["source_row"]))
-        self.given += 1
-        return self._ahead.pop(0)
-
-    def _encode(self, row: dict) -> dict:
-        """The tokenizer's result, or the error to raise on every process (never on one alone)."""
-        try:
-            encoded = self.tokenize(row)
-        except (DataError, ValueError) as err:
-            return {"error": str(err)}
-        if encoded["drop_reason"].startswith("error:"):
-            return {"error": f"{self.stream.path}: row {row['source_row'] + 1}: "
-                             f"{encoded['drop_reason'].removeprefix('error: ')}; raise max_seq_length, or set "
-                             "`truncation: truncate_right` or `truncation: drop`"}
-        return {"input_ids": encoded["input_ids"], "labels": encoded["labels"], "drop_reason": encoded["drop_reason"],
-                "source_row": row["source_row"]}
-
-    def restart(self) -> None:
-        self.stream.restart()
-        self.passes, self.given, self._rows, self._ahead = self.passes + 1, 0, iter(self.stream), []
-
-    def state(self) -> tuple[dict, list[Example]]:
-        return {"passes": self.passes, "given": self.given, "stream": self.stream.state_dict(),
-                "dropped": dict(self.dropped)}, list(self._ahead)
-
-    def load(self, state: dict, ahead: list[Example]) -> None:
-        self.stream.load_state_dict(state["stream"])
-        self.passes, self.given, self.dropped = state["passes"], state["given"], dict(state["dropped"])
-        self._rows, self._ahead = iter(self.stream), list(ahead)
+    def close(self) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------- the online feed
@@ -357,6 +246,12 @@ class OnlineFeed:
         self.queue = [[held[i] for i in sequence] for sequence in state["queue"]]
         self.mixer.load_state_dict(state["mixer"])
         self.refills, self.ended, self.next_step = state["refills"], state["ended"], state["next_step"]
+
+
+    def close(self) -> None:
+        """Stop the sources' tokenizing processes."""
+        for source in self.sources_in:
+            source.close()
 
 
 def buffer_packs(lengths: np.ndarray, capacity: int, packing: bool, seed: int) -> Packs:

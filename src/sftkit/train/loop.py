@@ -366,6 +366,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
         write_run_info(output_dir, run_info, main)
         raise
     finally:
+        feed.close()
         if writer:
             writer.close()
 

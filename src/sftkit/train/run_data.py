@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +21,10 @@ from sftkit.data.examples import TrainingExamples
 from sftkit.data.inspect import data_stats
 from sftkit.data.packing import packing_efficiency
 from sftkit.data.template import require_chat_template
-from sftkit.data.tokenize import tokenize_row
+from sftkit.data.tokenize import RowTokenizer, default_num_proc
 from sftkit.train.batches import BatchPlan
-from sftkit.train.feed import ArrowSource, Exchange, Feed, OnlineFeed, OnlineOptions, PlannedFeed, StreamSource
+from sftkit.train.feed import Feed, OnlineFeed, OnlineOptions, PlannedFeed
+from sftkit.train.sources import ArrowSource, Exchange, StreamSource
 
 
 @dataclass
@@ -77,14 +79,16 @@ def load_run_data(config: SFTConfig, tokenizer: Any, template: str, accelerator:
     if config.streaming:
         from sftkit.data.stream import SourceStream
 
-        tokenize = DataOptions.from_config(config, template).tokenize
+        options_tokenize = DataOptions.from_config(config, template).tokenize
+        # the machine's cores are shared by its processes (torchrun sets LOCAL_WORLD_SIZE); one stays with the loop
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        workers = config.dataset_num_proc or max(1, default_num_proc() // local_world - 1)
         sources = []
         for index, (spec, name) in enumerate(zip(config.datasets, names)):
             stream = SourceStream(spec, name, config.system_prompt, config.skip_bad_rows)
             require_chat_template(template, stream.format, spec.path, tokenizer)
-            sources.append(StreamSource(
-                stream, index, lambda row, path=spec.path: tokenize_row({**row, "source": path}, tokenizer, tokenize),
-                exchange_for(world), rank, world))
+            sources.append(StreamSource(stream, index, RowTokenizer(tokenizer, options_tokenize, spec.path),
+                                        exchange_for(world), rank, world, workers))
     else:
         examples = TrainingExamples.from_dataset(prepared.train.dataset, paths)
         sources = [ArrowSource(examples, np.flatnonzero(examples.sources == index), index, name, config.seed)
