@@ -24,6 +24,7 @@ from sftkit.data.formats import DataError, load_source
 from sftkit.data.stream import SourceStream
 from tests.conftest import FIXTURES
 from tests.test_bad_inputs import CASES, ERROR_CASES, _run_case
+from tests.test_tools_reasoning import TOOLS, WEATHER, call
 
 CHAT_ROWS = [json.loads(line) for line in (FIXTURES / "data" / "chat.jsonl").read_text().splitlines()]  # 24 rows
 ROW_GROUP = 5
@@ -158,6 +159,19 @@ def test_resume_seeks_to_its_row_without_reading_the_rows_before_it(tmp_path, su
     resumed = stream(spec)
     resumed.load_state_dict(state)
     assert list(resumed) == expected[10:]
+
+
+def test_tool_calls_stream_like_the_offline_reader_whatever_their_argument_keys(tmp_path):
+    """Arrow merges the argument keys and types of all rows into one schema offline; the stream reads each
+    row alone. Both give the same rows: keys in the row's own order, numbers as written."""
+    def tool_row(arguments: dict) -> dict:
+        return {"messages": [{"role": "user", "content": "q"},
+                             {"role": "assistant", "content": None, "tool_calls": [call("f", arguments)]},
+                             {"role": "tool", "content": "1"}, {"role": "assistant", "content": "ok"}]}
+    rows = [tool_row({"a": 1, "b": 2}), tool_row({"b": 3, "a": 4}), tool_row({"x": 1.5}), tool_row({"x": 2}),
+            {"messages": WEATHER[:4], "tools": TOOLS}]
+    spec = DatasetSpec(path=str(write_jsonl(tmp_path / "tools.jsonl", rows)))
+    assert list(stream(spec)) == list(load_source(spec, "Be brief.", skip_bad_rows=False).dataset)
 
 
 def test_bad_row_stops_with_the_offline_error(tmp_path):

@@ -13,9 +13,9 @@ opens that shard there instead of reading the source again from its start:
                                                           up to the row (datasets)
 
 Rows come out exactly as `load_source` gives them (`messages`, `tools`, `text`, `source_row`), checked
-with the same helpers and the same error wording; only the read differs. A CSV cell is read as text
-(an empty cell as missing), where the offline reader lets pandas guess a type per column; a JSON row
-keeps its own key order, where Arrow merges the keys of all rows.
+with the same helpers and the same error wording; only the read differs. One difference: a CSV cell is
+read as text (an empty cell as missing), where the offline reader lets pandas guess types and missing
+values (there a column of `42`s is numbers, which no format accepts, and `NA` is missing).
 
     stream = SourceStream(spec, "chat", system_prompt=None, skip_bad_rows=False)
     for row in stream: ...               # one pass, from the current position
