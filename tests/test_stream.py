@@ -23,7 +23,7 @@ from sftkit.config import DatasetSpec
 from sftkit.data.formats import DataError, load_source
 from sftkit.data.stream import SourceStream
 from tests.conftest import FIXTURES
-from tests.test_bad_inputs import CASES, ERROR_CASES, _run_case
+from tests.test_bad_inputs import CASES, ERROR_CASES, OK_CASES, _run_case
 from tests.test_tools_reasoning import TOOLS, WEATHER, call
 
 CHAT_ROWS = [json.loads(line) for line in (FIXTURES / "data" / "chat.jsonl").read_text().splitlines()]  # 24 rows
@@ -252,16 +252,31 @@ STREAMABLE_CASES = [case for case in ERROR_CASES
                     if _is_mapping(case / "config.yaml") and case.name != "eval_split_holds_out_nothing"]
 
 
-@pytest.mark.parametrize("case", STREAMABLE_CASES, ids=[p.name for p in STREAMABLE_CASES])
-def test_bad_input_corpus_gives_its_clear_error_on_a_streaming_config(case, tmp_path, tiny_tokenizer_dir, monkeypatch):
+def streamed_case(case: Path, tmp_path: Path) -> Path:
+    """A copy of a corpus case whose config streams its data."""
     streamed = shutil.copytree(case, tmp_path / "streamed" / case.name)
     text = (streamed / "config.yaml").read_text(encoding="utf-8")
     with (streamed / "config.yaml").open("a", encoding="utf-8") as config:  # a stream needs max_steps
         config.write("\nstreaming: true\n" + ("" if "max_steps" in text else "max_steps: 10\n"))
-    result = _run_case(streamed, tmp_path, tiny_tokenizer_dir, monkeypatch)
+    return streamed
+
+
+@pytest.mark.parametrize("case", STREAMABLE_CASES, ids=[p.name for p in STREAMABLE_CASES])
+def test_bad_input_corpus_gives_its_clear_error_on_a_streaming_config(case, tmp_path, tiny_tokenizer_dir, monkeypatch):
+    result = _run_case(streamed_case(case, tmp_path), tmp_path, tiny_tokenizer_dir, monkeypatch)
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     missing = [s for s in (case / "expected.txt").read_text(encoding="utf-8").splitlines() if s and s not in result.output]
     assert not missing, f"the error does not mention {missing}:\n{result.output}"
+
+
+@pytest.mark.parametrize("case", OK_CASES, ids=[p.name for p in OK_CASES])
+def test_skipped_rows_are_counted_by_reason_on_a_streaming_config(case, tmp_path, tiny_tokenizer_dir, monkeypatch):
+    result = _run_case(streamed_case(case, tmp_path), tmp_path, tiny_tokenizer_dir, monkeypatch, "--json")
+    assert result.exit_code == 0, f"{result.exception!r}\n{result.output}"
+    stats = json.loads(result.stdout[result.stdout.index("{"):])
+    expected = json.loads((case / "expected.json").read_text(encoding="utf-8"))
+    assert {key: stats[key] for key in expected} == expected
+    assert stats["sample"]["rows_per_source"] == 1000
 
 
 def inspect_json(tmp_path: Path, tokenizer_dir: Path, data: Path, *args: str, **keys) -> dict:
