@@ -12,6 +12,9 @@ opens that shard there instead of reading the source again from its start:
     hub ids, other folders     `datasets` stream state    reads the current shard    one Arrow batch
                                                           up to the row (datasets)
 
+Building a stream also reads its first 100 rows (the format comes from their columns): a resume costs
+that and the seek, whatever the position.
+
 Rows come out exactly as `load_source` gives them (`messages`, `tools`, `text`, `source_row`), checked
 with the same helpers and the same error wording; only the read differs. One difference: a CSV cell is
 read as text (an empty cell as missing), where the offline reader lets pandas guess types and missing
