@@ -35,6 +35,13 @@ SUFFIX = {"jsonl": "jsonl", "parquet": "parquet", "csv": "csv"}
 BUILDER = {"jsonl": "json", "parquet": "parquet", "csv": "csv"}
 
 
+def _parquet_schema():
+    import pyarrow as pa
+
+    turn = pa.struct([("role", pa.string()), ("content", pa.string())])
+    return pa.schema([("messages", pa.list_(turn))])
+
+
 def make_rows(count: int):
     words = "the quick brown fox jumps over the lazy dog while twelve plus thirty makes forty two".split()
     for i in range(count):
@@ -61,9 +68,11 @@ def write_source(folder: Path, kind: str, count: int) -> Path:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-                for q, a in make_rows(count)]
-        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=10_000)
+        rows = make_rows(count)
+        with pq.ParquetWriter(path, schema := _parquet_schema()) as writer:
+            while group := [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                            for q, a in islice(rows, 10_000)]:
+                writer.write_table(pa.Table.from_pylist(group, schema=schema))
     return path
 
 
@@ -107,7 +116,15 @@ def measure(what: str, path: str, cache: str) -> dict:
         next(iter(stream))
         rows = middle
     seconds = time.perf_counter() - started
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"rows": rows, "seconds": seconds, "peak_rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS. Not getrusage's ru_maxrss, which Linux carries over from the parent across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pragma: no cover - not Linux
     return {"rows": rows, "seconds": seconds, "peak_rss_mib": peak_mib}
 
 

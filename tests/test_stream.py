@@ -21,9 +21,10 @@ from typer.testing import CliRunner
 from sftkit.cli import app
 from sftkit.config import DatasetSpec
 from sftkit.data.formats import DataError, load_source
-from sftkit.data.stream import SourceStream
+from sftkit.data.stream import DETECTION_ROWS, SourceStream
 from tests.conftest import FIXTURES
-from tests.test_bad_inputs import CASES, ERROR_CASES, _run_case
+from tests.test_bad_inputs import CASES, ERROR_CASES, OK_CASES, _run_case
+from tests.test_tools_reasoning import TOOLS, WEATHER, call
 
 CHAT_ROWS = [json.loads(line) for line in (FIXTURES / "data" / "chat.jsonl").read_text().splitlines()]  # 24 rows
 ROW_GROUP = 5
@@ -139,25 +140,51 @@ def test_restart_reads_the_next_pass_from_row_zero_and_resumes_within_it(source)
 
 @pytest.mark.parametrize("suffix", ["jsonl", "csv"])
 def test_resume_seeks_to_its_row_without_reading_the_rows_before_it(tmp_path, suffix):
-    """After saving at row 10, rows 2 to 10 are overwritten with bytes no reader accepts: a resume that read them
-    again would fail. (A stream reads its first row, and a CSV header, when built: the format comes from them.)"""
-    path = write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS) if suffix == "jsonl" else write_csv(tmp_path / "qa.csv", qa_rows())
+    """After saving at row 200 of 240, rows 101 to 200 are overwritten with bytes no reader accepts: a resume
+    that read them again would fail. (A stream reads the first DETECTION_ROWS rows, and a CSV header, when
+    built: the format comes from their columns.)"""
+    rows = CHAT_ROWS * 10 if suffix == "jsonl" else qa_rows() * 10
+    path = write_jsonl(tmp_path / "chat.jsonl", rows) if suffix == "jsonl" else write_csv(tmp_path / "qa.csv", rows)
     spec = DatasetSpec(path=str(path), **({} if suffix == "jsonl" else QA))
     expected = list(stream(spec))
-    first = stream(spec)
-    list(islice(iter(first), 10))
-    state = first.state_dict()
+
+    def cursor_after(rows_read: int) -> tuple[int, dict]:
+        reader = stream(spec)
+        list(islice(iter(reader), rows_read))
+        state = reader.state_dict()
+        return state["position"]["cursor"]["byte"], state
+
+    kept, _ = cursor_after(DETECTION_ROWS)
+    offset, state = cursor_after(200)
     data = path.read_bytes()
-    first_row = stream(spec)
-    next(iter(first_row))
-    kept = first_row.state_dict()["position"]["cursor"]["byte"]  # the header and row 1
-    offset = state["position"]["cursor"]["byte"]
     path.write_bytes(data[:kept] + b"\xff" * (offset - kept - 1) + b"\n" + data[offset:])
     with pytest.raises(DataError, match="not UTF-8"):
         list(stream(spec))  # the damage is real
     resumed = stream(spec)
     resumed.load_state_dict(state)
-    assert list(resumed) == expected[10:]
+    assert list(resumed) == expected[200:]
+
+
+def test_tool_calls_stream_like_the_offline_reader_whatever_their_argument_keys(tmp_path):
+    """Arrow merges the argument keys and types of all rows into one schema offline; the stream reads each
+    row alone. Both give the same rows: keys in the row's own order, numbers as written."""
+    def tool_row(arguments: dict) -> dict:
+        return {"messages": [{"role": "user", "content": "q"},
+                             {"role": "assistant", "content": None, "tool_calls": [call("f", arguments)]},
+                             {"role": "tool", "content": "1"}, {"role": "assistant", "content": "ok"}]}
+    rows = [tool_row({"a": 1, "b": 2}), tool_row({"b": 3, "a": 4}), tool_row({"x": 1.5}), tool_row({"x": 2}),
+            {"messages": WEATHER[:4], "tools": TOOLS}]
+    spec = DatasetSpec(path=str(write_jsonl(tmp_path / "tools.jsonl", rows)))
+    assert list(stream(spec)) == list(load_source(spec, "Be brief.", skip_bad_rows=False).dataset)
+
+
+def test_format_and_column_mapping_hold_when_the_first_row_leaves_an_optional_column_out(tmp_path):
+    rows = [{"task": "Say hi.", "reply": "Hi."}, {"task": "Add.", "context": "2 and 3", "reply": "5"}]
+    spec = DatasetSpec(path=str(write_jsonl(tmp_path / "alpaca.jsonl", rows)), format="auto",
+                       columns={"instruction": "task", "input": "context", "output": "reply"})
+    streamed = stream(spec)
+    assert list(streamed) == list(load_source(spec, "Be brief.", skip_bad_rows=False).dataset)
+    assert streamed.format == "alpaca"
 
 
 def test_bad_row_stops_with_the_offline_error(tmp_path):
@@ -238,16 +265,31 @@ STREAMABLE_CASES = [case for case in ERROR_CASES
                     if _is_mapping(case / "config.yaml") and case.name != "eval_split_holds_out_nothing"]
 
 
-@pytest.mark.parametrize("case", STREAMABLE_CASES, ids=[p.name for p in STREAMABLE_CASES])
-def test_bad_input_corpus_gives_its_clear_error_on_a_streaming_config(case, tmp_path, tiny_tokenizer_dir, monkeypatch):
+def streamed_case(case: Path, tmp_path: Path) -> Path:
+    """A copy of a corpus case whose config streams its data."""
     streamed = shutil.copytree(case, tmp_path / "streamed" / case.name)
     text = (streamed / "config.yaml").read_text(encoding="utf-8")
     with (streamed / "config.yaml").open("a", encoding="utf-8") as config:  # a stream needs max_steps
         config.write("\nstreaming: true\n" + ("" if "max_steps" in text else "max_steps: 10\n"))
-    result = _run_case(streamed, tmp_path, tiny_tokenizer_dir, monkeypatch)
+    return streamed
+
+
+@pytest.mark.parametrize("case", STREAMABLE_CASES, ids=[p.name for p in STREAMABLE_CASES])
+def test_bad_input_corpus_gives_its_clear_error_on_a_streaming_config(case, tmp_path, tiny_tokenizer_dir, monkeypatch):
+    result = _run_case(streamed_case(case, tmp_path), tmp_path, tiny_tokenizer_dir, monkeypatch)
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     missing = [s for s in (case / "expected.txt").read_text(encoding="utf-8").splitlines() if s and s not in result.output]
     assert not missing, f"the error does not mention {missing}:\n{result.output}"
+
+
+@pytest.mark.parametrize("case", OK_CASES, ids=[p.name for p in OK_CASES])
+def test_skipped_rows_are_counted_by_reason_on_a_streaming_config(case, tmp_path, tiny_tokenizer_dir, monkeypatch):
+    result = _run_case(streamed_case(case, tmp_path), tmp_path, tiny_tokenizer_dir, monkeypatch, "--json")
+    assert result.exit_code == 0, f"{result.exception!r}\n{result.output}"
+    stats = json.loads(result.stdout[result.stdout.index("{"):])
+    expected = json.loads((case / "expected.json").read_text(encoding="utf-8"))
+    assert {key: stats[key] for key in expected} == expected
+    assert stats["sample"]["rows_per_source"] == 1000
 
 
 def inspect_json(tmp_path: Path, tokenizer_dir: Path, data: Path, *args: str, **keys) -> dict:

@@ -12,10 +12,13 @@ opens that shard there instead of reading the source again from its start:
     hub ids, other folders     `datasets` stream state    reads the current shard    one Arrow batch
                                                           up to the row (datasets)
 
+Building a stream also reads its first 100 rows (the format comes from their columns): a resume costs
+that and the seek, whatever the position.
+
 Rows come out exactly as `load_source` gives them (`messages`, `tools`, `text`, `source_row`), checked
-with the same helpers and the same error wording; only the read differs. A CSV cell is read as text
-(an empty cell as missing), where the offline reader lets pandas guess a type per column; a JSON row
-keeps its own key order, where Arrow merges the keys of all rows.
+with the same helpers and the same error wording; only the read differs. One difference: a CSV cell is
+read as text (an empty cell as missing), where the offline reader lets pandas guess types and missing
+values (there a column of `42`s is numbers, which no format accepts, and `NA` is missing).
 
     stream = SourceStream(spec, "chat", system_prompt=None, skip_bad_rows=False)
     for row in stream: ...               # one pass, from the current position
@@ -29,6 +32,7 @@ import copy
 import csv
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +61,7 @@ from sftkit.data.formats import (
 
 Cursor = dict[str, Any] | None  # where the next row of a shard starts; None: at its beginning
 PARQUET_BATCH_ROWS = 1024
+DETECTION_ROWS = 100  # the format comes from the columns of the first rows (a JSON row may leave optional ones out)
 
 
 @dataclass(frozen=True)
@@ -87,19 +92,22 @@ class SourceStream:
     format: str = field(init=False)
     skipped: dict[str, int] = field(init=False, default_factory=dict)  # bad rows skipped, by reason, all passes
     rows_read: int = field(init=False, default=0)  # rows read (kept or skipped), all passes
-    rows_yielded: int = field(init=False, default=0)
+    rows_yielded: int = field(init=False, default=0)  # rows given (not skipped), all passes
     _shards: list[Shard] = field(init=False, repr=False)
     _position: Position = field(init=False, default_factory=Position, repr=False)
 
     def __post_init__(self) -> None:
         self._shards = _resolve_shards(self.spec)
-        first = next((row for shard in self._shards for row, _ in _rows(self.spec, shard, None)), None)
-        if first is None:
+        columns: dict[str, None] = {}  # in order of appearance
+        head = (row for shard in self._shards for row, _ in _rows(self.spec, shard, None))
+        for row in islice(head, DETECTION_ROWS):
+            columns.update(dict.fromkeys(row))
+        if not columns:
             only = Path(self._shards[0].name)
             if len(self._shards) == 1 and self._shards[0].reader in ("lines", "csv") and not only.read_bytes().strip():
                 raise empty_file_error(only)  # blank lines only (or no CSV header): nothing was written to it
             raise DataError(f"{self.spec.path}: the dataset is empty")
-        self.format = detect_format(list(first), self.spec)
+        self.format = detect_format(list(columns), self.spec)
 
     @property
     def path(self) -> str:
