@@ -89,6 +89,9 @@ def test_on_exhausted_stop_trains_what_was_read_then_ends():
         seen += step_ids(step)
     assert step is None and index < 1000
     assert len(seen) == len(set(seen))  # nothing repeated
+    resumed = make_feed(examples, ["a", "b"], (1.0, 1.0), [], on_exhausted="stop", buffer=16)
+    resumed.load_state(feed.state_for(index))  # a checkpoint of the run's end holds an empty queue
+    assert resumed.step(index) is None
     assert any("ran out" in m and "on_exhausted: stop" in m for m in messages)
 
 

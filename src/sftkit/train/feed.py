@@ -201,9 +201,6 @@ class OnlineFeed:
         """Completed passes over the most-read source (a stream has no known length to divide by)."""
         return float(max(source.passes for source in self.sources_in))
 
-    def realised_shares(self) -> dict[str, float]:
-        return dict(zip(self.sources, self.mixer.realised().tolist()))
-
     # ---- state
 
     def state_for(self, step: int) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -246,7 +243,6 @@ class OnlineFeed:
         self.queue = [[held[i] for i in sequence] for sequence in state["queue"]]
         self.mixer.load_state_dict(state["mixer"])
         self.refills, self.ended, self.next_step = state["refills"], state["ended"], state["next_step"]
-
 
     def close(self) -> None:
         """Stop the sources' tokenizing processes."""
