@@ -58,9 +58,9 @@ def test_chunked_and_plain_counts_equal_the_argmax_reference():
     assert int(correct_predictions(logits, targets)) == reference
     for chunk_size in (4, 16, 1000):
         with torch.no_grad():
-            _, correct = chunked_cross_entropy(hidden, weight, targets, chunk_size)
+            _, correct, _ = chunked_cross_entropy(hidden, weight, targets, chunk_size)
         assert int(correct) == reference
-        _, correct = chunked_cross_entropy(hidden.clone().requires_grad_(True), weight, targets, chunk_size)
+        _, correct, _ = chunked_cross_entropy(hidden.clone().requires_grad_(True), weight, targets, chunk_size)
         assert int(correct) == reference and not correct.requires_grad
 
 

@@ -9,6 +9,8 @@ asked to predict the first token of the next:
     targets   a1 a2 -  | b1 -  | -      (targets[t] = label of t+1 within the same example)
     positions 0  1  2  | 0  1  | 0
     segments  1  1  1  | 2  2  | 0
+    sources   0  0  -1 | 1  -1 | -1     (target_sources: each target's training source, here a from source 0
+                                         and b from source 1, for the loss per source; -1 where no target)
     cu_seqlens 0, 3, 5, 6                (example boundaries over the flattened batch; padding is a span)
 
 Rows are padded to the longest row of the batch, not to max_seq_length.
@@ -24,13 +26,15 @@ from sftkit.data.template import IGNORE_INDEX
 
 
 def collate(rows: Sequence[Sequence[dict]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """rows: per batch row, the examples (dicts with input_ids, labels) packed into it."""
+    """rows: per batch row, the examples (dicts with input_ids, labels and optionally source, else 0)
+    packed into it."""
     width = max(sum(len(ex["input_ids"]) for ex in row) for row in rows)
     batch = len(rows)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     targets = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((batch, width), dtype=torch.long)
     segment_ids = torch.zeros((batch, width), dtype=torch.long)
+    target_sources = torch.full((batch, width), -1, dtype=torch.long)
     for r, row in enumerate(rows):
         offset = 0
         for s, example in enumerate(row, start=1):
@@ -40,11 +44,13 @@ def collate(rows: Sequence[Sequence[dict]], pad_token_id: int) -> dict[str, torc
             targets[r, offset:offset + n - 1] = torch.as_tensor(labels[1:])
             position_ids[r, offset:offset + n] = torch.arange(n)
             segment_ids[r, offset:offset + n] = s
+            target_sources[r, offset:offset + n - 1] = example.get("source", 0)
             offset += n
         position_ids[r, offset:] = torch.arange(width - offset)  # padding: its own segment, 0..k
+    target_sources.masked_fill_(targets == IGNORE_INDEX, -1)
     boundaries = cu_seqlens([[len(ex["input_ids"]) for ex in row] for row in rows], width)
     return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "segment_ids": segment_ids,
-            "cu_seqlens": boundaries}
+            "cu_seqlens": boundaries, "target_sources": target_sources}
 
 
 def cu_seqlens(lengths_per_row: Sequence[Sequence[int]], width: int) -> torch.Tensor:

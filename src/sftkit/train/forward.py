@@ -16,7 +16,7 @@ from torch import nn
 
 from sftkit.data.collate import block_causal_mask
 from sftkit.model.attention import VARLEN, boundary_kwargs, flex_block_mask
-from sftkit.train.loss import chunked_cross_entropy, correct_predictions, cross_entropy_sum
+from sftkit.train.loss import chunked_cross_entropy, correct_predictions, sum_by_source, token_cross_entropy
 
 # Configs whose logits are not plain `lm_head(hidden)`; the chunked loss would not be exact for them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -51,17 +51,21 @@ class CausalLMLoss(nn.Module):
 
     Wrapping (rather than calling submodules from the loop) keeps DDP/FSDP hooks working when
     accelerate prepares this module. After each call, `correct` holds how many of the batch's trained
-    targets were the model's argmax (for token accuracy): kept beside the return value so that every
-    caller that wants the loss alone stays a plain `loss = loss_model(**batch)`.
+    targets were the model's argmax (for token accuracy), and `source_loss` the summed loss of the
+    targets of each of the run's `sources` training sources: kept beside the return value so that
+    every caller that wants the loss alone stays a plain `loss = loss_model(**batch)`.
     """
 
-    def __init__(self, model: nn.Module, attn_implementation: str, chunked: bool, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, attn_implementation: str, chunked: bool, chunk_size: int = 1024,
+                 sources: int = 1):
         super().__init__()
         self.model = model
         self.attn_implementation = attn_implementation
         self.chunked = chunked
         self.chunk_size = chunk_size
+        self.sources = sources
         self.correct: torch.Tensor | None = None  # 0-d long, set by forward
+        self.source_loss: torch.Tensor | None = None  # (sources,) fp32, set by forward when given target_sources
 
     def attention_inputs(self, segment_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> dict:
         """What the model's forward needs so that each example attends only to itself."""
@@ -77,15 +81,23 @@ class CausalLMLoss(nn.Module):
         return {"attention_mask": mask}
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor,
-                segment_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy over the trained targets of the batch (a 0-d fp32 tensor)."""
+                segment_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                target_sources: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed cross-entropy over the trained targets of the batch (a 0-d fp32 tensor).
+
+        `target_sources` (batch, seq): the source index of each target, -1 where none (see `collate`).
+        """
         inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False,
                   **self.attention_inputs(segment_ids, cu_seqlens)}
         if not self.chunked:
             logits = self.model(**inputs).logits  # (batch, seq, vocab)
             self.correct = correct_predictions(logits, targets)
-            return cross_entropy_sum(logits, targets)
-        lm = causal_lm(self.model)
-        hidden = getattr(lm, lm.base_model_prefix)(**inputs).last_hidden_state  # (batch, seq, hidden)
-        loss, self.correct = chunked_cross_entropy(hidden, head_weight(lm.get_output_embeddings()), targets, self.chunk_size)
+            token_losses = token_cross_entropy(logits, targets)  # (batch × seq,)
+            loss = token_losses.sum()
+        else:
+            lm = causal_lm(self.model)
+            hidden = getattr(lm, lm.base_model_prefix)(**inputs).last_hidden_state  # (batch, seq, hidden)
+            loss, self.correct, token_losses = chunked_cross_entropy(
+                hidden, head_weight(lm.get_output_embeddings()), targets, self.chunk_size)
+        self.source_loss = None if target_sources is None else sum_by_source(token_losses, target_sources, self.sources)
         return loss

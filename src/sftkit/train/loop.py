@@ -50,7 +50,9 @@ from sftkit.train.forward import CausalLMLoss, chunked_loss_is_exact
 from sftkit.train.metrics import (
     MetricsWriter,
     accumulate,
+    accumulate_sources,
     empty_window,
+    source_figures,
     truncate_after,
     window_row,
 )
@@ -129,7 +131,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     if chunked and not chunked_loss_is_exact(model):
         raise ModelError("chunked_loss = true, but this model's logits are not a plain linear head "
                          "(bias, scaling or soft-capping); set chunked_loss: auto")
-    loss_model = CausalLMLoss(model, config.attn_implementation, chunked, config.loss_chunk_size)
+    loss_model = CausalLMLoss(model, config.attn_implementation, chunked, config.loss_chunk_size, len(feed.sources))
     optimizer = build_optimizer(model, config.learning_rate, config.weight_decay,
                                 (config.adam_beta1, config.adam_beta2), config.adam_epsilon)
     scheduler = build_scheduler(optimizer, total_steps, warmup, config.lr_scheduler_type, config.min_lr_ratio)
@@ -198,6 +200,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
         batch = collate(rows, tokenizer.pad_token_id)
         if not counts:
             batch["targets"].fill_(IGNORE_INDEX)
+            batch["target_sources"].fill_(-1)
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 
     eval_sets = {}  # label ('' when unnamed) → (examples, their sequences, micro-batches of sequence ids)
@@ -266,7 +269,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 step_trained, step_tokens = drawn.trained, drawn.tokens
                 batches = [batch_of(rows, counts) for rows, counts in drawn.micro_batches]
                 sums = accumulate_gradients(loss_model, accelerator, batches, step_trained, offload)
-                step_loss_sum, step_correct = accelerator.reduce(sums, "sum").tolist()
+                step_loss_sum, step_correct, *step_source_loss = accelerator.reduce(sums, "sum").tolist()
                 step_loss = step_loss_sum / step_trained
                 grad_norm = accelerator.clip_grad_norm_(
                     loss_model.parameters(), config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
@@ -294,12 +297,15 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 last_loss = step_loss if finite else last_loss
                 accumulate(window, step_loss_sum if finite else 0.0, step_trained, step_tokens,
                            int(step_correct) if finite else 0, clipped)
+                accumulate_sources(window, step_source_loss if finite else [0.0] * len(step_source_loss),
+                                   drawn.source_trained.tolist())
 
                 if monitor:
                     tell(monitor.observe_step(step, step_loss, grad_norm, lr, drawn.rows))
                 if step % config.logging_steps == 0 or step == total_steps:
                     elapsed = time.perf_counter() - started
-                    row = window_row(window, step, feed.epoch_of(step), lr, grad_norm, elapsed, world)
+                    row = {**window_row(window, step, feed.epoch_of(step), lr, grad_norm, elapsed, world),
+                           **source_figures(window, feed.sources)}
                     if writer:
                         writer.log(row)
                         if not console.is_terminal:  # logs to a file get a line per row instead of a bar
@@ -394,8 +400,9 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
 
 def accumulate_gradients(loss_model: torch.nn.Module, accelerator: Accelerator, batches: list[dict[str, torch.Tensor]],
                          step_trained: int, saved_tensors: AbstractContextManager | None = None) -> torch.Tensor:
-    """Backward over this process's micro-batches of one optimizer step; returns (2,): their summed
-    loss and how many of their trained targets were the argmax, so one all-reduce gathers both.
+    """Backward over this process's micro-batches of one optimizer step; returns (2 + sources,): their
+    summed loss, how many of their trained targets were the argmax, and the summed loss of each
+    training source, so one all-reduce gathers them all.
 
     Each micro-batch contributes sum_loss / N_step, N_step counting the trained tokens of the whole
     step on all processes; × world because DDP averages gradients. Gradients are only all-reduced
@@ -403,7 +410,7 @@ def accumulate_gradients(loss_model: torch.nn.Module, accelerator: Accelerator, 
     """
     world = accelerator.num_processes
     counter = accelerator.unwrap_model(loss_model)  # the CausalLMLoss that records `correct`
-    sums = torch.zeros(2, device=accelerator.device)
+    sums = torch.zeros(2 + counter.sources, device=accelerator.device)
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
         # DeepSpeed steps inside backward when gradients sync: only on the last micro-batch.
@@ -412,7 +419,7 @@ def accumulate_gradients(loss_model: torch.nn.Module, accelerator: Accelerator, 
             with saved_tensors or nullcontext():
                 micro_loss = loss_model(**batch)
             accelerator.backward(micro_loss * world / step_trained)
-        sums += torch.stack([micro_loss.detach().float(), counter.correct.float()])
+        sums += torch.cat([torch.stack([micro_loss.detach().float(), counter.correct.float()]), counter.source_loss])
     return sums
 
 

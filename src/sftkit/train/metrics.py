@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from sftkit.train.sinks import open_sinks
+from sftkit.train.sinks import flat_scalars, open_sinks
 
 
 def memory_gb() -> float:
@@ -43,10 +43,9 @@ class MetricsWriter:
         self.sinks = open_sinks(sinks, output_dir, run_name, config)
 
     def log(self, row: dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(clean) + "\n")
-        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+            handle.write(json.dumps(_finite_or_none(row)) + "\n")
+        scalars = flat_scalars({k: v for k, v in row.items() if k != "step"})
         for sink in self.sinks:
             sink.log(scalars, row["step"])
 
@@ -57,6 +56,13 @@ class MetricsWriter:
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+
+
+def _finite_or_none(value: Any) -> Any:
+    """NaN and inf as null (JSON has neither), in nested dicts too."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def empty_window() -> dict[str, float]:
@@ -74,6 +80,25 @@ def accumulate(window: dict[str, float], loss_sum: float, trained: int, tokens: 
     window["correct"] = window.get("correct", 0) + correct  # .get: windows saved before these sums existed
     window["clipped"] = window.get("clipped", 0) + int(clipped)
     window["steps"] += 1
+
+
+def accumulate_sources(window: dict[str, Any], loss_sums: list[float], trained: list[int]) -> None:
+    """Add one optimizer step's summed loss and trained targets of each training source (all processes)."""
+    for key, values in (("source_loss_sum", loss_sums), ("source_trained", trained)):
+        window[key] = [total + value for total, value in zip(window.get(key) or [0] * len(values), values)]
+
+
+def source_figures(window: dict[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
+    """The row's figures per training source, by name, over the window.
+
+    `source_trained_tokens` names every source (0 when the window drew none of it: the report adds
+    these up into the realised mixture); `source_loss` (summed loss / trained tokens) only the sources
+    that had trained tokens in the window, since an empty source has no loss.
+    """
+    trained = window.get("source_trained") or [0] * len(names)
+    losses = window.get("source_loss_sum") or [0.0] * len(names)
+    return {"source_trained_tokens": {name: int(count) for name, count in zip(names, trained)},
+            "source_loss": {name: loss / count for name, loss, count in zip(names, losses, trained) if count}}
 
 
 def window_row(window: dict[str, float], step: int, epoch: float, lr: float, grad_norm: float,

@@ -10,7 +10,8 @@ variables send them elsewhere, with the names transformers' integrations read:
     trackio       trackio's local store (TRACKIO_DIR); project TRACKIO_PROJECT (default sftkit)
 
 The trackers besides TensorBoard are optional installs: `check_installed` names the extra to
-install before any data or model is loaded.
+install before any data or model is loaded. Sinks take flat numbers: a row's figures per training
+source become one curve each (`source_loss/gsm8k`, under `train/` in TensorBoard; see `flat_scalars`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,20 @@ def check_installed(sinks: list[str]) -> None:
             module, extra = OPTIONAL[sink]
             raise ConfigError(f"report_to includes '{sink}' but {module} is not installed; "
                               f"pip install 'sftkit[{extra}]', or remove '{sink}' from report_to")
+
+
+def flat_scalars(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of a metrics row as flat keys: {"source_loss": {"gsm8k": 1.2}} → {"source_loss/gsm8k": 1.2}.
+
+    Values that are not numbers (text, null) are left out.
+    """
+    flat: dict[str, float] = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            flat.update(flat_scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)):
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def open_sinks(sinks: list[str], output_dir: Path, run_name: str, config: dict[str, Any]) -> list[Sink]:
