@@ -176,3 +176,54 @@ def test_cli_report(tmp_path):
     assert (run_dir / "report.html").is_file()
     result = runner.invoke(app, ["report", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "error:" in result.output and "no such run directory" in result.output
+
+
+def add_sources(run_dir: Path, weights: list[float] | None) -> None:
+    """Give the synthetic run two training sources: gsm8k trains 300 tokens per row, chat 100 (none
+    in the first row, so it has no loss there); chat's loss is 0.5 above gsm8k's."""
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for index, row in enumerate(row for row in rows if "loss" in row):
+        chat = 100 if index else 0
+        row["source_trained_tokens"] = {"gsm8k": 300, "chat": chat}
+        row["source_loss"] = {"gsm8k": row["loss"] - 0.1, **({"chat": row["loss"] + 0.5} if chat else {})}
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run = json.loads((run_dir / "run.json").read_text())
+    run.update(sources=["gsm8k", "chat"], source_weights=weights)
+    (run_dir / "run.json").write_text(json.dumps(run))
+
+
+def test_report_of_two_sources_plots_loss_per_source_and_the_realised_mixture_against_the_target(tmp_path):
+    from sftkit.report import summary
+
+    run_dir = write_synthetic_run(tmp_path / "run")
+    add_sources(run_dir, weights=[3, 1])
+    record = read_run(run_dir)
+    steps, shares = summary.realised_mixture(record)
+    assert steps == list(range(5, 201, 5))
+    assert shares["gsm8k"][0] == 1.0 and shares["chat"][1] == pytest.approx(100 / 700)
+    assert shares["chat"][-1] == pytest.approx(3900 / 15900)  # 39 rows of chat over 40 of gsm8k
+    assert summary.target_shares(record) == {"gsm8k": 0.75, "chat": 0.25}
+    html, printed = report_text(run_dir)
+    assert 'alt="Loss per source"' in html and 'alt="Mixture of trained tokens"' in html
+    assert len(re.findall(r'src="data:image/png;base64,', html)) == 9
+    last_chat = 0.8 + 1.2 * math.exp(-200 / 30) + 0.03 * math.sin(200) + 0.5
+    assert f"24.5% of trained tokens (target 25.0%) · last loss {last_chat:.4g}" in printed
+    assert "75.5% of trained tokens (target 75.0%)" in html
+
+    add_sources(run_dir, weights=None)  # concatenated sources: the realised shares alone
+    html, printed = report_text(run_dir)
+    assert "24.5% of trained tokens · last loss" in printed and "(target" not in printed
+
+
+def test_report_of_one_source_has_no_per_source_plots(tmp_path):
+    run_dir = write_synthetic_run(tmp_path / "run")
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for row in rows:
+        if "loss" in row:
+            row.update(source_trained_tokens={"gsm8k": 300}, source_loss={"gsm8k": row["loss"]})
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    html, printed = report_text(run_dir)
+    assert "Loss per source" not in html and "Mixture" not in html and "Training sources" not in printed
+    assert len(re.findall(r'src="data:image/png;base64,', html)) == 7

@@ -1,5 +1,6 @@
-"""The report's curves as PNG bytes: loss and token accuracy (train and each eval set), learning rate, grad norm
-with the clipping threshold, share of clipped steps, throughput, memory."""
+"""The report's curves as PNG bytes: loss and token accuracy (train and each eval set), loss per training
+source and the realised mixture against its target (runs with several sources), learning rate, grad norm with
+the clipping threshold, share of clipped steps, throughput, memory."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from sftkit.report.read import RunRecord, eval_loss_keys  # noqa: E402
 
 TRAIN_COLOR, MARK_COLOR = "#1f77b4", "#ff7f0e"
 EVAL_COLORS = ("#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+SOURCE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#17becf", "#bcbd22", "#e377c2")
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -27,6 +29,11 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
         steps.append(row["step"])
         values.append(float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan)
     return steps, values
+
+
+def _source_series(rows: list[dict[str, Any]], key: str, name: str) -> tuple[list[int], list[float]]:
+    """Steps and values of one source in the per-source dict `key`; NaN where the window had none of it."""
+    return _series([{"step": row["step"], "value": (row.get(key) or {}).get(name)} for row in rows], "value")
 
 
 def _has_values(values: list[float]) -> bool:
@@ -81,6 +88,41 @@ def loss_plot(record: RunRecord) -> bytes:
     if record.findings:
         axes.plot([], [], color=MARK_COLOR, linestyle="--", label="diagnosis finding")
     axes.legend(fontsize=9)
+    return _png(figure)
+
+
+def source_loss_plot(record: RunRecord) -> bytes | None:
+    """Train loss of each training source over its own trained tokens; None for a run with one source."""
+    names = summary.source_names(record)
+    curves = {name: _source_series(record.train_rows, "source_loss", name) for name in names}
+    if len(names) < 2 or not any(_has_values(values) for _, values in curves.values()):
+        return None
+    figure, axes = _axes("Loss per source", "loss (mean per trained token)")
+    for index, (name, (steps, values)) in enumerate(curves.items()):
+        axes.plot(steps, values, color=SOURCE_COLORS[index % len(SOURCE_COLORS)], linewidth=1.3, label=name)
+    steps, losses = _series(record.train_rows, "loss")
+    axes.plot(steps, losses, color="#7f7f7f", linewidth=1, linestyle=":", label="all sources")
+    axes.legend(fontsize=9)
+    return _png(figure)
+
+
+def mixture_plot(record: RunRecord) -> bytes | None:
+    """Each source's share of the trained tokens so far (solid) against its target share (dashed, when
+    the sources were mixed by weight); None for a run with one source."""
+    names = summary.source_names(record)
+    steps, shares = summary.realised_mixture(record)
+    if len(names) < 2 or not steps:
+        return None
+    targets = summary.target_shares(record) or {}
+    figure, axes = _axes("Mixture of trained tokens (so far)", "share of trained tokens")
+    for index, name in enumerate(names):
+        color = SOURCE_COLORS[index % len(SOURCE_COLORS)]
+        axes.plot(steps, shares[name], color=color, linewidth=1.4, label=f"{name} {shares[name][-1]:.1%}")
+        if name in targets:
+            axes.axhline(targets[name], color=color, linestyle="--", linewidth=1,
+                         label=f"{name} target {targets[name]:.1%}")
+    axes.set_ylim(0, 1)
+    axes.legend(fontsize=8, ncol=2)
     return _png(figure)
 
 
@@ -143,6 +185,8 @@ def all_plots(record: RunRecord) -> dict[str, bytes]:
     if world > 1:  # on one device the per-device curve is the all-tokens curve
         throughput["tokens_per_s_per_device"] = f"all tokens per device (÷{world})"
     small = {
+        "Loss per source": source_loss_plot(record),
+        "Mixture of trained tokens": mixture_plot(record),
         "Token accuracy": accuracy_plot(record),
         "Learning rate": metric_plot(record, "Learning rate", "lr", {"lr": "lr"}),
         "Gradient norm": grad_norm_plot(record),

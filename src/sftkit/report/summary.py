@@ -77,8 +77,74 @@ def schedule_rows(record: RunRecord) -> list[tuple[str, str]]:
 
 
 def fact_sections(record: RunRecord) -> list[tuple[str, list[tuple[str, str]]]]:
-    return [("Config", config_rows(record)), ("Data", data_rows(record)),
-            ("Batch and schedule", schedule_rows(record))]
+    sections = [("Config", config_rows(record)), ("Data", data_rows(record)),
+                ("Batch and schedule", schedule_rows(record))]
+    sources = source_rows(record)
+    return sections + [("Training sources", sources)] if sources else sections
+
+
+def source_names(record: RunRecord) -> list[str]:
+    """The run's training sources: run.json's `sources`, else the names its rows carry."""
+    names = record.run.get("sources")
+    if isinstance(names, list) and names:
+        return [str(name) for name in names]
+    seen: dict[str, None] = {}
+    for row in record.train_rows:
+        if isinstance(row.get("source_trained_tokens"), dict):
+            seen.update(dict.fromkeys(row["source_trained_tokens"]))
+    return list(seen)
+
+
+def target_shares(record: RunRecord) -> dict[str, float] | None:
+    """Each source's target share of trained tokens (run.json's `source_weights`, normalised); None
+    when the sources were concatenated rather than mixed."""
+    names, weights = source_names(record), record.run.get("source_weights")
+    if (not isinstance(weights, list) or len(weights) != len(names)
+            or not all(isinstance(weight, (int, float)) and weight > 0 for weight in weights)):
+        return None
+    return {name: weight / sum(weights) for name, weight in zip(names, weights)}
+
+
+def realised_mixture(record: RunRecord) -> tuple[list[int], dict[str, list[float]]]:
+    """(steps, per source its share of all trained tokens up to each step): running sums of the rows'
+    `source_trained_tokens`, which cover every step since each row sums its logging window. Linear in rows."""
+    names = source_names(record)
+    totals = dict.fromkeys(names, 0)
+    steps: list[int] = []
+    shares: dict[str, list[float]] = {name: [] for name in names}
+    for row in record.train_rows:
+        counts = row.get("source_trained_tokens")
+        if not isinstance(counts, dict):
+            continue
+        for name in names:
+            totals[name] += counts.get(name) or 0
+        trained = sum(totals.values())
+        if trained:
+            steps.append(row["step"])
+            for name in names:
+                shares[name].append(totals[name] / trained)
+    return steps, shares
+
+
+def source_rows(record: RunRecord) -> list[tuple[str, str]]:
+    """Per training source: its share of the trained tokens (and the target), and its last logged loss;
+    nothing for a run with one source."""
+    names = source_names(record)
+    steps, shares = realised_mixture(record)
+    if len(names) < 2 or not steps:
+        return []
+    targets = target_shares(record) or {}
+    rows = []
+    for name in names:
+        text = f"{shares[name][-1]:.1%} of trained tokens"
+        if name in targets:
+            text += f" (target {targets[name]:.1%})"
+        losses = [row["source_loss"].get(name) for row in record.train_rows if isinstance(row.get("source_loss"), dict)]
+        losses = [loss for loss in losses if isinstance(loss, (int, float))]
+        if losses:
+            text += f" · last loss {fmt(float(losses[-1]))}"
+        rows.append((name, text))
+    return rows
 
 
 def headline_rows(record: RunRecord) -> list[tuple[str, str]]:
