@@ -62,7 +62,8 @@ def wandb_offline_history(output_dir: Path) -> dict[tuple[int, str], float]:
 @pytest.mark.slow
 def test_every_sink_receives_the_metrics_of_a_run(tmp_path, tiny_model_dir, monkeypatch):
     """A real run with report_to [tensorboard, wandb, mlflow, trackio], offline: each local store
-    holds the loss, token accuracy, clipped share and eval loss of every logged row of metrics.jsonl."""
+    holds the loss, token accuracy, clipped share, eval loss and the per-source figures (flattened:
+    source_loss/chat) of every logged row of metrics.jsonl."""
     pytest.importorskip("wandb")
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -80,11 +81,11 @@ def test_every_sink_receives_the_metrics_of_a_run(tmp_path, tiny_model_dir, monk
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    expected = {(row["step"], key): row[key] for row in rows
-                for key in ("loss", "token_accuracy", "clipped_fraction", "eval_loss", "eval_token_accuracy")
-                if key in row}
-    assert {key for _, key in expected} == {"loss", "token_accuracy", "clipped_fraction", "eval_loss",
-                                            "eval_token_accuracy"}
+    wanted = ("loss", "token_accuracy", "clipped_fraction", "eval_loss", "eval_token_accuracy",
+              "source_loss/chat", "source_trained_tokens/chat")  # per-source figures: one curve per source
+    expected = {(row["step"], key): value for row in rows for key, value in sinks.flat_scalars(row).items()
+                if key in wanted}
+    assert {key for _, key in expected} == set(wanted)
 
     def assert_holds(store: str, got: dict[tuple[int, str], float]) -> None:
         for (step, key), value in expected.items():
