@@ -150,7 +150,7 @@ def test_logged_source_loss_equals_each_sources_examples_recomputed(tmp_path, ti
     feed = rebuilt_feed(config)
     assert feed.sources == ["long", "short"]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # LoRA starts at B = 0: the base model
-    seen = set()
+    seen, worst = set(), 0.0
     for step, row in enumerate(rows):
         drawn = feed.step(step)
         loss_sums, trained = [0.0, 0.0], [0, 0]
@@ -162,11 +162,14 @@ def test_logged_source_loss_equals_each_sources_examples_recomputed(tmp_path, ti
         assert trained == drawn.source_trained.tolist()
         assert row["source_trained_tokens"] == dict(zip(feed.sources, trained))
         expected = {name: loss_sum / count for name, loss_sum, count in zip(feed.sources, loss_sums, trained) if count}
-        assert row["source_loss"] == pytest.approx(expected, rel=1e-5)
+        assert row["source_loss"].keys() == expected.keys()
+        worst = max([worst, *(abs(row["source_loss"][name] / expected[name] - 1) for name in expected)])
         assert sum(row["source_loss"][name] * row["source_trained_tokens"][name] for name in row["source_loss"]) \
             == pytest.approx(row["loss"] * row["trained_tokens"], rel=1e-5)
         seen.update(row["source_loss"])
     assert seen == {"long", "short"}
+    print(f"logged per-source loss vs each example alone: worst relative difference {worst:.1e}")
+    assert worst <= 1e-5
 
     page = build_report(tmp_path / "out").read_text()
     assert 'alt="Loss per source"' in page and 'alt="Mixture of trained tokens"' in page
