@@ -11,6 +11,10 @@ Two feeds behind one call, `step(i) -> Step`:
 
       sources ──(mixer: next source by trained tokens)──▶ buffer ──(pack, shuffle)──▶ queue ──▶ steps
 
+  With weights, the shuffled packs of a buffer are queued in the order that keeps every prefix of
+  steps near the target shares (`closest_to_shares`): a pack mixes sources unevenly, so a plain
+  shuffle would let the first steps drift 10+ points from the target; this keeps them within ~1.
+
   Its state (each source's position and look-ahead, the mixer's counts, the queue) goes into every
   checkpoint, so a resumed run draws the very same batches. Host memory: the buffer and the queue,
   independent of the dataset's size.
@@ -128,6 +132,7 @@ class OnlineFeed:
     options: OnlineOptions
     tell: Callable[[str], None] = print
     queue: list[list[Example]] = field(default_factory=list)  # packed sequences not yet trained on
+    emitted: list[int] = field(default_factory=list)  # trained tokens per source of the sequences queued so far
     refills: int = 0
     ended: bool = False
     next_step: int = 0
@@ -137,6 +142,7 @@ class OnlineFeed:
         weights = self.options.weights or (1.0,) * len(self.sources_in)
         self.mixer = TokenMixer(weights)
         self.sources = [source.name for source in self.sources_in]
+        self.emitted = self.emitted or [0] * len(self.sources_in)
 
     # ---- drawing steps
 
@@ -194,7 +200,16 @@ class OnlineFeed:
             return
         lengths = np.array([len(example["input_ids"]) for example in buffer], np.int64)
         packs = buffer_packs(lengths, self.options.capacity, self.options.packing, self.options.seed + self.refills)
-        self.queue.extend([buffer[i] for i in pack] for pack in packs)
+        sequences = [[buffer[i] for i in pack] for pack in packs]
+        if self.options.weights:  # the trained tokens of every prefix of steps, not just of the buffer, near the target
+            trained = np.zeros((len(sequences), len(self.sources)), np.int64)  # (sequences, sources)
+            for row, sequence in enumerate(sequences):
+                for example in sequence:
+                    trained[row, example["source"]] += example["trained"]
+            order = closest_to_shares(trained, self.mixer.shares, np.asarray(self.emitted))
+            sequences = [sequences[i] for i in order]
+            self.emitted = (np.asarray(self.emitted) + trained.sum(0)).tolist()
+        self.queue.extend(sequences)
         self.refills += 1
 
     def epoch_of(self, step: int) -> float:
@@ -214,7 +229,8 @@ class OnlineFeed:
     def _capture(self) -> dict:
         """The state by reference (examples are never changed once made): cheap enough for every step."""
         return {"sources": [source.state() for source in self.sources_in], "queue": list(self.queue),
-                "mixer": self.mixer.state_dict(), "refills": self.refills, "ended": self.ended,
+                "mixer": self.mixer.state_dict(), "emitted": list(self.emitted), "refills": self.refills,
+                "ended": self.ended,
                 "next_step": self.next_step}
 
     def _serialise(self, captured: dict) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -242,6 +258,7 @@ class OnlineFeed:
             source.load(saved["position"], [held[i] for i in saved["ahead"]])
         self.queue = [[held[i] for i in sequence] for sequence in state["queue"]]
         self.mixer.load_state_dict(state["mixer"])
+        self.emitted = list(state["emitted"])
         self.refills, self.ended, self.next_step = state["refills"], state["ended"], state["next_step"]
 
     def close(self) -> None:
@@ -256,6 +273,27 @@ def buffer_packs(lengths: np.ndarray, capacity: int, packing: bool, seed: int) -
     packs = balanced(lengths, capacity) if packing else Packs.one_per_example(len(lengths))
     order = np.random.default_rng(seed).permutation(len(packs))
     return Packs.from_lists([packs[int(p)] for p in order])
+
+
+def closest_to_shares(trained: np.ndarray, shares: np.ndarray, emitted: np.ndarray, window: int = 64) -> np.ndarray:
+    """An order of a buffer's shuffled sequences that keeps every prefix near the target mixture.
+
+    trained: (sequences, sources) trained tokens, in shuffled order; emitted: (sources,) before them.
+    The next sequence is, among the next `window` in shuffled order, the one after which the running
+    shares are closest (L1) to `shares`; ties keep the shuffled order. O(sequences × window × sources).
+    """
+    taken = emitted.astype(np.float64)
+    left = list(range(len(trained)))
+    order = []
+    while left:
+        candidates = np.asarray(left[:window])
+        totals = taken + trained[candidates]  # (candidates, sources)
+        deviation = np.abs(totals / np.maximum(totals.sum(1, keepdims=True), 1) - shares).sum(1)
+        best = int(np.argmin(deviation))
+        order.append(int(candidates[best]))
+        taken += trained[candidates[best]]
+        del left[best]
+    return np.asarray(order, np.int64)
 
 
 def examples_to_tensors(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
