@@ -14,7 +14,7 @@ from sftkit.data.mixture import TokenMixer
 from sftkit.data.packing import balanced, packing_efficiency, padding_efficiency
 from sftkit.train.feed import OnlineFeed, OnlineOptions, buffer_packs
 from sftkit.train.sources import ArrowSource
-from tests.train_helpers import crash_in_step, final_weights, logged_losses, max_weight_difference, tiny_config, write_chat_data
+from tests.train_helpers import assert_same_run, crash_in_step, tiny_config, write_chat_data
 
 IGNORE = -100
 
@@ -140,13 +140,7 @@ def test_a_mixture_run_resumed_after_a_crash_equals_the_uninterrupted_run(tmp_pa
     result = loop.train(tiny_config(tiny_model_dir, chat, tmp_path / "crashed", resume_from_checkpoint=True,
                                     **settings))
     assert result.last_step == 8
-    difference = max_weight_difference(final_weights(tmp_path / "straight"), final_weights(tmp_path / "crashed"))
-    print(f"mixture resume: max weight difference {difference:.2e}")
-    assert difference <= 1e-6
-    expected, got = logged_losses(tmp_path / "straight"), logged_losses(tmp_path / "crashed")
-    assert sorted(got) == list(range(1, 9))
-    for step in range(1, 9):
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=0), step
+    assert_same_run(tmp_path / "straight", tmp_path / "crashed", 8, "mixture resumed after a crash")
 
 
 def test_packing_per_buffer_is_within_a_point_of_packing_everything():

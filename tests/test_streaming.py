@@ -9,7 +9,7 @@ import pytest
 
 import sftkit.train.loop as loop
 from tests.test_faults import resume_in_process, resumed_step, run_and_signal, write_yaml
-from tests.train_helpers import crash_in_step, final_weights, logged_losses, max_weight_difference, tiny_config, write_chat_data
+from tests.train_helpers import assert_same_run, crash_in_step, tiny_config, write_chat_data
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +27,7 @@ def test_streaming_trains_exactly_like_tokenizing_first(tmp_path, tiny_model_dir
     assert offline.last_step == streamed.last_step == 4
     sequences = json.loads((tmp_path / "offline" / "run.json").read_text())["sequences"]
     assert sequences >= 4 * 2 * 2  # the 4 steps stay inside the first epoch of the offline run
-    expected, got = logged_losses(tmp_path / "offline"), logged_losses(tmp_path / "streamed")
-    assert sorted(got) == [1, 2, 3, 4]
-    for step in got:
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=0), step
-    assert max_weight_difference(final_weights(tmp_path / "offline"), final_weights(tmp_path / "streamed")) <= 1e-6
+    assert_same_run(tmp_path / "offline", tmp_path / "streamed", 4, "streamed vs tokenized first")
 
 
 STREAM = dict(streaming=True, packing_buffer=10, max_steps=8, save_steps=3)  # buffers of 10: a refill every step or two
@@ -50,13 +46,7 @@ def test_a_stream_resumed_after_a_crash_equals_the_uninterrupted_run(tmp_path, t
     assert position["stream"]["position"]["source_row"] == 64 and position["given"] < 64  # chunk 2 on: read again
     result = loop.train(tiny_config(tiny_model_dir, data, tmp_path / "crashed", resume_from_checkpoint=True, **workers))
     assert result.last_step == 8
-    difference = max_weight_difference(final_weights(tmp_path / "straight"), final_weights(tmp_path / "crashed"))
-    print(f"stream resumed after a crash: max weight difference {difference:.2e}")
-    assert difference <= 1e-6
-    expected, got = logged_losses(tmp_path / "straight"), logged_losses(tmp_path / "crashed")
-    assert sorted(got) == list(range(1, 9))
-    for step in range(1, 9):
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=0), step
+    assert_same_run(tmp_path / "straight", tmp_path / "crashed", 8, "stream resumed after a crash")
 
 
 def test_sigkill_mid_stream_then_resume_equals_the_uninterrupted_run(tmp_path, tiny_model_dir):
@@ -71,9 +61,4 @@ def test_sigkill_mid_stream_then_resume_equals_the_uninterrupted_run(tmp_path, t
     resumed, console_text = resume_in_process(
         tiny_config(tiny_model_dir, data, output_dir, resume_from_checkpoint=True, **STREAM))
     assert resumed_step(console_text) in (3, 6) and resumed.last_step == 8
-    difference = max_weight_difference(final_weights(tmp_path / "straight"), final_weights(output_dir))
-    print(f"stream resumed after SIGKILL at step {seen['last_step']}: max weight difference {difference:.2e}")
-    assert difference <= 1e-6
-    expected, got = logged_losses(tmp_path / "straight"), logged_losses(output_dir)
-    for step in range(1, 9):
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=0), step
+    assert_same_run(tmp_path / "straight", output_dir, 8, f"stream resumed after SIGKILL at step {seen['last_step']}")

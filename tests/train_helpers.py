@@ -58,6 +58,20 @@ def logged_losses(output_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def assert_same_run(expected_dir: Path, got_dir: Path, steps: int, what: str) -> None:
+    """The run in `got_dir` ended with the weights (≤ 1e-6) and logged every loss (≤ 1e-6 relative) of
+    the run in `expected_dir`."""
+    import pytest
+
+    difference = max_weight_difference(final_weights(expected_dir), final_weights(got_dir))
+    print(f"{what}: max weight difference {difference:.2e}")
+    assert difference <= 1e-6, difference
+    expected, got = logged_losses(expected_dir), logged_losses(got_dir)
+    assert sorted(got) == list(range(1, steps + 1))  # rows past a checkpoint were rewritten, not duplicated
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=0), step
+
+
 @contextmanager
 def crash_in_step(monkeypatch: Any, step: int) -> Iterator[None]:
     """Inside the block, the loop's `step`-th gradient accumulation raises `RuntimeError("simulated crash")`."""

@@ -156,8 +156,10 @@ class StreamSource:
                 break
             mine = rows[self.rank::self.world]
             if self.workers > 1:
-                if self._pool is None:
-                    self._pool = multiprocessing.get_context("spawn").Pool(
+                if self._pool is None:  # forked as `datasets.map` does: the tokenizer and libraries are shared
+                    # pages, where a spawned process would import torch and the rest again (~0.4 GiB each)
+                    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+                    self._pool = multiprocessing.get_context(method).Pool(
                         self.workers, initializer=_start_worker, initargs=(self.tokenize,))
                 result: Any = self._pool.apply_async(_encode_in_worker, (mine, self.stream.path))
             else:
