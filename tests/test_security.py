@@ -17,6 +17,7 @@ import yaml
 import sftkit
 import sftkit.model.load as load
 import sftkit.train.loop as loop
+import sftkit.train.run_model as run_model
 from sftkit.config import SFTConfig
 from tests.train_helpers import tiny_config, write_chat_data
 
@@ -61,7 +62,7 @@ def test_training_passes_trust_remote_code_to_every_load(trust, tmp_path, tiny_m
     def stop(*args, **kwargs):
         raise Loaded
 
-    monkeypatch.setattr(loop, "apply_adapters", stop)  # everything is loaded by then
+    monkeypatch.setattr(run_model, "apply_adapters", stop)  # everything is loaded by then
     data = write_chat_data(tmp_path / "chat.jsonl", rows=8)
     with pytest.raises(Loaded):
         loop.train(tiny_config(tiny_model_dir, data, tmp_path / "run", trust_remote_code=trust))

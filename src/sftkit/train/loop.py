@@ -27,18 +27,8 @@ from sftkit.config import SFTConfig, eval_loss_key, eval_metric_key, greater_is_
 from sftkit.data.collate import collate
 from sftkit.data.examples import TrainingExamples
 from sftkit.data.template import IGNORE_INDEX, resolve_chat_template
-from sftkit.model.adapters import (
-    AdapterOptions,
-    LoraVariant,
-    apply_adapters,
-    initial_adapter_state,
-    parameter_counts,
-)
-from sftkit.model.compile import compile_decoder_layers
-from sftkit.model.load import ModelError, load_model, load_tokenizer, resolve_dtype
-from sftkit.model.neftune import add_neftune_noise
-from sftkit.model.quantize import check_qlora_supported, quantization_config
-from sftkit.model.tokens import resolve_trainable_tokens
+from sftkit.model.load import ModelError, load_tokenizer
+from sftkit.model.quantize import check_qlora_supported
 from sftkit.monitor.diagnosis import Monitor, MonitorSettings
 from sftkit.monitor.samples import generate_samples, load_sample_prompts
 from sftkit.rng import capture_rng, restore_rng
@@ -46,7 +36,7 @@ from sftkit.train import checkpoint as ckpt
 from sftkit.train.checkpoint import save_checkpoint
 from sftkit.train.distributed import is_sharded, make_accelerator
 from sftkit.train.errors import TrainingError
-from sftkit.train.forward import CausalLMLoss, chunked_loss_is_exact
+from sftkit.train.forward import CausalLMLoss
 from sftkit.train.metrics import (
     MetricsWriter,
     accumulate,
@@ -65,6 +55,7 @@ from sftkit.train.outputs import (
     write_run_info,
 )
 from sftkit.train.run_data import load_run_data
+from sftkit.train.run_model import load_run_model
 from sftkit.train.schedule import build_scheduler, lr_multiplier, warmup_steps_for
 from sftkit.train.sinks import check_installed
 
@@ -106,31 +97,14 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     warmup = warmup_steps_for(total_steps, *config.warmup_fraction_or_steps)
 
     # ---- model: base weights, adapters, the loss wrapper, optimizer and schedule
-    model = load_model(config.model_source, resolve_dtype(config.torch_dtype, config.bf16, config.fp16),
-                       config.attn_implementation, config.trust_remote_code,
-                       quantization_config() if config.finetuning == "qlora" else None, vocab_size=len(tokenizer))
-    variant = LoraVariant(config.use_dora, config.use_rslora, tuple(config.lora_modules_to_save or ()),
-                          config.init_lora_weights)
-    # full fine-tuning trains every token row already: `auto` has nothing to add there
-    token_ids = () if config.finetuning == "full" else tuple(
-        resolve_trainable_tokens(config.trainable_tokens, template, tokenizer))
-    model = apply_adapters(model, AdapterOptions(
-        config.finetuning, config.lora_r, config.lora_alpha, config.lora_dropout,
-        tuple(config.lora_target_modules) if isinstance(config.lora_target_modules, list) else config.lora_target_modules,
-        config.gradient_checkpointing, variant=variant, trainable_token_ids=token_ids))
-    if token_ids:
-        say(f"Trainable token rows (embedding and output head): {escape(', '.join(tokenizer.convert_ids_to_tokens(list(token_ids))))}")
-    initial_adapter = initial_adapter_state(model, variant)  # PiSSA/OLoRA: to save against the original base
-    if config.neftune_noise_alpha:
-        add_neftune_noise(model, config.neftune_noise_alpha)  # active in train mode only
-    if config.torch_compile:
-        compile_decoder_layers(model)  # compiled on the first step's forward
+    run_model = load_run_model(config, tokenizer, template)
+    model, initial_adapter, trainable, total_params = (run_model.model, run_model.initial_adapter,
+                                                       run_model.trainable, run_model.total)
+    if run_model.token_ids:
+        names = tokenizer.convert_ids_to_tokens(list(run_model.token_ids))
+        say(f"Trainable token rows (embedding and output head): {escape(', '.join(names))}")
     offload = activation_offloading(config.activation_offloading, tell=say)
-    trainable, total_params = parameter_counts(model)
-    chunked = chunked_loss_is_exact(model) if config.chunked_loss == "auto" else config.chunked_loss
-    if chunked and not chunked_loss_is_exact(model):
-        raise ModelError("chunked_loss = true, but this model's logits are not a plain linear head "
-                         "(bias, scaling or soft-capping); set chunked_loss: auto")
+    chunked = run_model.chunked
     loss_model = CausalLMLoss(model, config.attn_implementation, chunked, config.loss_chunk_size, len(feed.sources))
     optimizer = build_optimizer(model, config.learning_rate, config.weight_decay,
                                 (config.adam_beta1, config.adam_beta2), config.adam_epsilon)
