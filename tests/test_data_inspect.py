@@ -63,7 +63,9 @@ def test_gsm8k_packs_almost_without_waste_and_dumps_masked_examples(tmp_path, ll
     result = inspect(config, "--json", "--dump", "4", str(dump))
     stats = json.loads(result.stdout)  # stdout is the JSON document alone, even with --dump
     assert f"wrote 4 examples to {dump}" in result.stderr
-    assert stats["sources"] == [{"path": str(test_split), "format": "prompt_completion", "rows": 1319, "skipped": {}}]
+    assert stats["sources"] == [{"path": str(test_split), "format": "prompt_completion", "rows": 1319, "skipped": {},
+                                 "examples": 1319, "tokens": stats["total_tokens"],
+                                 "trained_tokens": stats["trained_tokens"], "trained_share": 1.0}]
     assert stats["train_examples"] == 1319
     assert stats["truncated_examples"] == 0 and stats["dropped_examples"] == {}
     assert stats["packing_efficiency"] >= 0.99
@@ -85,7 +87,9 @@ def test_gsm8k_packs_almost_without_waste_and_dumps_masked_examples(tmp_path, ll
 def test_sharegpt_packs_almost_without_waste(tmp_path):
     config = llama2_config(tmp_path, {"path": str(SHAREGPT)})
     stats = json.loads(inspect(config, "--json").stdout)
-    assert stats["sources"] == [{"path": str(SHAREGPT), "format": "sharegpt", "rows": 500, "skipped": {}}]
+    assert stats["sources"] == [{"path": str(SHAREGPT), "format": "sharegpt", "rows": 500, "skipped": {}, "examples": 500,
+                                 "tokens": stats["total_tokens"], "trained_tokens": stats["trained_tokens"],
+                                 "trained_share": 1.0}]
     assert (stats["train_examples"], stats["dropped_examples"]) == (500, {})
     assert stats["packing_efficiency"] >= 0.99
     assert stats["padding_waste"] > stats["packing_waste"]
@@ -131,3 +135,23 @@ def test_missing_data_file_is_a_clean_error(tmp_path, tiny_tokenizer_dir):
                           datasets=[{"path": str(tmp_path / "absent.jsonl")}])
     result = inspect(config, exit_code=2)
     assert "error:" in result.output and "absent.jsonl" in result.output and "Traceback" not in result.output
+
+
+def test_inspect_of_a_mixture_says_what_share_each_source_has_and_gets(tmp_path, tiny_tokenizer_dir):
+    from tests.train_helpers import write_chat_data
+
+    long = write_chat_data(tmp_path / "long.jsonl", rows=40, seed=1)
+    short = write_chat_data(tmp_path / "short.jsonl", rows=10, seed=2)
+    config = write_config(tmp_path, model_name_or_path=str(tiny_tokenizer_dir), chat_template="chatml",
+                          max_seq_length=512, max_steps=10,
+                          datasets=[{"path": str(long), "weight": 1}, {"path": str(short), "weight": 1}])
+    stats = json.loads(inspect(config, "--json").stdout)
+    rows = {Path(s["path"]).stem: s for s in stats["sources"]}
+    assert rows["long"]["examples"] == 40 and rows["short"]["examples"] == 10
+    assert rows["long"]["trained_tokens"] + rows["short"]["trained_tokens"] == stats["trained_tokens"]
+    assert rows["long"]["trained_share"] + rows["short"]["trained_share"] == pytest.approx(1)
+    for row in rows.values():  # 1:1 by trained tokens: the smaller source is drawn more often than its size gives
+        assert row["target_share"] == 0.5 and row["rate"] == pytest.approx(0.5 / row["trained_share"])
+    assert rows["short"]["rate"] > 1 > rows["long"]["rate"]
+    text = inspect(config).stdout
+    assert "target" in text and "short.jsonl" in text

@@ -66,6 +66,7 @@ def data_inspect(
         inspect_data,
         masked_segments,
         print_stats,
+        with_mixture,
     )
     from sftkit.data.template import describe_rendering, resolve_chat_template
     from sftkit.model.load import load_tokenizer
@@ -83,6 +84,7 @@ def data_inspect(
                          "source, not from the whole data"}} if sample_rows is not None else {}
     stats = {"rendering": describe_rendering(cfg.chat_template, template), **sample,
              **inspect_data(data, cfg.max_seq_length, cfg.per_device_train_batch_size, progress=not as_json)}
+    stats = with_mixture(stats, cfg.mixture_weights)
     if dump is not None:
         written = dump_examples(data, dump[0], dump[1])
         # With --json, stdout holds the JSON document only, so `| jq` works.

@@ -273,6 +273,11 @@ class SFTConfig(BaseModel):
         return self.datasets[0].weight is not None
 
     @property
+    def mixture_weights(self) -> dict[str, float]:
+        """A mixture's weight per source path; empty when the sources are concatenated."""
+        return {spec.path: spec.weight for spec in self.datasets} if self.is_mixture else {}
+
+    @property
     def has_eval(self) -> bool:
         return self.eval_dataset is not None or self.eval_split_ratio > 0
 

@@ -40,7 +40,7 @@ def data_stats(data: PreparedData, max_seq_length: int, batch_size: int,
     pack_eff = packing_efficiency(lengths, bins, batch_size)
     pad_eff = padding_efficiency(lengths, batch_size)
     return {
-        "sources": [{"path": s.name, "format": s.format, "rows": s.rows_read, "skipped": s.skipped} for s in data.sources],
+        "sources": _sources(data),
         "train_examples": len(train),
         "eval_examples": sum(len(evaluation.dataset) for evaluation in data.eval_sets.values()),
         "skipped_rows": data.skipped,
@@ -61,6 +61,39 @@ def data_stats(data: PreparedData, max_seq_length: int, batch_size: int,
         "padding_waste": 1 - pad_eff,
         "batch_size": batch_size,
     }
+
+
+def _sources(data: PreparedData) -> list[dict[str, Any]]:
+    """Each source's rows and, for training sources, its examples, tokens and share of trained tokens
+    (grouped with Arrow over scalar columns)."""
+    train = data.train.dataset
+    figures: dict[str, dict[str, Any]] = {}
+    if "source" in train.column_names and len(train):
+        table = train.select_columns(["source", "length", "trained_tokens"]).with_format("arrow")[:]
+        grouped = table.group_by("source").aggregate([("length", "count"), ("length", "sum"), ("trained_tokens", "sum")])
+        figures = {row["source"]: row for row in grouped.to_pylist()}
+    trained_total = sum(row["trained_tokens_sum"] for row in figures.values()) or 1
+    rows = []
+    for source in data.sources:
+        row = {"path": source.name, "format": source.format, "rows": source.rows_read, "skipped": source.skipped}
+        found = figures.pop(source.name, None)  # a path listed twice (train and eval) gets its figures once
+        if found:
+            row.update(examples=found["length_count"], tokens=found["length_sum"],
+                       trained_tokens=found["trained_tokens_sum"],
+                       trained_share=found["trained_tokens_sum"] / trained_total)
+        rows.append(row)
+    return rows
+
+
+def with_mixture(stats: dict[str, Any], weights: dict[str, float]) -> dict[str, Any]:
+    """Add each weighted source's target share of trained tokens, and how much more (or less) often
+    than its size alone would give it the mixture draws from it (`rate`: 3.0 = each example ~3× as often)."""
+    total = sum(weights.values())
+    for source in stats["sources"]:
+        if source["path"] in weights and source.get("trained_share"):
+            source["target_share"] = weights[source["path"]] / total
+            source["rate"] = source["target_share"] / source["trained_share"]
+    return stats
 
 
 def inspect_data(data: PreparedData, max_seq_length: int, batch_size: int, progress: bool = False) -> dict[str, Any]:
@@ -108,16 +141,29 @@ def masked_segments(input_ids: list[int], labels: list[int], tokenizer: Any) -> 
 
 def print_stats(stats: dict[str, Any], example: list[tuple[str, bool]] | None, console: Any) -> None:
     """Rich tables of `data_stats`, and one example with trained tokens highlighted."""
+    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
     sources = Table(title="Data sources", title_justify="left")
-    for column in ("path", "format", "rows", "skipped"):
-        sources.add_column(column)
+    mixture = any("target_share" in s for s in stats["sources"])
+    columns = ["source", "format", "rows", "skipped", "examples", "trained tokens", "share"]
+    for column in columns + (["target", "rate"] if mixture else []):
+        sources.add_column(column, justify="left" if column in ("path", "format") else "right")
     for s in stats["sources"]:
         skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "0"
-        sources.add_row(s["path"], s["format"], str(s["rows"]), skipped)
+        cells = [Path(s["path"]).name or s["path"], s["format"], str(s["rows"]), skipped]
+        cells += ([f"{s['examples']:,}", f"{s['trained_tokens']:,}", f"{s['trained_share']:.1%}"] if "examples" in s
+                  else ["eval", "", ""])
+        if mixture:
+            cells += [f"{s['target_share']:.1%}", f"{s['rate']:.2f}"] if "target_share" in s else ["", ""]
+        sources.add_row(*cells)
     console.print(sources)
+    for s in stats["sources"]:
+        if s.get("rate", 0) > 3:
+            console.print(f"[yellow]{escape(s['path'])}: the mixture draws each of its examples about {s['rate']:.1f}× as "
+                          "often as concatenating the sources would; it will repeat sooner (on_exhausted) and may be "
+                          "memorised: watch its loss curve in the report[/yellow]", soft_wrap=True)
     if "rendering" in stats:
         console.print(Text.assemble(("Rendering: ", "bold"), stats["rendering"]))
 

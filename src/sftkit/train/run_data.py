@@ -18,7 +18,7 @@ import torch
 from sftkit.config import SFTConfig
 from sftkit.data.dataset import DataOptions, PreparedData, prepare_data
 from sftkit.data.examples import TrainingExamples
-from sftkit.data.inspect import data_stats
+from sftkit.data.inspect import data_stats, with_mixture
 from sftkit.data.packing import packing_efficiency
 from sftkit.data.template import require_chat_template
 from sftkit.data.tokenize import RowTokenizer, default_num_proc
@@ -34,13 +34,14 @@ class RunData:
     total_steps: int
     steps_per_epoch: int | None  # None: an online feed has no epoch of known length
     sequences: int | None  # packed training sequences of a planned feed
+    weights: dict[str, float]  # a mixture's weight per source path; empty when sources are concatenated
 
     def stats(self, max_seq_length: int, batch_size: int, packing: bool) -> dict[str, Any]:
         """What `data inspect` reports; for a stream, over the examples read so far (the first buffer)."""
         if isinstance(self.feed, PlannedFeed):
             return data_stats(self.prepared, max_seq_length, batch_size, self.feed.sequences if packing else None)
         if self.prepared.train is not None:  # a mixture of tokenized sources
-            return {**data_stats(self.prepared, max_seq_length, batch_size), "sources": self.feed.sources}
+            return with_mixture(data_stats(self.prepared, max_seq_length, batch_size), self.weights)
         return sampled_stats(self.feed, batch_size)
 
 
@@ -70,7 +71,8 @@ def load_run_data(config: SFTConfig, tokenizer: Any, template: str, accelerator:
         plan = BatchPlan(sequences, config.per_device_train_batch_size, config.gradient_accumulation_steps, world,
                          config.seed)
         return RunData(PlannedFeed(examples, sequences, plan, rank, names), prepared,
-                       plan.total_steps(config.num_train_epochs, config.max_steps), plan.steps_per_epoch, len(sequences))
+                       plan.total_steps(config.num_train_epochs, config.max_steps), plan.steps_per_epoch, len(sequences),
+                       {})
     options = OnlineOptions(
         capacity=config.max_seq_length, packing=config.packing, buffer=config.packing_buffer,
         micro_batch_size=config.per_device_train_batch_size, accumulation=config.gradient_accumulation_steps,
@@ -93,7 +95,7 @@ def load_run_data(config: SFTConfig, tokenizer: Any, template: str, accelerator:
         examples = TrainingExamples.from_dataset(prepared.train.dataset, paths)
         sources = [ArrowSource(examples, np.flatnonzero(examples.sources == index), index, name, config.seed)
                    for index, name in enumerate(names)]
-    return RunData(OnlineFeed(sources, options, tell), prepared, config.max_steps, None, None)
+    return RunData(OnlineFeed(sources, options, tell), prepared, config.max_steps, None, None, config.mixture_weights)
 
 
 def sampled_stats(feed: OnlineFeed, batch_size: int) -> dict[str, Any]:
