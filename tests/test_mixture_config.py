@@ -33,3 +33,13 @@ def test_a_weighted_mixture_with_max_steps_is_valid():
     config = validate_config({**BASE, "max_steps": 5, "on_exhausted": "stop",
                               "datasets": [{"path": "a.jsonl", "weight": 1}, {"path": "b.jsonl", "weight": 3}]})
     assert config.is_mixture and config.on_exhausted == "stop"
+
+
+def test_a_stream_resumes_only_with_the_same_data_settings():
+    from sftkit.train.loop import run_fingerprint
+
+    stream = validate_config({**BASE, "streaming": True, "max_steps": 5})
+    assert run_fingerprint(stream, 1) != run_fingerprint(stream.model_copy(update={"packing_buffer": 10}), 1)
+    plain = validate_config(BASE)
+    assert "streaming" not in run_fingerprint(plain, 1)  # runs without streaming or weights: fingerprint as before
+    assert all("weight" not in spec for spec in run_fingerprint(plain, 1)["datasets"])

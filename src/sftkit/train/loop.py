@@ -423,9 +423,14 @@ def run_fingerprint(config: SFTConfig, world: int) -> dict[str, Any]:
            if config.finetuning != "full" else {}),
         "trainable_tokens": None if config.finetuning == "full" or config.trainable_tokens == "none"
         else config.trainable_tokens,
-        "datasets": redacted(config)["datasets"], "max_seq_length": config.max_seq_length,
+        # an unweighted source is written as before weights existed, so older checkpoints still resume
+        "datasets": [{k: v for k, v in spec.items() if not (k == "weight" and v is None)}
+                     for spec in redacted(config)["datasets"]],
+        "max_seq_length": config.max_seq_length,
         "packing": config.packing, "seed": config.seed, "per_device_train_batch_size": config.per_device_train_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps, "world_size": world,
+        **({"streaming": config.streaming, "packing_buffer": config.packing_buffer, "on_exhausted": config.on_exhausted}
+           if config.streaming or config.is_mixture else {}),
     }
 
 
