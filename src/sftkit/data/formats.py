@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from sftkit.config import DatasetSpec
+from sftkit.data.chunked_map import map_in_chunks
 
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "messages": ("messages", "tools"),
@@ -431,9 +432,9 @@ def load_source(spec: DatasetSpec, system_prompt: str | None, skip_bad_rows: boo
         raise DataError(f"{spec.path}: the dataset is empty")
     fmt = detect_format(raw.column_names, spec)
     normalise = partial(normalise_row, fmt=fmt, columns=dict(spec.columns), system_prompt=system_prompt)
-    normalised = raw.map(normalise, with_indices=True, remove_columns=raw.column_names,
-                         features=datasets.Features({**NORMALISED_FEATURES, "error": datasets.Value("string")}),
-                         num_proc=num_proc if len(raw) > 1000 else None, desc=f"Reading {Path(spec.path).name}")
+    normalised = map_in_chunks(raw, normalise, num_proc, f"Reading {Path(spec.path).name}", with_indices=True,
+                               remove_columns=raw.column_names,
+                               features=datasets.Features({**NORMALISED_FEATURES, "error": datasets.Value("string")}))
     # One Arrow column, checked with Arrow compute: Python strings only for the bad rows' reasons.
     errors = normalised.select_columns(["error"]).with_format("arrow")[:]["error"]
     is_bad = pc.not_equal(errors, "")

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 
+from sftkit.data.chunked_map import map_in_chunks
 from sftkit.data.formats import DataError
 from sftkit.data.template import IGNORE_INDEX, TemplateError, assistant_spans, trained_tokens
 
@@ -146,9 +147,13 @@ class TokenizedData:
     dropped: dict[str, int]
 
 
-# Rows per map batch (and per Arrow write): large enough to amortise the per-batch overhead, small
-# enough that one batch of ~1,000-token conversations stays a few MB in each worker.
+# Rows per map batch: large enough to amortise the per-batch overhead, small enough that one batch of
+# ~1,000-token conversations stays a few MB in each worker.
 MAP_BATCH_SIZE = 256
+# Rows per Arrow record batch written (~16 MB of tokens at ~1,000 tokens a row). Reading one scalar column
+# (lengths, counts) maps at least a page, and the kernel's fault-around 64 KB, per record batch: larger
+# record batches keep those reads to ~100 bytes a row.
+WRITE_BATCH_SIZE = 1024
 
 
 def tokenize_fingerprint(rows: datasets.Dataset, tokenizer: Any, options: TokenizeOptions) -> str:
@@ -168,12 +173,11 @@ def tokenize_fingerprint(rows: datasets.Dataset, tokenizer: Any, options: Tokeni
 def tokenize_dataset(rows: datasets.Dataset, tokenizer: Any, options: TokenizeOptions,
                      num_proc: int = 1, describe: str = "Tokenizing") -> TokenizedData:
     """Tokenize every row; drop (and count) rows that cannot be trained on; stop on `truncation: error`."""
-    tokenized = rows.map(
-        tokenize_batch, fn_kwargs={"tokenizer": tokenizer, "options": options}, batched=True,
-        batch_size=MAP_BATCH_SIZE, writer_batch_size=MAP_BATCH_SIZE,
-        remove_columns=[c for c in ("messages", "tools", "text") if c in rows.column_names],
-        num_proc=num_proc if num_proc > 1 and len(rows) > 1000 else None, desc=describe,
-        new_fingerprint=tokenize_fingerprint(rows, tokenizer, options))
+    tokenized = map_in_chunks(
+        rows, tokenize_batch, num_proc, describe, new_fingerprint=tokenize_fingerprint(rows, tokenizer, options),
+        fn_kwargs={"tokenizer": tokenizer, "options": options}, batched=True,
+        batch_size=MAP_BATCH_SIZE, writer_batch_size=WRITE_BATCH_SIZE,
+        remove_columns=[c for c in ("messages", "tools", "text") if c in rows.column_names])
     # One Arrow column, counted with Arrow compute: no Python string per row.
     reasons = tokenized.select_columns(["drop_reason"]).with_format("arrow")[:]["drop_reason"]
     errors = np.flatnonzero(pc.starts_with(reasons, "error:").to_numpy(zero_copy_only=False))
