@@ -2,8 +2,9 @@
 
 Runs through a batched `datasets.map`: the result is written to the `datasets` cache as Arrow and
 read back memory-mapped, so host memory does not grow with the dataset; large datasets use several
-processes; a second run with the same data, tokenizer and template reuses the cache. Cost: linear in
-tokens; the rows dropped are found with Arrow compute over one string column, never as Python lists.
+processes, fresh ones per chunk of rows (chunked_map.py); a second run with the same data, tokenizer and
+template reuses the cache. Cost: linear in tokens; the rows dropped are found with Arrow compute over one
+string column, never as Python lists.
 """
 
 from __future__ import annotations
