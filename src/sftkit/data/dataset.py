@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
+import pyarrow as pa
 
 from sftkit.config import DatasetSpec, SFTConfig
 from sftkit.data.formats import DataError, LoadedSource, load_source
@@ -70,7 +71,9 @@ def _load_all(specs: tuple[DatasetSpec, ...], options: DataOptions) -> tuple[dat
         loaded = [load_source(spec, options.system_prompt, options.skip_bad_rows, options.num_proc) for spec in specs]
     else:
         loaded = [sample_source(spec, options.system_prompt, options.skip_bad_rows, options.sample_rows) for spec in specs]
-    parts = [s.dataset.add_column("source", [s.name] * len(s.dataset)) for s in loaded]
+    # The source name of every row as one Arrow string array, not a Python list.
+    parts = [s.dataset.add_column("source", pa.repeat(pa.scalar(s.name, pa.string()), len(s.dataset)))
+             for s in loaded]
     return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), loaded
 
 

@@ -23,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow.compute as pc
 
 from sftkit.config import DatasetSpec
+from sftkit.data.chunked_map import map_in_chunks
 
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "messages": ("messages", "tools"),
@@ -429,19 +432,20 @@ def load_source(spec: DatasetSpec, system_prompt: str | None, skip_bad_rows: boo
         raise DataError(f"{spec.path}: the dataset is empty")
     fmt = detect_format(raw.column_names, spec)
     normalise = partial(normalise_row, fmt=fmt, columns=dict(spec.columns), system_prompt=system_prompt)
-    normalised = raw.map(normalise, with_indices=True, remove_columns=raw.column_names,
-                         features=datasets.Features({**NORMALISED_FEATURES, "error": datasets.Value("string")}),
-                         num_proc=num_proc if len(raw) > 1000 else None, desc=f"Reading {Path(spec.path).name}")
-    errors = normalised["error"]
+    normalised = map_in_chunks(raw, normalise, num_proc, f"Reading {Path(spec.path).name}", with_indices=True,
+                               remove_columns=raw.column_names,
+                               features=datasets.Features({**NORMALISED_FEATURES, "error": datasets.Value("string")}))
+    # One Arrow column, checked with Arrow compute: Python strings only for the bad rows' reasons.
+    errors = normalised.select_columns(["error"]).with_format("arrow")[:]["error"]
+    is_bad = pc.not_equal(errors, "")
+    bad = np.flatnonzero(is_bad.to_numpy(zero_copy_only=False))
     skipped: dict[str, int] = {}
-    bad = [i for i, e in enumerate(errors) if e]
-    if bad:
+    if len(bad):
         if not skip_bad_rows:
-            raise bad_row_error(spec.path, bad[0] + 1, errors[bad[0]], more=len(bad) - 1)
-        for i in bad:
-            count_skipped(skipped, errors[i])
-        good = set(range(len(errors))) - set(bad)
-        normalised = normalised.select(sorted(good))
+            raise bad_row_error(spec.path, int(bad[0]) + 1, errors[int(bad[0])].as_py(), more=len(bad) - 1)
+        for error in pc.filter(errors, is_bad).to_pylist():  # the bad rows only
+            count_skipped(skipped, error)
+        normalised = normalised.select(np.flatnonzero(pc.invert(is_bad).to_numpy(zero_copy_only=False)))
     normalised = normalised.remove_columns("error")
     if len(normalised) == 0:
         raise DataError(f"{spec.path}: no usable rows left after skipping {sum(skipped.values())} bad rows {skipped}")

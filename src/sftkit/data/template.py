@@ -33,6 +33,8 @@ Cost: one render of the conversation plus two per assistant turn (three for a tu
 differently mid-conversation), each linear in the conversation's length. Every render is of a prefix of
 the one conversation, so each prefix is rendered once: the last turn's "turn-as-last" is the full
 rendering itself, which saves one render per conversation that ends with the assistant (most data).
+The messages are converted for the template once per conversation, and each render calls the compiled
+template directly. Labels come from one tokenization of the full rendering: O(tokens × log spans).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from transformers.utils import chat_template_utils as _hf_templates
 
 from sftkit.data.formats import DataError
 
@@ -117,14 +122,37 @@ def render(messages: list[dict[str, Any]], template: str, tokenizer: Any, add_ge
 
     Messages may carry `tool_calls` and `reasoning_content` (stored as JSON text / plain text in the
     dataset); they reach the template as the structures hub templates expect, the reasoning under both
-    names templates read (`reasoning_content`, `thinking`)."""
+    names templates read (`reasoning_content`, `thinking`).
+
+    The text is `tokenizer.apply_chat_template(..., tokenize=False)`'s: the same compiled template in
+    transformers' sandboxed environment (compiled once per template), given the same inputs (plain JSON
+    data, the reasoning under its aliases, the tokenizer's special tokens). Calling the compiled template
+    directly skips apply_chat_template's per-call work around it, about half a render's cost on short
+    templates; `tests/test_template_render.py` holds the two to the same text.
+    """
     try:
-        return tokenizer.apply_chat_template(
-            [_for_template(message) for message in messages], tools=_parse_tools(tools), chat_template=template,
-            tokenize=False, add_generation_prompt=add_generation_prompt)
+        if not messages:
+            raise ValueError("the conversation has no message")
+        return _hf_templates._compile_jinja_template(template).render(
+            messages=list(messages) if isinstance(messages, _TemplateMessages) else _template_messages(messages),
+            tools=_hf_templates._plain_template_data(_parse_tools(tools)), documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **_hf_templates._plain_template_data(tokenizer.special_tokens_map))
     except Exception as err:  # jinja errors and raise_exception() from the template itself
         raise TemplateError(f"the chat template failed on this conversation: {err}; "
                             "fix the template set by `chat_template`, or the conversation") from None
+
+
+class _TemplateMessages(list):
+    """Messages already in the template's input form (`_template_messages`): `render` takes them as they are,
+    so the prefixes of one conversation are converted once, not once per render."""
+
+
+def _template_messages(messages: list[dict[str, Any]]) -> _TemplateMessages:
+    """Stored messages as apply_chat_template hands them to the template: plain JSON data, no None values,
+    the reasoning under its aliases."""
+    return _TemplateMessages(_hf_templates._alias_reasoning_fields(_hf_templates._plain_template_data(
+        [{key: value for key, value in _for_template(message).items() if value is not None} for message in messages])))
 
 
 def _for_template(message: dict[str, Any]) -> dict[str, Any]:
@@ -166,15 +194,15 @@ def assistant_spans(messages: list[dict[str, Any]], template: str, tokenizer: An
     answer and end-of-turn stay trained), so a turn may give two spans.
     """
     messages = [_for_template(message) for message in messages]
-    renderer = _Renderer(template, tokenizer, _parse_tools(tools), messages if reuse_renders else [])
-    full = renderer(messages)
+    renderer = _Renderer(template, tokenizer, _parse_tools(tools), _template_messages(messages), reuse_renders)
+    full = renderer(len(messages))
     spans: list[tuple[int, int]] = []
     cursor = 0
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = renderer(messages[:index], add_generation_prompt=True)
-        alone = renderer(messages[: index + 1])
+        prompt = renderer(index, add_generation_prompt=True)
+        alone = renderer(index + 1)
         span = _span_after_prompt(full, prompt, alone, messages, index, renderer)
         if span is None:
             span = _span_by_search(full, message["content"].strip(), cursor, index, template, tokenizer)
@@ -193,25 +221,27 @@ def assistant_spans(messages: list[dict[str, Any]], template: str, tokenizer: An
 
 @dataclass
 class _Renderer:
-    """`render` with one conversation's template, tokenizer and tools (parsed once, not per render).
+    """`render` of the prefixes of one conversation, its messages converted for the template once.
 
-    Renders of prefixes of `conversation` are kept by (length, add_generation_prompt): a template is a
-    function of its messages, so a prefix asked for twice (the full conversation, and the turn-as-last of
-    its final assistant turn) is rendered once. An empty `conversation` keeps nothing."""
+    Each prefix is kept by (length, add_generation_prompt): a template is a function of its messages, so a
+    prefix asked for twice (the full conversation, and the turn-as-last of its final assistant turn) is
+    rendered once. `reuse=False` renders every time (the reference)."""
 
     template: str
     tokenizer: Any
     tools: list[dict] | None
-    conversation: list[dict[str, Any]]
+    messages: _TemplateMessages
+    reuse: bool = True
     _rendered: dict[tuple[int, bool], str] = field(default_factory=dict)
 
-    def __call__(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        key = (len(messages), add_generation_prompt)
-        is_prefix = bool(self.conversation) and messages == self.conversation[: len(messages)]
-        if is_prefix and key in self._rendered:
+    def __call__(self, count: int, add_generation_prompt: bool = False) -> str:
+        """The rendering of the first `count` messages."""
+        key = (count, add_generation_prompt)
+        if key in self._rendered:
             return self._rendered[key]
-        text = render(messages, self.template, self.tokenizer, add_generation_prompt, self.tools)
-        if is_prefix:
+        text = render(_TemplateMessages(self.messages[:count]), self.template, self.tokenizer, add_generation_prompt,
+                      self.tools)
+        if self.reuse:
             self._rendered[key] = text
         return text
 
@@ -248,7 +278,7 @@ def _span_after_prompt(full: str, prompt: str, alone: str, messages: list[dict[s
     ending = alone[in_alone + len(content):].rstrip() if content and in_alone >= 0 else ""
     if ending and full.startswith(ending, reply_end):
         return start, reply_end + len(ending)
-    conversation_so_far = _without_final_eos(renderer(before), renderer.tokenizer) if before else ""
+    conversation_so_far = _without_final_eos(renderer(index), renderer.tokenizer) if before else ""
     generation_prompt = prompt[_common_prefix_length(prompt, conversation_so_far):]
     # The next turn's header lies before its content.
     following = messages[index + 1]["content"].strip() if index + 1 < len(messages) else ""
@@ -344,24 +374,25 @@ def tokenize_conversation(messages: list[dict[str, Any]], template: str, tokeniz
     input_ids: list[int] = encoded["input_ids"]
     if not assistant_only_loss:
         return {"input_ids": input_ids, "labels": list(input_ids)}
-    labels = [IGNORE_INDEX] * len(input_ids)
-    span_index = 0
-    for position, (start, end) in enumerate(encoded["offset_mapping"]):
-        while span_index < len(spans) and spans[span_index][1] <= start:
-            span_index += 1
-        if span_index == len(spans):
-            break
-        span_start, span_end = spans[span_index]
-        # A token is trained when it overlaps the span; zero-width tokens count by position.
-        if (start < span_end and end > span_start) or (start == end and span_start <= start < span_end):
-            labels[position] = input_ids[position]
-    return {"input_ids": input_ids, "labels": labels}
+    trained = trained_tokens(np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2), spans)
+    return {"input_ids": input_ids, "labels": np.where(trained, input_ids, IGNORE_INDEX).tolist()}
 
 
-def tokenize_text(text: str, tokenizer: Any) -> dict[str, list[int]]:
-    """Plain text: every token trained, BOS first when the tokenizer has one, EOS last."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id, *ids]
-    ids = [*ids, tokenizer.eos_token_id]
-    return {"input_ids": ids, "labels": list(ids)}
+def trained_tokens(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """(tokens,) bool: which tokens to train, from their character `offsets` (tokens, 2) and the trained
+    character `spans` (sorted, disjoint). A token is trained when it overlaps a span; a zero-width token
+    when its position lies in one. O(tokens × log spans), vectorised.
+
+        spans    [6, 12)           text  "[INST] Hello </s>"
+        offsets  (0,6) (6,7) (7,12)  →   False True True
+    """
+    if not spans or not len(offsets):
+        return np.zeros(len(offsets), dtype=bool)
+    bounds = np.asarray(spans, dtype=np.int64)  # (spans, 2)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    # The span each token is held against: the first that ends after the token's start (or any earlier
+    # token's start: offsets never move back, but if they did the scan would not either).
+    index = np.searchsorted(bounds[:, 1], np.maximum.accumulate(starts), side="right")
+    inside = index < len(bounds)
+    span_start = bounds[np.minimum(index, len(bounds) - 1), 0]
+    return inside & np.where(starts == ends, starts >= span_start, ends > span_start)

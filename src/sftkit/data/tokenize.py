@@ -2,12 +2,14 @@
 
 Runs through a batched `datasets.map`: the result is written to the `datasets` cache as Arrow and
 read back memory-mapped, so host memory does not grow with the dataset; large datasets use several
-processes; a second run with the same data, tokenizer and template reuses the cache. Cost: linear in
-tokens; the rows dropped are found with Arrow compute over one string column, never as Python lists.
+processes, fresh ones per chunk of rows (chunked_map.py); a second run with the same data, tokenizer and
+template reuses the cache. Cost: linear in tokens; the rows dropped are found with Arrow compute over one
+string column, never as Python lists.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,8 +20,9 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 
+from sftkit.data.chunked_map import map_in_chunks
 from sftkit.data.formats import DataError
-from sftkit.data.template import IGNORE_INDEX, TemplateError, tokenize_conversation, tokenize_text
+from sftkit.data.template import IGNORE_INDEX, TemplateError, assistant_spans, trained_tokens
 
 TRUNCATION_POLICIES = ("truncate_right", "drop", "error")
 
@@ -39,18 +42,59 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any, options: TokenizeOptions) 
     `drop_reason` is empty for a row that is trained on; otherwise it says why not, and the row is
     removed and counted by the caller (never silently).
     """
-    if row["messages"]:
-        try:
-            encoded = tokenize_conversation(row["messages"], options.template, tokenizer, options.assistant_only_loss,
-                                            row.get("tools"), options.train_on_reasoning)
-        except TemplateError as err:  # say which row the template failed on
-            where = f"row {row['source_row'] + 1}: " if "source_row" in row else ""
-            raise TemplateError(f"{row.get('source', 'dataset')}: {where}{err}") from None
+    out = tokenize_batch({name: [value] for name, value in row.items()}, tokenizer, options)
+    return {name: values[0].tolist() if isinstance(values[0], np.ndarray) else values[0] for name, values in out.items()}
+
+
+def tokenize_batch(batch: dict[str, list], tokenizer: Any, options: TokenizeOptions) -> dict[str, list]:
+    """`tokenize_row` over a batch of rows (column → values), for a batched `datasets.map`.
+
+    Each conversation is rendered and its trained character spans found (template.py); then every text
+    of the batch is tokenized in one call (the fast tokenizer's batch encode), and labels come from the
+    token offsets against the spans, vectorised (`trained_tokens`).
+    """
+    texts, spans = [], []
+    for index, messages in enumerate(batch["messages"]):
+        if messages:
+            text, trained = _conversation_spans(batch, index, tokenizer, options)
+        else:
+            text, trained = batch["text"][index], None
+        texts.append(text)
+        spans.append(trained)
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    rows = [_row_figures(ids, offsets, trained, tokenizer, options)
+            for ids, offsets, trained in zip(encoded["input_ids"], encoded["offset_mapping"], spans)]
+    return {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
+
+
+def _conversation_spans(batch: dict[str, list], index: int, tokenizer: Any,
+                        options: TokenizeOptions) -> tuple[str, list[tuple[int, int]]]:
+    """The rendering of row `index` and its trained spans; a template failure names the row."""
+    try:
+        return assistant_spans(batch["messages"][index], options.template, tokenizer,
+                               batch["tools"][index] if "tools" in batch else None, options.train_on_reasoning)
+    except TemplateError as err:
+        source = batch["source"][index] if "source" in batch else "dataset"
+        where = f"row {batch['source_row'][index] + 1}: " if "source_row" in batch else ""
+        raise TemplateError(f"{source}: {where}{err}") from None
+
+
+def _row_figures(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]] | None,
+                 tokenizer: Any, options: TokenizeOptions) -> dict[str, Any]:
+    """Labels, truncation and counts of one tokenized row, tokens and labels as numpy arrays (Arrow takes
+    them without a Python int per token). `spans` None: plain text, every token trained, BOS first when the
+    tokenizer has one, EOS last."""
+    if spans is None:
+        ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids + [tokenizer.eos_token_id]
+    tokens = np.asarray(ids, dtype=np.int64)
+    if spans is not None and options.assistant_only_loss:
+        flat = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets))
+        trained = trained_tokens(flat.reshape(-1, 2), spans)
+        labels = np.where(trained, tokens, IGNORE_INDEX)
     else:
-        encoded = tokenize_text(row["text"], tokenizer)
-    input_ids, labels = encoded["input_ids"], encoded["labels"]
-    full_length = len(input_ids)
-    response_tokens = sum(label != IGNORE_INDEX for label in labels)
+        trained, labels = np.ones(len(tokens), dtype=bool), tokens
+    full_length = len(tokens)
+    response_tokens = int(np.count_nonzero(trained))
     drop_reason = ""
     truncated = full_length > options.max_seq_length
     if truncated:
@@ -59,19 +103,20 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any, options: TokenizeOptions) 
         elif options.truncation == "drop":
             drop_reason = "longer than max_seq_length"
         else:
-            input_ids, labels = input_ids[: options.max_seq_length], labels[: options.max_seq_length]
+            tokens, labels = tokens[: options.max_seq_length], labels[: options.max_seq_length]
+            trained = trained[: options.max_seq_length]
     # The first label is never a target (nothing predicts it), so it does not count as trained.
-    trained_tokens = sum(label != IGNORE_INDEX for label in labels[1:])
-    if not drop_reason and not trained_tokens:
+    trained_count = int(np.count_nonzero(trained[1:]))
+    if not drop_reason and not trained_count:
         drop_reason = "no trained tokens left after truncation" if truncated else "no trained tokens"
     return {
-        "input_ids": input_ids,
+        "input_ids": tokens,
         "labels": labels,
-        "length": len(input_ids),
+        "length": len(tokens),
         "full_length": full_length,
         "prompt_tokens": full_length - response_tokens,
         "response_tokens": response_tokens,
-        "trained_tokens": trained_tokens,
+        "trained_tokens": trained_count,
         "truncated": truncated,
         "drop_reason": drop_reason,
     }
@@ -89,13 +134,6 @@ class RowTokenizer:
         return tokenize_row({**row, "source": self.source}, self.tokenizer, self.options)
 
 
-def tokenize_batch(batch: dict[str, list], tokenizer: Any, options: TokenizeOptions) -> dict[str, list]:
-    """`tokenize_row` over a batch of rows (column → values), for a batched `datasets.map`."""
-    count = len(next(iter(batch.values())))
-    rows = [tokenize_row({name: values[i] for name, values in batch.items()}, tokenizer, options) for i in range(count)]
-    return {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
-
-
 def default_num_proc() -> int:
     """The CPU cores this process may use: tokenization is CPU-bound and runs one process per core."""
     try:
@@ -110,9 +148,13 @@ class TokenizedData:
     dropped: dict[str, int]
 
 
-# Rows per map batch (and per Arrow write): large enough to amortise the per-batch overhead, small
-# enough that one batch of ~1,000-token conversations stays a few MB in each worker.
+# Rows per map batch: large enough to amortise the per-batch overhead, small enough that one batch of
+# ~1,000-token conversations stays a few MB in each worker.
 MAP_BATCH_SIZE = 256
+# Rows per Arrow record batch written (~16 MB of tokens at ~1,000 tokens a row). Reading one scalar column
+# (lengths, counts) maps at least a page, and the kernel's fault-around 64 KB, per record batch: larger
+# record batches keep those reads to ~100 bytes a row.
+WRITE_BATCH_SIZE = 1024
 
 
 def tokenize_fingerprint(rows: datasets.Dataset, tokenizer: Any, options: TokenizeOptions) -> str:
@@ -132,12 +174,11 @@ def tokenize_fingerprint(rows: datasets.Dataset, tokenizer: Any, options: Tokeni
 def tokenize_dataset(rows: datasets.Dataset, tokenizer: Any, options: TokenizeOptions,
                      num_proc: int = 1, describe: str = "Tokenizing") -> TokenizedData:
     """Tokenize every row; drop (and count) rows that cannot be trained on; stop on `truncation: error`."""
-    tokenized = rows.map(
-        tokenize_batch, fn_kwargs={"tokenizer": tokenizer, "options": options}, batched=True,
-        batch_size=MAP_BATCH_SIZE, writer_batch_size=MAP_BATCH_SIZE,
-        remove_columns=[c for c in ("messages", "tools", "text") if c in rows.column_names],
-        num_proc=num_proc if num_proc > 1 and len(rows) > 1000 else None, desc=describe,
-        new_fingerprint=tokenize_fingerprint(rows, tokenizer, options))
+    tokenized = map_in_chunks(
+        rows, tokenize_batch, num_proc, describe, new_fingerprint=tokenize_fingerprint(rows, tokenizer, options),
+        fn_kwargs={"tokenizer": tokenizer, "options": options}, batched=True,
+        batch_size=MAP_BATCH_SIZE, writer_batch_size=WRITE_BATCH_SIZE,
+        remove_columns=[c for c in ("messages", "tools", "text") if c in rows.column_names])
     # One Arrow column, counted with Arrow compute: no Python string per row.
     reasons = tokenized.select_columns(["drop_reason"]).with_format("arrow")[:]["drop_reason"]
     errors = np.flatnonzero(pc.starts_with(reasons, "error:").to_numpy(zero_copy_only=False))

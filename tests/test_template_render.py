@@ -1,0 +1,69 @@
+"""`render` calls the compiled template directly; it must write exactly what transformers'
+`apply_chat_template(..., tokenize=False)` writes, on every template we ship or test against, with tools,
+tool calls and reasoning, with and without the generation prompt, and refuse what its sandbox refuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from sftkit.data.template import BUILTIN_TEMPLATES, TemplateError, _for_template, render
+from tests.test_data_properties import conversations
+from tests.test_template_render_reuse import FIXTURES, template_text
+from tests.test_tools_reasoning import REASONED, TOOLS, WEATHER
+
+
+def reference(messages, template: str, tokenizer, add_generation_prompt: bool, tools=None) -> str:
+    """transformers' own rendering, or the error text when it fails."""
+    try:
+        return tokenizer.apply_chat_template([_for_template(message) for message in messages], tools=tools,
+                                             chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as err:
+        return f"error: {err}"
+
+
+def rendered(messages, template: str, tokenizer, add_generation_prompt: bool, tools=None) -> str:
+    try:
+        return render(messages, template, tokenizer, add_generation_prompt, tools)
+    except TemplateError as err:
+        return f"error: {err}"
+
+
+def same_or_both_fail(ours: str, theirs: str) -> None:
+    if theirs.startswith("error: "):
+        assert ours.startswith("error: "), ours
+        assert theirs.removeprefix("error: ") in ours
+    else:
+        assert ours == theirs
+
+
+@pytest.mark.parametrize("name", [*BUILTIN_TEMPLATES, *FIXTURES])
+def test_render_writes_what_apply_chat_template_writes(name, llama2_tokenizer):
+    template = template_text(name, llama2_tokenizer)
+
+    @settings(max_examples=25, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(messages=conversations())
+    def check(messages):
+        for prompt in (False, True):
+            same_or_both_fail(rendered(messages, template, llama2_tokenizer, prompt),
+                              reference(messages, template, llama2_tokenizer, prompt))
+
+    check()
+    for messages, tools in ((WEATHER, TOOLS), (REASONED, None)):
+        for count in range(1, len(messages) + 1):
+            same_or_both_fail(rendered(messages[:count], template, llama2_tokenizer, False, json.dumps(tools)),
+                              reference(messages[:count], template, llama2_tokenizer, False, tools))
+
+
+@pytest.mark.parametrize("body", ["{{ messages.append(messages[0]) }}", "{{ ''.__class__.__mro__ }}",
+                                  "{{ messages[0].update({'role': 'x'}) }}"])
+def test_render_keeps_the_sandbox(body, llama2_tokenizer):
+    """Templates are untrusted code: what transformers' sandbox refuses, render refuses too."""
+    messages = [{"role": "user", "content": "Hi"}]
+    assert reference(messages, body, llama2_tokenizer, False).startswith("error: ")
+    with pytest.raises(TemplateError, match="the chat template failed"):
+        render(messages, body, llama2_tokenizer)
