@@ -125,7 +125,6 @@ def peak_rss_mib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pragma: no cover - not Linux
-    return {"rows": rows, "seconds": seconds, "peak_rss_mib": peak_mib}
 
 
 def run(what: str, path: Path, cache: Path) -> dict:

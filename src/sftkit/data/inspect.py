@@ -148,8 +148,8 @@ def print_stats(stats: dict[str, Any], example: list[tuple[str, bool]] | None, c
     sources = Table(title="Data sources", title_justify="left")
     mixture = any("target_share" in s for s in stats["sources"])
     columns = ["source", "format", "rows", "skipped", "examples", "trained tokens", "share"]
-    for column in columns + (["target", "rate"] if mixture else []):
-        sources.add_column(column, justify="left" if column in ("path", "format") else "right")
+    for name in columns + (["target", "rate"] if mixture else []):
+        sources.add_column(name, justify="left" if name in ("source", "format") else "right")
     for s in stats["sources"]:
         skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "0"
         cells = [Path(s["path"]).name or s["path"], s["format"], str(s["rows"]), skipped]
@@ -169,8 +169,8 @@ def print_stats(stats: dict[str, Any], example: list[tuple[str, bool]] | None, c
 
     lengths = Table(title=f"Token lengths ({stats['train_examples']} train examples, {stats['eval_examples']} eval)",
                     title_justify="left")
-    for column in ("", "min", "median", "p95", "max"):
-        lengths.add_column(column, justify="right")
+    for heading in ("", "min", "median", "p95", "max"):
+        lengths.add_column(heading, justify="right")
     for name in ("prompt_tokens", "response_tokens", "example_tokens"):
         s = stats[name]
         lengths.add_row(name.replace("_", " "), str(s["min"]), f"{s['median']:.0f}", f"{s['p95']:.0f}", str(s["max"]))
