@@ -19,7 +19,7 @@ from sftkit.config import SFTConfig
 from sftkit.data.dataset import DataOptions, PreparedData, prepare_data
 from sftkit.data.examples import TrainingExamples
 from sftkit.data.inspect import data_stats, with_mixture
-from sftkit.data.packing import packing_efficiency
+from sftkit.data.packing import padding_efficiency
 from sftkit.data.template import require_chat_template
 from sftkit.data.tokenize import RowTokenizer, default_num_proc
 from sftkit.train.batches import BatchPlan
@@ -101,20 +101,11 @@ def load_run_data(config: SFTConfig, tokenizer: Any, template: str, accelerator:
 def sampled_stats(feed: OnlineFeed, batch_size: int) -> dict[str, Any]:
     """Figures over the examples a stream has queued so far: its first buffer at the start of a run."""
     feed.prime()
-    examples = [example for sequence in feed.queue for example in sequence]
-    lengths = np.array([len(example["input_ids"]) for example in examples], np.int64)
-    trained = int(sum(example["trained"] for example in examples))
+    lengths = np.array([len(example["input_ids"]) for sequence in feed.queue for example in sequence], np.int64)
+    trained = sum(example["trained"] for sequence in feed.queue for example in sequence)
     total = int(lengths.sum())
-    efficiency = packing_efficiency(lengths, _positions(feed.queue), batch_size) if len(examples) else 0.0
-    return {"streaming": True, "sampled_examples": len(examples), "sources": feed.sources,
+    sequence_lengths = [sum(len(example["input_ids"]) for example in sequence) for sequence in feed.queue]
+    efficiency = padding_efficiency(sequence_lengths, batch_size)  # micro-batches in the queue's order
+    return {"streaming": True, "sampled_examples": len(lengths),
             "total_tokens": total, "trained_tokens": trained, "trained_token_fraction": trained / total if total else 0.0,
             "packed_sequences": len(feed.queue), "packing_efficiency": efficiency, "packing_waste": 1 - efficiency}
-
-
-def _positions(sequences: list[list[Any]]) -> list[list[int]]:
-    """Sequences of examples → sequences of example positions in their flattened order."""
-    out, start = [], 0
-    for sequence in sequences:
-        out.append(list(range(start, start + len(sequence))))
-        start += len(sequence)
-    return out
