@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 
 import sftkit.train.loop as loop
+from sftkit.data.formats import DataError
 from tests.test_faults import resume_in_process, resumed_step, run_and_signal, write_yaml
 from tests.train_helpers import assert_same_run, crash_in_step, tiny_config, write_chat_data
 
@@ -62,3 +64,17 @@ def test_sigkill_mid_stream_then_resume_equals_the_uninterrupted_run(tmp_path, t
         tiny_config(tiny_model_dir, data, output_dir, resume_from_checkpoint=True, **STREAM))
     assert resumed_step(console_text) in (3, 6) and resumed.last_step == 8
     assert_same_run(tmp_path / "straight", output_dir, 8, f"stream resumed after SIGKILL at step {seen['last_step']}")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_bad_row_met_while_streaming_names_the_file_and_row(workers, tmp_path, tiny_model_dir):
+    """truncation: error on a row of a stream stops the run with the offline error, tokenized in-process or not."""
+    case = Path(__file__).parent / "bad_inputs" / "too_long_with_truncation_error"
+    data = tmp_path / "data.jsonl"
+    data.write_text((case / "data.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    config = tiny_config(tiny_model_dir, data, tmp_path / "run", streaming=True, truncation="error",
+                         max_seq_length=100, dataset_num_proc=workers, max_steps=2)
+    with pytest.raises(DataError) as error:
+        loop.train(config)
+    for expected in (case / "expected.txt").read_text(encoding="utf-8").splitlines():
+        assert expected in str(error.value)

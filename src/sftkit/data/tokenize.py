@@ -124,14 +124,16 @@ def _row_figures(ids: list[int], offsets: list[tuple[int, int]], spans: list[tup
 
 @dataclass(frozen=True)
 class RowTokenizer:
-    """`tokenize_row` for the rows of one source, as a picklable callable (for tokenizing processes)."""
+    """`tokenize_batch` for rows of one source (a list of normalised rows), as a picklable callable
+    for tokenizing processes."""
 
     tokenizer: Any
     options: TokenizeOptions
     source: str  # named in errors
 
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        return tokenize_row({**row, "source": self.source}, self.tokenizer, self.options)
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, list]:
+        columns = {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
+        return tokenize_batch({**columns, "source": [self.source] * len(rows)}, self.tokenizer, self.options)
 
 
 def default_num_proc() -> int:

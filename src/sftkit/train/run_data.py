@@ -61,8 +61,9 @@ def exchange_for(world: int) -> Exchange:
 def load_run_data(config: SFTConfig, tokenizer: Any, template: str, accelerator: Any,
                   tell: Callable[[str], None]) -> RunData:
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    data_options = DataOptions.from_config(config, template)
     with accelerator.main_process_first():  # tokenize once; the other processes read the cache
-        prepared = prepare_data(DataOptions.from_config(config, template), tokenizer)
+        prepared = prepare_data(data_options, tokenizer)
     names = config.source_names
     paths = [spec.path for spec in config.datasets]
     if not config.streaming and not config.is_mixture:
@@ -81,7 +82,6 @@ def load_run_data(config: SFTConfig, tokenizer: Any, template: str, accelerator:
     if config.streaming:
         from sftkit.data.stream import SourceStream
 
-        options_tokenize = DataOptions.from_config(config, template).tokenize
         # the machine's cores are shared by its processes (torchrun sets LOCAL_WORLD_SIZE); one stays with the loop
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         workers = config.dataset_num_proc or max(1, default_num_proc() // local_world - 1)
@@ -89,7 +89,7 @@ def load_run_data(config: SFTConfig, tokenizer: Any, template: str, accelerator:
         for index, (spec, name) in enumerate(zip(config.datasets, names)):
             stream = SourceStream(spec, name, config.system_prompt, config.skip_bad_rows)
             require_chat_template(template, stream.format, spec.path, tokenizer)
-            sources.append(StreamSource(stream, index, RowTokenizer(tokenizer, options_tokenize, spec.path),
+            sources.append(StreamSource(stream, index, RowTokenizer(tokenizer, data_options.tokenize, spec.path),
                                         exchange_for(world), rank, world, workers))
     else:
         examples = TrainingExamples.from_dataset(prepared.train.dataset, paths)

@@ -76,29 +76,36 @@ class ArrowSource:
 # --------------------------------------------------------------------------- streams
 
 
-def encode_row(tokenize: Callable[[dict], dict], row: dict, path: str) -> dict:
-    """A row's tokens, or the error every process raises together (never one process alone)."""
+def encode_rows(tokenize: Callable[[list[dict]], dict[str, list]], rows: list[dict], path: str) -> dict:
+    """Rows tokenized in one batch: {"rows": [...]}, or {"error": ...} that every process raises together
+    (never one process alone)."""
+    if not rows:
+        return {"rows": []}
     try:
-        encoded = tokenize(row)
+        encoded = tokenize(rows)
     except (DataError, ValueError) as err:
         return {"error": str(err)}
-    if encoded["drop_reason"].startswith("error:"):
-        return {"error": f"{path}: row {row['source_row'] + 1}: {encoded['drop_reason'].removeprefix('error: ')}; "
-                         "raise max_seq_length, or set `truncation: truncate_right` or `truncation: drop`"}
-    return {"input_ids": encoded["input_ids"], "labels": encoded["labels"], "drop_reason": encoded["drop_reason"],
-            "source_row": row["source_row"]}
+    out = []
+    for row, ids, labels, reason, trained in zip(rows, encoded["input_ids"], encoded["labels"],
+                                                 encoded["drop_reason"], encoded["trained_tokens"]):
+        if reason.startswith("error:"):
+            return {"error": f"{path}: row {row['source_row'] + 1}: {reason.removeprefix('error: ')}; "
+                             "raise max_seq_length, or set `truncation: truncate_right` or `truncation: drop`"}
+        out.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "drop_reason": reason,
+                    "source_row": row["source_row"], "trained": trained})
+    return {"rows": out}
 
 
-_worker_tokenize: Callable[[dict], dict] | None = None
+_worker_tokenize: Callable[[list[dict]], dict[str, list]] | None = None
 
 
-def _start_worker(tokenize: Callable[[dict], dict]) -> None:
+def _start_worker(tokenize: Callable[[list[dict]], dict[str, list]]) -> None:
     global _worker_tokenize
     _worker_tokenize = tokenize
 
 
-def _encode_in_worker(rows: list[dict], path: str) -> list[dict]:
-    return [encode_row(_worker_tokenize, row, path) for row in rows]
+def _encode_in_worker(rows: list[dict], path: str) -> dict:
+    return encode_rows(_worker_tokenize, rows, path)
 
 
 class StreamSource:
@@ -114,7 +121,7 @@ class StreamSource:
     the chunk being handed out; chunks still in the pool are read again on resume.
     """
 
-    def __init__(self, stream: Any, index: int, tokenize: Callable[[dict], dict], exchange: Exchange,
+    def __init__(self, stream: Any, index: int, tokenize: Callable[[list[dict]], dict[str, list]], exchange: Exchange,
                  rank: int = 0, world: int = 1, workers: int = 1, chunk: int = 64) -> None:
         self.stream, self.index, self.name = stream, index, stream.name
         self.tokenize, self.exchange, self.rank, self.world, self.chunk = tokenize, exchange, rank, world, chunk
@@ -134,15 +141,16 @@ class StreamSource:
                 return None
             _, count, result = self._pending.popleft()
             shares = self.exchange(result.get() if self._pool is not None else result)
+            for share in shares:
+                if "error" in share:
+                    raise DataError(share["error"])
             for i in range(count):  # back into the stream's order
-                encoded = shares[i % self.world][i // self.world]
-                if "error" in encoded:
-                    raise DataError(encoded["error"])
+                encoded = shares[i % self.world]["rows"][i // self.world]
                 if encoded["drop_reason"]:
                     self.dropped[encoded["drop_reason"]] = self.dropped.get(encoded["drop_reason"], 0) + 1
                 else:
                     self._ahead.append(make_example(encoded["input_ids"], encoded["labels"], self.index,
-                                                    encoded["source_row"]))
+                                                    encoded["source_row"], encoded["trained"]))
         self.given += 1
         return self._ahead.pop(0)
 
@@ -163,7 +171,7 @@ class StreamSource:
                         self.workers, initializer=_start_worker, initargs=(self.tokenize,))
                 result: Any = self._pool.apply_async(_encode_in_worker, (mine, self.stream.path))
             else:
-                result = [encode_row(self.tokenize, row, self.stream.path) for row in mine]
+                result = encode_rows(self.tokenize, mine, self.stream.path)
             self._pending.append((before, len(rows), result))
 
     def restart(self) -> None:
