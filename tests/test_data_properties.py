@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from sftkit.data.collate import collate
 from sftkit.data.packing import pack_balanced, pack_best_fit_decreasing
 from sftkit.data.template import BUILTIN_TEMPLATES, IGNORE_INDEX, resolve_chat_template
-from sftkit.data.tokenize import TokenizeOptions, tokenize_row
+from sftkit.data.tokenize import TokenizeOptions, _encode, tokenize_row
 
 PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
@@ -101,3 +101,19 @@ def test_pack_and_collate_never_lose_or_invent_a_trained_token(tokenizer, batch,
         assert (targets[segments == 0] == IGNORE_INDEX).all()  # padding never trains
     assert got_targets == expected_targets
     assert got_tokens == expected_tokens
+
+
+@PROPERTY_SETTINGS
+@given(texts=st.lists(st.builds("".join, st.lists(st.one_of(TEXT, st.sampled_from(["<s>", "</s>", "[INST]"])),
+                                                  max_size=4)), min_size=1, max_size=4))
+def test_encode_gives_what_the_tokenizer_call_gives(tokenizer, texts):
+    """Token ids and offsets read from the fast tokenizer directly are exactly those of `tokenizer(...)`, and a
+    backend left set to truncate is not obeyed (the tokenizer call would not truncate either)."""
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    expected = list(zip(encoded["input_ids"], encoded["offset_mapping"]))
+    assert _encode(texts, tokenizer) == expected
+    tokenizer.backend_tokenizer.enable_truncation(2)
+    try:
+        assert _encode(texts, tokenizer) == expected
+    finally:
+        tokenizer.backend_tokenizer.no_truncation()

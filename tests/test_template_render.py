@@ -4,12 +4,15 @@ tool calls and reasoning, with and without the generation prompt, and refuse wha
 
 from __future__ import annotations
 
+import collections
 import json
+import types
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from sftkit.data.template import BUILTIN_TEMPLATES, TemplateError, _for_template, render
+from sftkit.data.template import BUILTIN_TEMPLATES, TemplateError, _for_template, _TypeAttributeCheck, render
 from tests.test_data_properties import conversations
 from tests.test_template_render_reuse import FIXTURES, template_text
 from tests.test_tools_reasoning import REASONED, TOOLS, WEATHER
@@ -60,10 +63,37 @@ def test_render_writes_what_apply_chat_template_writes(name, llama2_tokenizer):
 
 
 @pytest.mark.parametrize("body", ["{{ messages.append(messages[0]) }}", "{{ ''.__class__.__mro__ }}",
-                                  "{{ messages[0].update({'role': 'x'}) }}"])
+                                  "{{ messages[0].update({'role': 'x'}) }}",
+                                  "{{ messages.index(messages[0]) }}{{ messages.append(messages[0]) }}",
+                                  "{{ messages[0].keys() }}{{ messages[0].pop('role') }}"])
 def test_render_keeps_the_sandbox(body, llama2_tokenizer):
     """Templates are untrusted code: what transformers' sandbox refuses, render refuses too."""
     messages = [{"role": "user", "content": "Hi"}]
     assert reference(messages, body, llama2_tokenizer, False).startswith("error: ")
     with pytest.raises(TemplateError, match="the chat template failed"):
         render(messages, body, llama2_tokenizer)
+
+
+class _Disguised:
+    """An object that claims another class: `isinstance` answers for it alone, so its checks are not remembered."""
+
+    @property
+    def __class__(self):
+        return types.FunctionType
+
+
+def test_remembered_attribute_check_answers_as_the_sandbox():
+    """The attribute check, remembered by (type, attribute), gives jinja2's answer for every object and
+    attribute, allowed or refused, on the first access and from memory."""
+    sandbox = ImmutableSandboxedEnvironment()
+    remembered = _TypeAttributeCheck(sandbox.is_safe_attribute)
+    objects = ["text", {"role": "user"}, [1], (1,), 3, 1.5, True, None, str, len, "".strip, lambda: 0,
+               (x for x in ()), collections.deque(), {1}, _Disguised()]
+    attributes = ["strip", "append", "update", "pop", "keys", "items", "index", "add", "mro", "__class__",
+                  "_private", "__globals__", "__code__", "gi_frame", "gi_code", "func_code", "__self__", "role"]
+    for _ in range(2):
+        for obj in objects:
+            for attribute in attributes:
+                assert remembered(obj, attribute, None) == sandbox.is_safe_attribute(obj, attribute, None), \
+                    (obj, attribute)
+    assert not any(kind is _Disguised for kind, _ in remembered.known)

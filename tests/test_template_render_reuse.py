@@ -28,14 +28,14 @@ def template_text(name: str, tokenizer) -> str:
 def counted(monkeypatch, reuse_renders: bool, messages, template: str, tokenizer):
     """(labels or the TemplateError text, how many times the template was rendered)."""
     calls = Counter()
-    render = template_module.render
+    render = template_module._render
 
     def counting_render(*args, **kwargs):
         calls["render"] += 1
         return render(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(template_module, "render", counting_render)
+        patch.setattr(template_module, "_render", counting_render)
         patch.setattr(template_module, "assistant_spans",
                       functools.partial(template_module.assistant_spans, reuse_renders=reuse_renders))
         try:

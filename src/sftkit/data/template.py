@@ -33,8 +33,8 @@ Cost: one render of the conversation plus two per assistant turn (three for a tu
 differently mid-conversation), each linear in the conversation's length. Every render is of a prefix of
 the one conversation, so each prefix is rendered once: the last turn's "turn-as-last" is the full
 rendering itself, which saves one render per conversation that ends with the assistant (most data).
-The messages are converted for the template once per conversation, and each render calls the compiled
-template directly. Labels come from one tokenization of the full rendering: O(tokens × log spans).
+The messages and the other template inputs are converted once per conversation, and each render calls the
+compiled template directly, its sandbox's attribute checks remembered by type (`_compiled`). Labels come from one tokenization of the full rendering: O(tokens × log spans).
 """
 
 from __future__ import annotations
@@ -43,10 +43,12 @@ import difflib
 import json
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import jinja2
 import numpy as np
 from transformers.utils import chat_template_utils as _hf_templates
 
@@ -130,17 +132,60 @@ def render(messages: list[dict[str, Any]], template: str, tokenizer: Any, add_ge
     directly skips apply_chat_template's per-call work around it, about half a render's cost on short
     templates; `tests/test_template_render.py` holds the two to the same text.
     """
+    return _render(template, messages, add_generation_prompt, _template_inputs(tokenizer, tools))
+
+
+def _template_inputs(tokenizer: Any, tools: list[dict] | str | None) -> dict[str, Any]:
+    """What a template reads besides the messages, as apply_chat_template passes it: the tools, the documents
+    (none) and the tokenizer's special tokens. The same for every prefix of a conversation."""
+    return {"tools": _hf_templates._plain_template_data(_parse_tools(tools)), "documents": None,
+            **_hf_templates._plain_template_data(tokenizer.special_tokens_map)}
+
+
+def _render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
+            inputs: dict[str, Any]) -> str:
     try:
         if not messages:
             raise ValueError("the conversation has no message")
-        return _hf_templates._compile_jinja_template(template).render(
+        return _compiled(template).render(
             messages=list(messages) if isinstance(messages, _TemplateMessages) else _template_messages(messages),
-            tools=_hf_templates._plain_template_data(_parse_tools(tools)), documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **_hf_templates._plain_template_data(tokenizer.special_tokens_map))
+            add_generation_prompt=add_generation_prompt, **inputs)
     except Exception as err:  # jinja errors and raise_exception() from the template itself
         raise TemplateError(f"the chat template failed on this conversation: {err}; "
                             "fix the template set by `chat_template`, or the conversation") from None
+
+
+@lru_cache(maxsize=64)
+def _compiled(template: str) -> jinja2.Template:
+    """transformers' compiled template (its sandbox, filters and globals), in an overlay of its environment whose
+    attribute check is remembered by (type, attribute).
+
+    The sandbox checks every attribute a template reads (`content.strip`, `loop.index0`), and that check is most
+    of a render's cost. jinja2's `is_safe_attribute` depends only on the attribute's name and on `isinstance`
+    tests of the object, that is on its type: remembering it by type gives the same answer, once per type and
+    attribute instead of once per access (`_TypeAttributeCheck`). Everything else stays transformers'."""
+    environment = _hf_templates._compile_jinja_template(template).environment.overlay()
+    environment.is_safe_attribute = _TypeAttributeCheck(environment.is_safe_attribute)
+    return environment.from_string(template)
+
+
+@dataclass
+class _TypeAttributeCheck:
+    """A sandbox's `is_safe_attribute`, remembered by (type, attribute name). An object whose `__class__` is
+    not its type (a proxy) is checked every time, as `isinstance` may then answer for it alone."""
+
+    check: Callable[[Any, str, Any], bool]
+    known: dict[tuple[type, str], bool] = field(default_factory=dict)
+
+    def __call__(self, obj: Any, attr: str, value: Any) -> bool:
+        kind = type(obj)
+        if obj.__class__ is not kind:
+            return self.check(obj, attr, value)
+        key = (kind, attr)
+        safe = self.known.get(key)
+        if safe is None:
+            safe = self.known[key] = self.check(obj, attr, value)
+        return safe
 
 
 class _TemplateMessages(list):
@@ -194,7 +239,8 @@ def assistant_spans(messages: list[dict[str, Any]], template: str, tokenizer: An
     answer and end-of-turn stay trained), so a turn may give two spans.
     """
     messages = [_for_template(message) for message in messages]
-    renderer = _Renderer(template, tokenizer, _parse_tools(tools), _template_messages(messages), reuse_renders)
+    renderer = _Renderer(template, tokenizer, _template_inputs(tokenizer, tools), _template_messages(messages),
+                         reuse_renders)
     full = renderer(len(messages))
     spans: list[tuple[int, int]] = []
     cursor = 0
@@ -221,7 +267,7 @@ def assistant_spans(messages: list[dict[str, Any]], template: str, tokenizer: An
 
 @dataclass
 class _Renderer:
-    """`render` of the prefixes of one conversation, its messages converted for the template once.
+    """`render` of the prefixes of one conversation, its messages and other inputs converted for the template once.
 
     Each prefix is kept by (length, add_generation_prompt): a template is a function of its messages, so a
     prefix asked for twice (the full conversation, and the turn-as-last of its final assistant turn) is
@@ -229,7 +275,7 @@ class _Renderer:
 
     template: str
     tokenizer: Any
-    tools: list[dict] | None
+    inputs: dict[str, Any]  # _template_inputs
     messages: _TemplateMessages
     reuse: bool = True
     _rendered: dict[tuple[int, bool], str] = field(default_factory=dict)
@@ -239,8 +285,7 @@ class _Renderer:
         key = (count, add_generation_prompt)
         if key in self._rendered:
             return self._rendered[key]
-        text = render(_TemplateMessages(self.messages[:count]), self.template, self.tokenizer, add_generation_prompt,
-                      self.tools)
+        text = _render(self.template, _TemplateMessages(self.messages[:count]), add_generation_prompt, self.inputs)
         if self.reuse:
             self._rendered[key] = text
         return text
