@@ -3,6 +3,7 @@
     python bench/data_scale.py                         # 20k, 100k, 200k rows (about an hour on 2 cores)
     python bench/data_scale.py --rows 2000 20000       # small vs 10×
     python bench/data_scale.py --rows 2000 --no-ddp    # smoke run, without the 2-process runs
+    python bench/data_scale.py --rows 20000 200000 --ddp-only   # 2 processes vs 1 at two sizes
 
 Data: ultrachat-shaped conversations, each 5 user/assistant exchanges drawn (seeded) from GSM8K
 train, ~1,000 Llama-2 tokens each, written once per size as JSONL `messages` rows. Both tools read
@@ -17,8 +18,10 @@ processes, a fresh `datasets` cache per tool and size. Each measurement is its o
                     no assistant-only masking here, as its `assistant_only_loss` needs a template
                     with generation markers); wall time and tokens/s, and peak RSS.
   TRL train         construction (cached) + `trainer.train()` for 2 steps.
-  2 processes       at the first size only: `sftkit train` under torchrun with 2 gloo processes
-                    against 1, same config and warm cache.
+  2 processes       at the first size only (every size with --ddp-only): `sftkit train` with 2 gloo
+                    processes against 1, same config and warm cache, started by torchrun (each
+                    process afresh) and by `sftkit train --nproc_per_node` (forked after the imports;
+                    1 process is then a plain `sftkit train`, without a launcher process).
 
 Peak memory is sampled every 0.25 s over the whole process tree (map workers included): the peak
 of the summed RSS, and of the summed PSS, which counts a page shared by N processes (the memory-
@@ -170,7 +173,8 @@ def sftkit_inspect_figures(stdout_json: dict) -> dict:
 # --------------------------------------------------------------------------- one size
 
 
-def run_size(rows: int, workdir: Path, model: Path, num_proc: int, with_ddp: bool, results: dict) -> None:
+def run_size(rows: int, workdir: Path, model: Path, num_proc: int, with_ddp: bool, with_tools: bool,
+             results: dict) -> None:
     import yaml
 
     data = workdir / f"chat-{rows}.jsonl"
@@ -182,31 +186,40 @@ def run_size(rows: int, workdir: Path, model: Path, num_proc: int, with_ddp: boo
     row: dict = {"rows": rows}
     results["sizes"].append(row)
 
-    def cache_env(tool: str) -> dict:
+    def cache_env(tool: str, fresh: bool = True) -> dict:
         cache = workdir / f"cache-{tool}-{rows}"
-        shutil.rmtree(cache, ignore_errors=True)
+        if fresh:
+            shutil.rmtree(cache, ignore_errors=True)
         return {**base_env, "HF_DATASETS_CACHE": str(cache)}
 
     # sftkit: data inspect on a cold cache, then 2 training steps on the warm one.
-    env = cache_env("sftkit")
+    env = cache_env("sftkit", fresh=with_tools)
     config = workdir / f"sftkit-{rows}.yaml"
     config.write_text(yaml.safe_dump(sftkit_config(model, data, workdir / f"run-{rows}", num_proc)))
-    inspected = measure([python, "-m", "sftkit.cli", "data", "inspect", str(config), "--json"], env,
-                        workdir / f"sftkit-inspect-{rows}.log", output="json")
-    row["sftkit_inspect"] = {k: inspected[k] for k in ("peak_rss_gib", "peak_pss_gib", "wall_s")}
-    row["sftkit_inspect"].update(sftkit_inspect_figures(inspected))
-    report(results)
-    trained = measure([python, "-m", "sftkit.cli", "train", str(config)], env, workdir / f"sftkit-train-{rows}.log")
-    row["sftkit_train"] = {k: trained[k] for k in ("peak_rss_gib", "peak_pss_gib", "wall_s")}
-    report(results)
-    if with_ddp:
-        two = measure([python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                       "-m", "sftkit.cli", "train", str(config)], env, workdir / f"sftkit-train2-{rows}.log")
-        row["sftkit_train_2proc"] = {k: two[k] for k in ("peak_rss_gib", "peak_pss_gib", "wall_s")}
-        one = measure([python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                       "-m", "sftkit.cli", "train", str(config)], env, workdir / f"sftkit-train1-{rows}.log")
-        row["sftkit_train_1proc_torchrun"] = {k: one[k] for k in ("peak_rss_gib", "peak_pss_gib", "wall_s")}
+    inspect = [python, "-m", "sftkit.cli", "data", "inspect", str(config), "--json"]
+    if with_tools:
+        inspected = measure(inspect, env, workdir / f"sftkit-inspect-{rows}.log", output="json")
+        row["sftkit_inspect"] = {k: inspected[k] for k in ("peak_rss_gib", "peak_pss_gib", "wall_s")}
+        row["sftkit_inspect"].update(sftkit_inspect_figures(inspected))
         report(results)
+        trained = measure([python, "-m", "sftkit.cli", "train", str(config)], env,
+                          workdir / f"sftkit-train-{rows}.log")
+        row["sftkit_train"] = {k: trained[k] for k in ("peak_rss_gib", "peak_pss_gib", "wall_s")}
+        report(results)
+    if with_ddp:
+        if not with_tools:  # tokenize first, so that no run below measures tokenizing
+            subprocess.run(inspect, env=env, check=True, capture_output=True)
+        launchers = {
+            "torchrun": lambda n: [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                                   "-m", "sftkit.cli", "train", str(config)],
+            "nproc_per_node": lambda n: [python, "-m", "sftkit.cli", "train", str(config), "--nproc_per_node", str(n)]}
+        for name, command in launchers.items():
+            for procs in (2, 1):
+                measured = measure(command(procs), env, workdir / f"sftkit-{name}{procs}-{rows}.log")
+                row[f"{name}_{procs}"] = {k: measured[k] for k in ("peak_rss_gib", "peak_pss_gib", "wall_s")}
+            report(results)
+    if not with_tools:
+        return
 
     # TRL: construction on a cold cache (tokenize + pack), then construction (cached) + 2 steps.
     env = cache_env("trl")
@@ -241,13 +254,14 @@ def report(results: dict) -> None:
             lines.append(f"| {row['rows']:,} | {t['tokens']:,} | TRL {results['trl_version']} | {t['tokenize_s']:.1f} | "
                          f"{t['tokens_per_s']:,.0f} | {mem(t)} | {mem(train_t)} |")
     for row in results["sizes"]:
-        if "sftkit_train_2proc" in row and "sftkit_train_1proc_torchrun" in row:
-            one, two = row["sftkit_train_1proc_torchrun"], row["sftkit_train_2proc"]
-            lines.append(f"\n2 processes vs 1 (torchrun, gloo, {row['rows']:,} rows): summed RSS "
-                         f"{two['peak_rss_gib']:.2f} vs {one['peak_rss_gib']:.2f} GiB "
-                         f"({two['peak_rss_gib'] / one['peak_rss_gib']:.2f}×), summed PSS "
-                         f"{two['peak_pss_gib']:.2f} vs {one['peak_pss_gib']:.2f} GiB "
-                         f"({two['peak_pss_gib'] / one['peak_pss_gib']:.2f}×)")
+        for name in ("torchrun", "nproc_per_node"):
+            if f"{name}_1" in row and f"{name}_2" in row:
+                one, two = row[f"{name}_1"], row[f"{name}_2"]
+                lines.append(f"2 processes vs 1 ({name}, gloo, {row['rows']:,} rows): summed RSS "
+                             f"{two['peak_rss_gib']:.2f} vs {one['peak_rss_gib']:.2f} GiB "
+                             f"({two['peak_rss_gib'] / one['peak_rss_gib']:.2f}×), summed PSS "
+                             f"{two['peak_pss_gib']:.2f} vs {one['peak_pss_gib']:.2f} GiB "
+                             f"({two['peak_pss_gib'] / one['peak_pss_gib']:.2f}×)")
     sizes = [r for r in results["sizes"] if "sftkit_train" in r]
     if len(sizes) > 1:
         first, last = sizes[0], sizes[-1]
@@ -263,6 +277,8 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--workdir", type=Path, default=None, help="keep data, caches and logs here")
     parser.add_argument("--no-ddp", action="store_true", help="skip the 2-process vs 1-process runs")
+    parser.add_argument("--ddp-only", action="store_true",
+                        help="only the 2-process vs 1-process runs, at every size given (cache kept)")
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--train", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -286,7 +302,8 @@ def main() -> None:
                "num_proc": args.num_proc, "cpus": os.cpu_count(), "sizes": []}
     print(f"workdir {workdir}; {args.num_proc} map processes; rows {args.rows}", flush=True)
     for index, rows in enumerate(args.rows):
-        run_size(rows, workdir, model, args.num_proc, with_ddp=index == 0 and not args.no_ddp, results=results)
+        run_size(rows, workdir, model, args.num_proc, with_ddp=args.ddp_only or (index == 0 and not args.no_ddp),
+                 with_tools=not args.ddp_only, results=results)
 
 
 if __name__ == "__main__":

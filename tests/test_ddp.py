@@ -1,4 +1,4 @@
-"""Two processes (gloo, CPU) × GA 2 train exactly like one process × GA 4."""
+"""Two processes (gloo, CPU) × GA 2 train exactly like one process × GA 4; a process that stops stops the launch."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from tests.train_helpers import final_weights, logged_losses, max_weight_differe
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("data_path", ["tokenized", "streamed mixture"])
-def test_two_processes_equal_one_process_with_double_accumulation(data_path, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("data_path, launcher", [("tokenized", "torchrun"), ("streamed mixture", "torchrun"),
+                                                  ("tokenized", "nproc_per_node")])
+def test_two_processes_equal_one_process_with_double_accumulation(data_path, launcher, tmp_path, tiny_model_dir):
+    """Under torchrun, and forked by `sftkit train --nproc_per_node 2` (one process: no launcher at all)."""
     data = write_chat_data(tmp_path / "chat.jsonl", rows=40)
     common = dict(max_steps=3, lora_dropout=0.0, per_device_train_batch_size=2, save_steps=100)
     if data_path == "streamed mixture":  # each process tokenizes half of the rows; both pack the same buffers
@@ -29,8 +31,9 @@ def test_two_processes_equal_one_process_with_double_accumulation(data_path, tmp
     for name, config, procs in (("one", single, 1), ("two", double, 2)):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-                   "-m", "sftkit.cli", "train", str(path)]
+        command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+                    "-m", "sftkit.cli", "train", str(path)] if launcher == "torchrun" else
+                   [sys.executable, "-m", "sftkit.cli", "train", str(path), "--nproc_per_node", str(procs)])
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
     difference = max_weight_difference(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
@@ -51,3 +54,18 @@ def test_two_processes_equal_one_process_with_double_accumulation(data_path, tmp
         assert two_row["source_trained_tokens"] == one_row["source_trained_tokens"]
         assert two_row["source_loss"] == pytest.approx(one_row["source_loss"], rel=1e-6)
     assert all(r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 2) for r in rows["two"])
+
+
+def test_a_failing_process_stops_the_launch_with_its_error(tmp_path, tiny_model_dir):
+    """`--nproc_per_node 2` on data the run refuses: each process prints the error, the launch exits 2 and
+    names the process, nothing hangs."""
+    data = write_chat_data(tmp_path / "chat.jsonl", rows=8)
+    config = tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=2, max_seq_length=8, truncation="error")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-m", "sftkit.cli", "train", str(path), "--nproc_per_node", "2"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "max_seq_length 8" in done.stdout and "truncation" in done.stdout
+    assert "training process 0 stopped (exit code 2)" in done.stdout

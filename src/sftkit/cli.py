@@ -31,7 +31,7 @@ USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingErro
 
 def _fail(err: Exception) -> None:
     console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
+    raise SystemExit(2)
 
 
 def _config(path: Path, extra: list[str]) -> SFTConfig:
@@ -39,12 +39,25 @@ def _config(path: Path, extra: list[str]) -> SFTConfig:
 
 
 @app.command(context_settings=EXTRA_ARGS)
-def train(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML config")) -> None:
+def train(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML config"),
+          nproc_per_node: int = typer.Option(
+              1, "--nproc_per_node", min=1, help="Data-parallel processes on this machine (one per GPU), forked "
+              "from this one so they share its libraries: no torchrun needed.")) -> None:
     """Fine-tune: `sftkit train cfg.yaml [--key value ...]` (any config key can be overridden)."""
+    from sftkit.train.launch import launch
+
+    try:
+        launch(_config(config, ctx.args), nproc_per_node, _train)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+def _train(config: SFTConfig) -> None:
+    """One training process; a user error is printed, not raised, and ends the process with code 2."""
     from sftkit.train.loop import train as run_training
 
     try:
-        run_training(_config(config, ctx.args))
+        run_training(config)
     except USER_ERRORS as err:
         _fail(err)
 
