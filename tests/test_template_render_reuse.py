@@ -1,6 +1,8 @@
-"""Each prefix of a conversation is rendered once: the masks are exactly those of rendering every prefix
-afresh, on every template we ship or test against, and a conversation that ends with the assistant costs
-one render less (its last turn-as-last is the full rendering)."""
+"""Each prefix of a conversation is rendered once, or taken from one rendering of the conversation when the
+template renders each message on its own: the masks are exactly those of rendering every prefix afresh, on
+every template we ship or test against. A conversation that ends with the assistant costs one render less
+(its last turn-as-last is the full rendering); with a message-local template, any conversation costs three
+(the conversation once, its first message twice)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ FIXTURES = sorted(path.stem for path in TEMPLATES.glob("*.jinja"))
 # Templates that render every turn the same whether or not it is last: two renders per assistant turn,
 # none for the conversation itself when it ends with the assistant.
 PREFIX_STABLE = {"llama2", "chatml", "llama3", "zephyr", "qwen25", "llama31", "default_system"}
+# Templates whose prologue, one loop over the messages and epilogue `message_local` proves (prefix_renders.py).
+MESSAGE_LOCAL = {"llama2", "chatml", "llama3", "mistral", "gemma3", "phi3", "trim_whitespace"}
 
 
 def template_text(name: str, tokenizer) -> str:
@@ -28,14 +32,19 @@ def template_text(name: str, tokenizer) -> str:
 def counted(monkeypatch, reuse_renders: bool, messages, template: str, tokenizer):
     """(labels or the TemplateError text, how many times the template was rendered)."""
     calls = Counter()
-    render = template_module._render
+    render, generate = template_module._render, template_module._generate
 
     def counting_render(*args, **kwargs):
         calls["render"] += 1
         return render(*args, **kwargs)
 
+    def counting_generate(*args, **kwargs):
+        calls["render"] += 1
+        return generate(*args, **kwargs)
+
     with monkeypatch.context() as patch:
         patch.setattr(template_module, "_render", counting_render)
+        patch.setattr(template_module, "_generate", counting_generate)
         patch.setattr(template_module, "assistant_spans",
                       functools.partial(template_module.assistant_spans, reuse_renders=reuse_renders))
         try:
@@ -60,10 +69,14 @@ def test_reused_renders_give_the_reference_masks(name, llama2_tokenizer, monkeyp
         if isinstance(reference, str):
             return
         ends_with_reply = messages[-1]["role"] == "assistant"
-        assert reused_renders == reference_renders - ends_with_reply
+        if name in MESSAGE_LOCAL:
+            assert reused_renders == 3
+        else:
+            assert reused_renders == reference_renders - ends_with_reply
         if name in PREFIX_STABLE:
             turns = sum(message["role"] == "assistant" for message in messages)
             assert reference_renders == 1 + 2 * turns
-            assert reused_renders == 1 + 2 * turns - ends_with_reply
+            assert name in MESSAGE_LOCAL or reused_renders == 1 + 2 * turns - ends_with_reply
 
+    assert template_module._message_local(template) == (name in MESSAGE_LOCAL)
     check()

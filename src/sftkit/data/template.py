@@ -46,13 +46,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jinja2
 import numpy as np
 from transformers.utils import chat_template_utils as _hf_templates
 
 from sftkit.data.formats import DataError
+from sftkit.data.prefix_renders import PrefixRenders, message_local
 
 IGNORE_INDEX = -100
 BUILTIN_TEMPLATES = ("llama2", "chatml", "llama3", "zephyr", "mistral")
@@ -151,8 +152,28 @@ def _render(template: str, messages: list[dict[str, Any]], add_generation_prompt
             messages=list(messages) if isinstance(messages, _TemplateMessages) else _template_messages(messages),
             add_generation_prompt=add_generation_prompt, **inputs)
     except Exception as err:  # jinja errors and raise_exception() from the template itself
-        raise TemplateError(f"the chat template failed on this conversation: {err}; "
-                            "fix the template set by `chat_template`, or the conversation") from None
+        raise _failed(err) from None
+
+
+def _generate(template: str, messages: list[Any], add_generation_prompt: bool,
+              inputs: dict[str, Any]) -> Iterator[str]:
+    """`_render`'s text in the pieces the template writes, for messages already in the template's form."""
+    try:
+        yield from _compiled(template).generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **inputs)
+    except Exception as err:
+        raise _failed(err) from None
+
+
+def _failed(err: Exception) -> TemplateError:
+    return TemplateError(f"the chat template failed on this conversation: {err}; "
+                         "fix the template set by `chat_template`, or the conversation")
+
+
+@lru_cache(maxsize=64)
+def _message_local(template: str) -> bool:
+    """Whether every prefix of a conversation can be taken from one rendering (prefix_renders.py)."""
+    return message_local(_compiled(template).environment.parse(template))
 
 
 @lru_cache(maxsize=64)
@@ -280,12 +301,21 @@ class _Renderer:
     reuse: bool = True
     _rendered: dict[tuple[int, bool], str] = field(default_factory=dict)
 
+    _prefixes: PrefixRenders | None = None
+
     def __call__(self, count: int, add_generation_prompt: bool = False) -> str:
         """The rendering of the first `count` messages."""
         key = (count, add_generation_prompt)
         if key in self._rendered:
             return self._rendered[key]
-        text = _render(self.template, _TemplateMessages(self.messages[:count]), add_generation_prompt, self.inputs)
+        if self._prefixes is None and self.reuse and self.messages and _message_local(self.template):
+            self._prefixes = PrefixRenders(
+                self.messages, lambda messages, g: _generate(self.template, messages, g, self.inputs),
+                lambda messages, g: _render(self.template, _TemplateMessages(messages), g, self.inputs))
+        text = self._prefixes(count, add_generation_prompt) if self._prefixes is not None else None
+        if text is None:
+            text = _render(self.template, _TemplateMessages(self.messages[:count]), add_generation_prompt,
+                           self.inputs)
         if self.reuse:
             self._rendered[key] = text
         return text
@@ -393,7 +423,12 @@ def end_of_turn(template: str, tokenizer: Any) -> str:
     whitespace removed: what generation must emit to stop."""
     probe = [{"role": "user", "content": "\x00q"}, {"role": "assistant", "content": "\x00a"}]
     text = render(probe, template, tokenizer)
-    return text[text.index("\x00a") + 2:].rstrip()
+    at = text.find("\x00a")
+    if at < 0:
+        raise TemplateError("the chat template does not write an assistant reply as given (a user turn, then an "
+                            "assistant turn, lose the reply), so the end of a turn cannot be found; fix the template "
+                            "set by `chat_template`")
+    return text[at + 2:].rstrip()
 
 
 def _end_of_turn(template: str, tokenizer: Any, following: str) -> str:
