@@ -4,6 +4,7 @@ otherwise, and tiny random Llama models saved like hub checkpoints."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -137,4 +138,8 @@ def smollm2_dir() -> Path:
         pytest.skip(f"{SMOLLM2_GGUF} not present")
     stat = SMOLLM2_GGUF.stat()
     cache = Path(os.environ.get("SFTKIT_TEST_CACHE", Path.home() / ".cache" / "sftkit-tests"))
-    return convert_gguf_to_folder(SMOLLM2_GGUF, cache / f"smollm2-135m-instruct-{stat.st_size}-{int(stat.st_mtime)}")
+    folder = convert_gguf_to_folder(SMOLLM2_GGUF, cache / f"smollm2-135m-instruct-{stat.st_size}-{int(stat.st_mtime)}")
+    for stale in cache.glob("smollm2-135m-instruct-*"):  # conversions of an earlier copy of the file (~0.5 GB each)
+        if stale != folder:
+            shutil.rmtree(stale, ignore_errors=True)
+    return folder

@@ -33,8 +33,12 @@ Cost: one render of the conversation plus two per assistant turn (three for a tu
 differently mid-conversation), each linear in the conversation's length. Every render is of a prefix of
 the one conversation, so each prefix is rendered once: the last turn's "turn-as-last" is the full
 rendering itself, which saves one render per conversation that ends with the assistant (most data).
-The messages and the other template inputs are converted once per conversation, and each render calls the
-compiled template directly, its sandbox's attribute checks remembered by type (`_compiled`). Labels come from one tokenization of the full rendering: O(tokens × log spans).
+When the template renders each message on its own (ChatML, Llama-2 and 3, Mistral, Gemma, Phi-3, SmolLM2's:
+prefix_renders.py proves it from the template's syntax tree), every prefix comes from one rendering of the
+conversation and two of its first message instead: linear in the conversation's length, not quadratic. The
+messages and the other template inputs are converted once per conversation, and each render calls the
+compiled template directly, its sandbox's attribute checks remembered by type (`_compiled`). Labels come
+from one tokenization of the full rendering: O(tokens × log spans).
 """
 
 from __future__ import annotations
@@ -303,12 +307,17 @@ class _Renderer:
 
     _prefixes: PrefixRenders | None = None
 
+    def _turns(self) -> int:
+        """Assistant turns: from two on, one rendering of the conversation and two of its first message
+        (PrefixRenders) cost less than rendering each turn's prefixes."""
+        return sum(message["role"] == "assistant" for message in self.messages)
+
     def __call__(self, count: int, add_generation_prompt: bool = False) -> str:
         """The rendering of the first `count` messages."""
         key = (count, add_generation_prompt)
         if key in self._rendered:
             return self._rendered[key]
-        if self._prefixes is None and self.reuse and self.messages and _message_local(self.template):
+        if self._prefixes is None and self.reuse and self._turns() >= 2 and _message_local(self.template):
             self._prefixes = PrefixRenders(
                 self.messages, lambda messages, g: _generate(self.template, messages, g, self.inputs),
                 lambda messages, g: _render(self.template, _TemplateMessages(messages), g, self.inputs))
