@@ -174,7 +174,18 @@ def sftkit_inspect_figures(stdout_json: dict) -> dict:
 
 
 def run_size(rows: int, workdir: Path, model: Path, num_proc: int, with_ddp: bool, with_tools: bool,
-             results: dict) -> None:
+             results: dict, keep_caches: bool = False) -> None:
+    """One size's measurements; the `datasets` caches (GBs at 200k rows) are removed after them unless kept."""
+    try:
+        _measure_size(rows, workdir, model, num_proc, with_ddp, with_tools, results)
+    finally:
+        if not keep_caches:
+            for cache in workdir.glob(f"cache-*-{rows}"):
+                shutil.rmtree(cache, ignore_errors=True)
+
+
+def _measure_size(rows: int, workdir: Path, model: Path, num_proc: int, with_ddp: bool, with_tools: bool,
+                  results: dict) -> None:
     import yaml
 
     data = workdir / f"chat-{rows}.jsonl"
@@ -279,6 +290,7 @@ def main() -> None:
     parser.add_argument("--no-ddp", action="store_true", help="skip the 2-process vs 1-process runs")
     parser.add_argument("--ddp-only", action="store_true",
                         help="only the 2-process vs 1-process runs, at every size given (cache kept)")
+    parser.add_argument("--keep-caches", action="store_true", help="keep each size's tokenized caches")
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--train", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -303,7 +315,7 @@ def main() -> None:
     print(f"workdir {workdir}; {args.num_proc} map processes; rows {args.rows}", flush=True)
     for index, rows in enumerate(args.rows):
         run_size(rows, workdir, model, args.num_proc, with_ddp=args.ddp_only or (index == 0 and not args.no_ddp),
-                 with_tools=not args.ddp_only, results=results)
+                 with_tools=not args.ddp_only, results=results, keep_caches=args.keep_caches)
 
 
 if __name__ == "__main__":
