@@ -40,6 +40,7 @@ ACCEPTED = {
 # Refused: each reads something a prefix does not have, or writes it somewhere the proof does not follow.
 REFUSED = {
     "length_in_prologue": "{{ messages | length }}" + LOOP + GENERATION_PROMPT,
+    "truthiness_in_a_sum": "{{ (messages or []) | length }}" + LOOP,
     "last_in_body": "{% for message in messages %}{{ message['content'] }}{% if loop.last %}!{% endif %}"
                     "{% endfor %}" + GENERATION_PROMPT,
     "look_ahead": "{% for message in messages %}{{ message['content'] }}{{ messages[loop.index0 + 1] }}"

@@ -22,7 +22,7 @@ FIXTURES = sorted(path.stem for path in TEMPLATES.glob("*.jinja"))
 # none for the conversation itself when it ends with the assistant.
 PREFIX_STABLE = {"llama2", "chatml", "llama3", "zephyr", "qwen25", "llama31", "default_system"}
 # Templates whose prologue, one loop over the messages and epilogue `message_local` proves (prefix_renders.py).
-MESSAGE_LOCAL = {"llama2", "chatml", "llama3", "mistral", "gemma3", "phi3", "trim_whitespace"}
+MESSAGE_LOCAL = {"llama2", "chatml", "llama3", "mistral", "gemma3", "phi3", "trim_whitespace", "default_system"}
 
 
 def template_text(name: str, tokenizer) -> str:

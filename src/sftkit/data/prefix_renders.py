@@ -4,7 +4,8 @@ Masking needs, per assistant turn, the rendering of the conversation up to the t
 prompt) and up to the turn's end (template.py): two renders a turn, each as long as the conversation so
 far, so template work grows with turns². Most chat templates are shaped
 
-    prologue      may read messages[0] and set names        {% if messages[0]['role'] == 'system' %}...
+    prologue      may read messages[0], test `messages`,    {% if messages[0]['role'] == 'system' %}...
+                  set names
     one loop      over messages or messages[1:]             {% for message in messages %}
       body        reads its message, loop.index/index0/first/previtem, names the prologue set
     epilogue      reads add_generation_prompt and the inputs, never the messages or what the loop set
@@ -62,6 +63,9 @@ def message_local(tree: nodes.Template) -> bool:
             allowed.add(id(_messages_name(assign.node)))
     allowed |= {id(item.node) for item in _walk(tree.body, nodes.Getitem)
                 if _is_name(item.node, "messages") and isinstance(item.arg, nodes.Const) and item.arg.value == 0}
+    # Whether there are messages at all: true for every prefix rendered (k ≥ 1).
+    allowed |= {id(test.node) for test in _walk(tree.body, nodes.Not) if _is_name(test.node, "messages")}
+    allowed |= {id(branch.test) for branch in _walk(tree.body, nodes.If) if _is_name(branch.test, "messages")}
     if any(_is_name(name, "messages") and id(name) not in allowed for name in _walk(tree.body, nodes.Name)):
         return False
     # `loop` only for what depends on the messages taken so far.
