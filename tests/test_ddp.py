@@ -69,3 +69,16 @@ def test_a_failing_process_stops_the_launch_with_its_error(tmp_path, tiny_model_
     assert done.returncode == 2
     assert "max_seq_length 8" in done.stdout and "truncation" in done.stdout
     assert "training process 0 stopped (exit code 2)" in done.stdout
+
+
+def test_nproc_per_node_refuses_to_fork_after_cuda_was_initialised(monkeypatch, tmp_path, tiny_model_dir):
+    """A forked process cannot use CUDA initialised before the fork: the launch says so instead of hanging."""
+    import torch
+
+    from sftkit.train.errors import TrainingError
+    from sftkit.train.launch import launch
+
+    config = tiny_config(tiny_model_dir, write_chat_data(tmp_path / "chat.jsonl", rows=4), tmp_path / "run", max_steps=1)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(TrainingError, match="CUDA was initialised"):
+        launch(config, 2, lambda _: pytest.fail("no process may start"))

@@ -36,8 +36,15 @@ def launch(config: SFTConfig, nproc_per_node: int, train: Callable[[SFTConfig], 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--nproc_per_node: this process was already started by a launcher (torchrun or "
                           "accelerate launch); use one or the other")
+    # A CUDA check before the fork asks NVML, which leaves no CUDA state for the forked processes to trip on.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if torch.cuda.is_initialized():
+        raise TrainingError("--nproc_per_node: CUDA was initialised before the processes were forked, and a forked "
+                            "process cannot use it; launch with torchrun instead")
 
     for shared in ("datasets", "transformers.modeling_utils", "sftkit.train.loop"):  # what every process imports
         importlib.import_module(shared)
