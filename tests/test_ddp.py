@@ -82,3 +82,29 @@ def test_nproc_per_node_refuses_to_fork_after_cuda_was_initialised(monkeypatch, 
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with pytest.raises(TrainingError, match="CUDA was initialised"):
         launch(config, 2, lambda _: pytest.fail("no process may start"))
+
+
+def test_ctrl_c_stops_every_process_of_a_launch(tmp_path, tiny_model_dir):
+    """Ctrl-C (SIGINT to the process group) during `--nproc_per_node 2`: the agent stops both processes, as
+    torchrun does, and the launch exits 2 saying how to resume, without a traceback or a process left over."""
+    import signal
+    import time
+
+    data = write_chat_data(tmp_path / "chat.jsonl", rows=40)
+    config = tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=100_000, save_steps=100_000)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launch = subprocess.Popen([sys.executable, "-m", "sftkit.cli", "train", str(path), "--nproc_per_node", "2"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(launch.pid, signal.SIGINT)
+    output, _ = launch.communicate(timeout=120)
+    assert launch.returncode == 2, output[-3000:]
+    assert "stopped by SIGINT" in output and "Traceback" not in output
+    with pytest.raises(ProcessLookupError):
+        os.killpg(launch.pid, 0)

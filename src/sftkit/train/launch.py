@@ -19,7 +19,6 @@ import importlib
 import logging
 import os
 import uuid
-
 from typing import Callable
 
 from sftkit.config import ConfigError, SFTConfig
@@ -39,6 +38,7 @@ def launch(config: SFTConfig, nproc_per_node: int, train: Callable[[SFTConfig], 
     # A CUDA check before the fork asks NVML, which leaves no CUDA state for the forked processes to trip on.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     import torch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -63,6 +63,9 @@ def launch(config: SFTConfig, nproc_per_node: int, train: Callable[[SFTConfig], 
         crash = _traceback(failure.message) if failure.exitcode != 2 else ""
         raise TrainingError(f"training process {rank} stopped (exit code {failure.exitcode})"
                             + (f":\n{crash}" if crash else "; its error is printed above")) from None
+    except SignalException as err:  # Ctrl-C or a kill: the agent has stopped the processes, as torchrun does
+        raise TrainingError(f"stopped by {err.sigval.name}: the training processes were stopped without saving; "
+                            "resume from the newest checkpoint with `--resume_from_checkpoint true`") from None
     finally:
         agent_log.setLevel(level)
 
