@@ -84,9 +84,11 @@ def test_nproc_per_node_refuses_to_fork_after_cuda_was_initialised(monkeypatch, 
         launch(config, 2, lambda _: pytest.fail("no process may start"))
 
 
-def test_ctrl_c_stops_every_process_of_a_launch(tmp_path, tiny_model_dir):
-    """Ctrl-C (SIGINT to the process group) during `--nproc_per_node 2`: the agent stops both processes, as
-    torchrun does, and the launch exits 2 saying how to resume, without a traceback or a process left over."""
+@pytest.mark.parametrize("launcher", ["nproc_per_node", "torchrun"])
+def test_ctrl_c_saves_stops_every_process_and_resumes(launcher, tmp_path, tiny_model_dir):
+    """Ctrl-C (SIGINT to the terminal's process group) during a 2-process run: both processes stop after the
+    same step and save one checkpoint, which resumes; nothing is left running. `--nproc_per_node` then exits 2
+    saying how to resume, without a traceback (torchrun prints its own)."""
     import signal
     import time
 
@@ -95,16 +97,30 @@ def test_ctrl_c_stops_every_process_of_a_launch(tmp_path, tiny_model_dir):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    launch = subprocess.Popen([sys.executable, "-m", "sftkit.cli", "train", str(path), "--nproc_per_node", "2"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+
+    def command(*extra: str) -> list[str]:
+        if launcher == "torchrun":
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "-m", "sftkit.cli", "train", str(path), *extra]
+        return [sys.executable, "-m", "sftkit.cli", "train", str(path), "--nproc_per_node", "2", *extra]
+
+    run = subprocess.Popen(command(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
         time.sleep(0.2)
-    os.killpg(launch.pid, signal.SIGINT)
-    output, _ = launch.communicate(timeout=120)
-    assert launch.returncode == 2, output[-3000:]
-    assert "stopped by SIGINT" in output and "Traceback" not in output
+    os.killpg(run.pid, signal.SIGINT)
+    output, _ = run.communicate(timeout=120)
     with pytest.raises(ProcessLookupError):
-        os.killpg(launch.pid, 0)
+        os.killpg(run.pid, 0)
+    if launcher == "nproc_per_node":
+        assert run.returncode == 2, output[-3000:]
+        assert "stopped by SIGINT" in output and "Traceback" not in output
+    saved = list((tmp_path / "run").glob("checkpoint-*"))
+    assert len(saved) == 1 and "Saved" in output, output[-3000:]
+    step = int(saved[0].name.split("-")[1])
+    resumed = subprocess.run(command("--resume_from_checkpoint", "true", "--max_steps", str(step + 2)),
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == step + 2

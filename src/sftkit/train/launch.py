@@ -18,11 +18,14 @@ import gc
 import importlib
 import logging
 import os
+import signal
+import sys
 import uuid
-from typing import Callable
+from typing import Any, Callable
 
 from sftkit.config import ConfigError, SFTConfig
 from sftkit.train.errors import TrainingError
+from sftkit.train.interrupt import was_requested
 
 
 def launch(config: SFTConfig, nproc_per_node: int, train: Callable[[SFTConfig], None]) -> None:
@@ -57,17 +60,39 @@ def launch(config: SFTConfig, nproc_per_node: int, train: Callable[[SFTConfig], 
     level = agent_log.level
     agent_log.setLevel(logging.CRITICAL)  # a failure is reported below, once
     try:
-        elastic_launch(launch_config, entrypoint=train)(config)
+        elastic_launch(launch_config, entrypoint=_process)(train, config)
     except ChildFailedError as err:
         rank, failure = min(err.failures.items())
         crash = _traceback(failure.message) if failure.exitcode != 2 else ""
         raise TrainingError(f"training process {rank} stopped (exit code {failure.exitcode})"
                             + (f":\n{crash}" if crash else "; its error is printed above")) from None
-    except SignalException as err:  # Ctrl-C or a kill: the agent has stopped the processes, as torchrun does
-        raise TrainingError(f"stopped by {err.sigval.name}: the training processes were stopped without saving; "
-                            "resume from the newest checkpoint with `--resume_from_checkpoint true`") from None
+    except SignalException as err:  # Ctrl-C or a kill: the agent passed it on to the processes, as torchrun does
+        raise TrainingError(f"stopped by {err.sigval.name}; resume from the newest checkpoint with "
+                            "`--resume_from_checkpoint true`") from None
     finally:
         agent_log.setLevel(level)
+
+
+def _process(train: Callable[[SFTConfig], None], config: SFTConfig) -> None:
+    """One training process, as torchrun starts one: in a process group of its own, so that Ctrl-C reaches
+    it once, passed on by the agent, not also from the terminal (a second interrupt would cut its interrupt
+    checkpoint short); with Python's own signal handlers, not the agent's it was forked with. Interrupted,
+    it exits once the run has saved and closed: the stopping agent no longer collects return values, which
+    a forked process would otherwise wait for until it is killed."""
+    os.setpgid(0, 0)
+    interrupted = []
+
+    def interrupt(signum: int, frame: Any) -> None:
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    train(config)
+    if interrupted or was_requested():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signal.SIGINT)
 
 
 def _traceback(message: dict | str) -> str:

@@ -36,6 +36,7 @@ from sftkit.train import checkpoint as ckpt
 from sftkit.train.checkpoint import save_checkpoint
 from sftkit.train.distributed import is_sharded, make_accelerator
 from sftkit.train.errors import TrainingError
+from sftkit.train.interrupt import StopRequests
 from sftkit.train.forward import CausalLMLoss
 from sftkit.train.metrics import (
     MetricsWriter,
@@ -232,7 +233,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     task = progress.add_task("training", total=total_steps, completed=start_step, loss=float("nan"), lr=0.0)
     applying, rng_at_step_start = False, None
     try:
-        with progress:
+        with progress, StopRequests(lockstep=world > 1) as stops:
             while step < total_steps:
                 rng_at_step_start = capture_rng()  # Ctrl-C mid-step saves the RNG this step began with
                 drawn = feed.step(step)
@@ -243,7 +244,9 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 step_trained, step_tokens = drawn.trained, drawn.tokens
                 batches = [batch_of(rows, counts) for rows, counts in drawn.micro_batches]
                 sums = accumulate_gradients(loss_model, accelerator, batches, step_trained, offload)
-                step_loss_sum, step_correct, *step_source_loss = accelerator.reduce(sums, "sum").tolist()
+                sums = torch.cat([sums, sums.new_tensor([stops.vote()])])
+                reduced = accelerator.reduce(sums, "sum").tolist()
+                step_loss_sum, step_correct, *step_source_loss, stop_votes = reduced
                 step_loss = step_loss_sum / step_trained
                 grad_norm = accelerator.clip_grad_norm_(
                     loss_model.parameters(), config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
@@ -287,6 +290,8 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                                 f"{row['trained_tokens_per_s']:.0f} trained tok/s", highlight=False)
                     window = state["window"] = empty_window()
                 progress.update(task, completed=step, loss=step_loss, lr=lr)
+                if stop_votes:  # Ctrl-C in some process: all of them stop after this same step (interrupt.py)
+                    raise KeyboardInterrupt
 
                 evaluation = None
                 side_work_started = time.time()  # eval, samples and saves do not count against throughput
