@@ -36,8 +36,8 @@ from sftkit.train import checkpoint as ckpt
 from sftkit.train.checkpoint import save_checkpoint
 from sftkit.train.distributed import is_sharded, make_accelerator
 from sftkit.train.errors import TrainingError
-from sftkit.train.interrupt import StopRequests
 from sftkit.train.forward import CausalLMLoss
+from sftkit.train.interrupt import StopRequests
 from sftkit.train.metrics import (
     MetricsWriter,
     accumulate,
