@@ -148,7 +148,8 @@ class SFTConfig(BaseModel):
     save_total_limit: int | None = Field(None, ge=1, description="Checkpoints kept (the best is never deleted).")
     resume_from_checkpoint: bool | str | None = Field(
         None, description="`true`/`latest`: newest valid checkpoint in output_dir; or a checkpoint path.")
-    save_on_interrupt: bool = Field(True, description="On Ctrl-C, save a checkpoint at the current step before exiting.")
+    save_on_interrupt: bool = Field(True, description="On Ctrl-C, save a checkpoint at the current step before "
+                                    "exiting (several processes: after the step all of them are in).")
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evals without improvement.")
     metric_for_best_model: str | None = Field(
         None, description="Eval metric that picks the best checkpoint and early stopping, e.g. eval_gsm8k_loss or "
