@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import uuid
-from typing import Any, Callable
+from typing import Callable
 
 from sftkit.config import ConfigError, SFTConfig
 from sftkit.train.errors import TrainingError
@@ -80,16 +80,10 @@ def _process(train: Callable[[SFTConfig], None], config: SFTConfig) -> None:
     it exits once the run has saved and closed: the stopping agent no longer collects return values, which
     a forked process would otherwise wait for until it is killed."""
     os.setpgid(0, 0)
-    interrupted = []
-
-    def interrupt(signum: int, frame: Any) -> None:
-        interrupted.append(signum)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     train(config)
-    if interrupted or was_requested():
+    if was_requested():  # the loop stopped on Ctrl-C (interrupt.py) and saved
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(128 + signal.SIGINT)
