@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -57,9 +58,6 @@ def main() -> None:
     parser.add_argument("--turns", type=int, nargs="+", default=[1, 5, 20, 50])
     parser.add_argument("--templates", nargs="+", default=["llama2", "chatml", "zephyr"])
     args = parser.parse_args()
-
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
 

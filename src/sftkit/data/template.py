@@ -305,22 +305,22 @@ class _Renderer:
     reuse: bool = True
     _rendered: dict[tuple[int, bool], str] = field(default_factory=dict)
 
-    _prefixes: PrefixRenders | None = None
+    _prefixes: PrefixRenders | None = field(default=None, init=False)
 
-    def _turns(self) -> int:
-        """Assistant turns: from two on, one rendering of the conversation and two of its first message
-        (PrefixRenders) cost less than rendering each turn's prefixes."""
-        return sum(message["role"] == "assistant" for message in self.messages)
+    def __post_init__(self) -> None:
+        # From two assistant turns on, one rendering of the conversation and two of its first message
+        # (PrefixRenders) cost less than rendering each turn's prefixes.
+        turns = sum(message["role"] == "assistant" for message in self.messages)
+        if self.reuse and turns >= 2 and _message_local(self.template):
+            self._prefixes = PrefixRenders(
+                self.messages, lambda messages, g: _generate(self.template, messages, g, self.inputs),
+                lambda messages, g: _render(self.template, _TemplateMessages(messages), g, self.inputs))
 
     def __call__(self, count: int, add_generation_prompt: bool = False) -> str:
         """The rendering of the first `count` messages."""
         key = (count, add_generation_prompt)
         if key in self._rendered:
             return self._rendered[key]
-        if self._prefixes is None and self.reuse and self._turns() >= 2 and _message_local(self.template):
-            self._prefixes = PrefixRenders(
-                self.messages, lambda messages, g: _generate(self.template, messages, g, self.inputs),
-                lambda messages, g: _render(self.template, _TemplateMessages(messages), g, self.inputs))
         text = self._prefixes(count, add_generation_prompt) if self._prefixes is not None else None
         if text is None:
             text = _render(self.template, _TemplateMessages(self.messages[:count]), add_generation_prompt,
