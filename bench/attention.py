@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from plan_accuracy import LiveStorage  # bench/ is the script's folder, so on sys.path
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sftkit.model.attention  # noqa: F401  (registers attn_implementation = "varlen")
+from plan_accuracy import LiveStorage  # bench/ is the script's folder, so on sys.path
 from sftkit.data.collate import collate
 from sftkit.train.forward import CausalLMLoss
 from sftkit.train.optim import build_optimizer
@@ -68,9 +68,15 @@ def pack(seq: int, count: int, vocab: int, device: str) -> dict[str, torch.Tenso
 
 def build(shape: Shape, attn: str, device: str, dtype: torch.dtype) -> tuple[CausalLMLoss, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         num_key_value_heads=shape.kv_heads, max_position_embeddings=8192)
+    config = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=8192,
+    )
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     model.set_attn_implementation(attn)
@@ -141,19 +147,26 @@ def main() -> None:
     steps = 1 if args.quick else args.steps or (5 if args.gpu else 2)
     seqs = (2048,) if args.quick else (2048, 4096, 8192)
     where = torch.cuda.get_device_name() if args.gpu else f"CPU, {args.threads} thread(s)"
-    print(f"{where}; {dtype}; Llama {shape.layers} layers × {shape.hidden}, {shape.heads} heads / {shape.kv_heads} KV "
-          f"heads; one pack per step; median of {steps} interleaved steps after a warm-up\n")
-    print("| seq | examples | dense tok/s | varlen tok/s | speed-up | dense peak MiB | varlen peak MiB | memory saved |"
-          " loss Δ |")
+    print(
+        f"{where}; {dtype}; Llama {shape.layers} layers × {shape.hidden}, {shape.heads} heads / {shape.kv_heads} KV "
+        f"heads; one pack per step; median of {steps} interleaved steps after a warm-up\n"
+    )
+    print(
+        "| seq | examples | dense tok/s | varlen tok/s | speed-up | dense peak MiB | varlen peak MiB | memory saved |"
+        " loss Δ |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for seq in seqs:
         for count in (2, 8, 32):
             r = measure(seq, count, shape, device, dtype, steps)
             dense, varlen = r["sdpa"], r["varlen"]
-            print(f"| {seq} | {count} | {dense['tokens_per_s']:.0f} | {varlen['tokens_per_s']:.0f} | "
-                  f"{varlen['tokens_per_s'] / dense['tokens_per_s']:.2f}× | {dense['peak'] / 2**20:.0f} | "
-                  f"{varlen['peak'] / 2**20:.0f} | {1 - varlen['peak'] / dense['peak']:.0%} | "
-                  f"{abs(dense['loss'] - varlen['loss']) / abs(dense['loss']):.1e} |", flush=True)
+            print(
+                f"| {seq} | {count} | {dense['tokens_per_s']:.0f} | {varlen['tokens_per_s']:.0f} | "
+                f"{varlen['tokens_per_s'] / dense['tokens_per_s']:.2f}× | {dense['peak'] / 2**20:.0f} | "
+                f"{varlen['peak'] / 2**20:.0f} | {1 - varlen['peak'] / dense['peak']:.0%} | "
+                f"{abs(dense['loss'] - varlen['loss']) / abs(dense['loss']):.1e} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

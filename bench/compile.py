@@ -47,8 +47,16 @@ def tiny_model(folder: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if not (folder / "config.json").exists():
-        LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                                     num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+        LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=1024,
+                hidden_size=128,
+                intermediate_size=256,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        ).save_pretrained(folder)
     return folder
 
 
@@ -75,8 +83,12 @@ def run_mode(model_path: str, compiled: bool, device: str, steps: int, batch: in
     for step in range(steps):
         length = seq - 16 * (step % 4)  # varying lengths, as packs have
         ids = torch.randint(0, vocab, (batch, length), generator=generator).to(device)
-        inputs = {"input_ids": ids, "targets": ids.roll(-1, 1), "segment_ids": torch.ones_like(ids),
-                  "position_ids": torch.arange(length, device=device).repeat(batch, 1)}
+        inputs = {
+            "input_ids": ids,
+            "targets": ids.roll(-1, 1),
+            "segment_ids": torch.ones_like(ids),
+            "position_ids": torch.arange(length, device=device).repeat(batch, 1),
+        }
         if device == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -94,8 +106,12 @@ def run_mode(model_path: str, compiled: bool, device: str, steps: int, batch: in
 def in_subprocess(args: argparse.Namespace, model_path: Path, compiled: bool) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": str(ROOT / "src")}
-        command = [sys.executable, __file__, "--one", json.dumps(
-            [str(model_path), compiled, args.device, args.steps, args.batch, args.seq, args.finetuning])]
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            json.dumps([str(model_path), compiled, args.device, args.steps, args.batch, args.seq, args.finetuning]),
+        ]
         if args.threads:
             command += ["--threads", str(args.threads)]
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -128,8 +144,11 @@ def main() -> None:
         model_path = tiny_model(Path(tempfile.gettempdir()) / "sftkit-bench-compile-tiny")
     else:
         model_path = args.model or default_model()
-    print(f"model {model_path}, device {args.device}, {args.finetuning}, batch {args.batch} × seq {args.seq - 48}–"
-          f"{args.seq}, {args.steps} steps, order eager → compiled → eager, cold inductor cache", flush=True)
+    print(
+        f"model {model_path}, device {args.device}, {args.finetuning}, batch {args.batch} × seq {args.seq - 48}–"
+        f"{args.seq}, {args.steps} steps, order eager → compiled → eager, cold inductor cache",
+        flush=True,
+    )
     first_eager = in_subprocess(args, model_path, False)
     compiled = in_subprocess(args, model_path, True)
     second_eager = in_subprocess(args, model_path, False)
@@ -144,11 +163,16 @@ def main() -> None:
         print(f"{name:<10}{run['times'][0]:>14.2f}{statistics.median(run['times'][1:]):>15.3f}")
     print(f"compiled decoder layers: {compiled['layers']}")
     print(f"compile time: {compile_time:.1f} s (first compiled step − median eager step)")
-    print(f"step time: eager {eager_median:.3f} s, compiled {compiled_median:.3f} s → "
-          f"speed-up {eager_median / compiled_median:.2f}× (eager runs: {statistics.median(first_eager['times'][1:]):.3f} "
-          f"/ {statistics.median(second_eager['times'][1:]):.3f} s)")
-    print(f"break-even after {compile_time / max(eager_median - compiled_median, 1e-9):.0f} steps"
-          if compiled_median < eager_median else "no break-even: compiled steps are not faster here")
+    print(
+        f"step time: eager {eager_median:.3f} s, compiled {compiled_median:.3f} s → "
+        f"speed-up {eager_median / compiled_median:.2f}× (eager runs: {statistics.median(first_eager['times'][1:]):.3f} "
+        f"/ {statistics.median(second_eager['times'][1:]):.3f} s)"
+    )
+    print(
+        f"break-even after {compile_time / max(eager_median - compiled_median, 1e-9):.0f} steps"
+        if compiled_median < eager_median
+        else "no break-even: compiled steps are not faster here"
+    )
     print(f"loss, compiled vs eager: max relative difference {loss_difference:.2e} over {args.steps} steps")
 
 

@@ -61,18 +61,32 @@ def write_conversations(path: Path, rows: int, seed: int = 0) -> None:
         for _ in range(rows):
             messages = []
             for exchange in rng.choices(exchanges, k=TURNS):
-                messages += [{"role": "user", "content": exchange["question"]},
-                             {"role": "assistant", "content": exchange["answer"]}]
+                messages += [
+                    {"role": "user", "content": exchange["question"]},
+                    {"role": "assistant", "content": exchange["answer"]},
+                ]
             handle.write(json.dumps({"messages": messages}) + "\n")
 
 
 def sftkit_config(model: Path, data: Path, output_dir: Path, num_proc: int) -> dict:
     return {
-        "model_name_or_path": str(model), "chat_template": "llama2", "datasets": [{"path": str(data)}],
-        "max_seq_length": 2048, "packing": True, "dataset_num_proc": num_proc, "finetuning": "full",
-        "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "max_steps": 2,
-        "learning_rate": 1e-4, "logging_steps": 1, "save_steps": 10**9, "sample_steps": 10**9,
-        "report_to": "none", "output_dir": str(output_dir), "overwrite_output_dir": True,
+        "model_name_or_path": str(model),
+        "chat_template": "llama2",
+        "datasets": [{"path": str(data)}],
+        "max_seq_length": 2048,
+        "packing": True,
+        "dataset_num_proc": num_proc,
+        "finetuning": "full",
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 2,
+        "learning_rate": 1e-4,
+        "logging_steps": 1,
+        "save_steps": 10**9,
+        "sample_steps": 10**9,
+        "report_to": "none",
+        "output_dir": str(output_dir),
+        "overwrite_output_dir": True,
     }
 
 
@@ -149,9 +163,19 @@ def trl_worker(args: argparse.Namespace) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model)
     rows = datasets.load_dataset("json", data_files=str(args.data), split="train")
     config = SFTConfig(
-        output_dir=str(args.output_dir), max_length=2048, packing=True, packing_strategy="bfd",
-        dataset_num_proc=args.num_proc, per_device_train_batch_size=1, max_steps=2, logging_steps=1,
-        save_strategy="no", report_to="none", use_cpu=True, learning_rate=1e-4)
+        output_dir=str(args.output_dir),
+        max_length=2048,
+        packing=True,
+        packing_strategy="bfd",
+        dataset_num_proc=args.num_proc,
+        per_device_train_batch_size=1,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        learning_rate=1e-4,
+    )
     started = time.perf_counter()
     trainer = SFTTrainer(model=model, args=config, train_dataset=rows, processing_class=tokenizer)
     prep_s = time.perf_counter() - started
@@ -164,17 +188,30 @@ def trl_worker(args: argparse.Namespace) -> None:
 
 def sftkit_inspect_figures(stdout_json: dict) -> dict:
     timings = stdout_json.get("timings", {})
-    return {"tokenize_s": timings.get("seconds", {}).get("tokenize"),
-            "read_s": timings.get("seconds", {}).get("read"), "pack_s": timings.get("seconds", {}).get("pack"),
-            "tokens": timings.get("tokenized_tokens"), "tokens_per_s": timings.get("tokens_per_s"),
-            "examples": stdout_json.get("train_examples"), "packs": stdout_json.get("packed_sequences")}
+    return {
+        "tokenize_s": timings.get("seconds", {}).get("tokenize"),
+        "read_s": timings.get("seconds", {}).get("read"),
+        "pack_s": timings.get("seconds", {}).get("pack"),
+        "tokens": timings.get("tokenized_tokens"),
+        "tokens_per_s": timings.get("tokens_per_s"),
+        "examples": stdout_json.get("train_examples"),
+        "packs": stdout_json.get("packed_sequences"),
+    }
 
 
 # --------------------------------------------------------------------------- one size
 
 
-def run_size(rows: int, workdir: Path, model: Path, num_proc: int, with_ddp: bool, with_tools: bool,
-             results: dict, keep_caches: bool = False) -> None:
+def run_size(
+    rows: int,
+    workdir: Path,
+    model: Path,
+    num_proc: int,
+    with_ddp: bool,
+    with_tools: bool,
+    results: dict,
+    keep_caches: bool = False,
+) -> None:
     """One size's measurements; the `datasets` caches (GBs at 200k rows) are removed after them unless kept."""
     try:
         _measure_size(rows, workdir, model, num_proc, with_ddp, with_tools, results)
@@ -184,16 +221,22 @@ def run_size(rows: int, workdir: Path, model: Path, num_proc: int, with_ddp: boo
                 shutil.rmtree(cache, ignore_errors=True)
 
 
-def _measure_size(rows: int, workdir: Path, model: Path, num_proc: int, with_ddp: bool, with_tools: bool,
-                  results: dict) -> None:
+def _measure_size(
+    rows: int, workdir: Path, model: Path, num_proc: int, with_ddp: bool, with_tools: bool, results: dict
+) -> None:
     import yaml
 
     data = workdir / f"chat-{rows}.jsonl"
     if not data.exists():
         write_conversations(data, rows)
     python = sys.executable
-    base_env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false",
-                "OMP_NUM_THREADS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    base_env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    }
     row: dict = {"rows": rows}
     results["sizes"].append(row)
 
@@ -213,17 +256,26 @@ def _measure_size(rows: int, workdir: Path, model: Path, num_proc: int, with_ddp
         row["sftkit_inspect"] = {k: inspected[k] for k in ("peak_rss_gib", "peak_pss_gib", "wall_s")}
         row["sftkit_inspect"].update(sftkit_inspect_figures(inspected))
         report(results)
-        trained = measure([python, "-m", "sftkit.cli", "train", str(config)], env,
-                          workdir / f"sftkit-train-{rows}.log")
+        trained = measure([python, "-m", "sftkit.cli", "train", str(config)], env, workdir / f"sftkit-train-{rows}.log")
         row["sftkit_train"] = {k: trained[k] for k in ("peak_rss_gib", "peak_pss_gib", "wall_s")}
         report(results)
     if with_ddp:
         if not with_tools:  # tokenize first, so that no run below measures tokenizing
             subprocess.run(inspect, env=env, check=True, capture_output=True)
         launchers = {
-            "torchrun": lambda n: [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                                   "-m", "sftkit.cli", "train", str(config)],
-            "nproc_per_node": lambda n: [python, "-m", "sftkit.cli", "train", str(config), "--nproc_per_node", str(n)]}
+            "torchrun": lambda n: [
+                python,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={n}",
+                "-m",
+                "sftkit.cli",
+                "train",
+                str(config),
+            ],
+            "nproc_per_node": lambda n: [python, "-m", "sftkit.cli", "train", str(config), "--nproc_per_node", str(n)],
+        }
         for name, command in launchers.items():
             for procs in (2, 1):
                 measured = measure(command(procs), env, workdir / f"sftkit-{name}{procs}-{rows}.log")
@@ -234,13 +286,27 @@ def _measure_size(rows: int, workdir: Path, model: Path, num_proc: int, with_ddp
 
     # TRL: construction on a cold cache (tokenize + pack), then construction (cached) + 2 steps.
     env = cache_env("trl")
-    worker = [python, __file__, "--trl-worker", "--model", str(model), "--data", str(data),
-              "--num-proc", str(num_proc), "--output-dir", str(workdir / f"trl-{rows}")]
+    worker = [
+        python,
+        __file__,
+        "--trl-worker",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--num-proc",
+        str(num_proc),
+        "--output-dir",
+        str(workdir / f"trl-{rows}"),
+    ]
     prepared = measure(worker, env, workdir / f"trl-prep-{rows}.log", output="result")
     row["trl_prep"] = prepared
     report(results)
-    row["trl_train"] = {k: v for k, v in measure([*worker, "--train"], env, workdir / f"trl-train-{rows}.log").items()
-                        if k in ("peak_rss_gib", "peak_pss_gib", "wall_s")}
+    row["trl_train"] = {
+        k: v
+        for k, v in measure([*worker, "--train"], env, workdir / f"trl-train-{rows}.log").items()
+        if k in ("peak_rss_gib", "peak_pss_gib", "wall_s")
+    }
     report(results)
 
 
@@ -250,35 +316,47 @@ def _measure_size(rows: int, workdir: Path, model: Path, num_proc: int, with_ddp
 def report(results: dict) -> None:
     """Rewrite the JSON and print the table so far (a run cut short still leaves its figures)."""
     Path(results["json"]).write_text(json.dumps(results, indent=2))
-    lines = ["| rows | tokens | tool | tokenize s | tokens/s | inspect/prep peak RSS (PSS) GiB | "
-             "2-step train peak RSS (PSS) GiB |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| rows | tokens | tool | tokenize s | tokens/s | inspect/prep peak RSS (PSS) GiB | "
+        "2-step train peak RSS (PSS) GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in results["sizes"]:
         s, t = row.get("sftkit_inspect"), row.get("trl_prep")
         train_s, train_t = row.get("sftkit_train"), row.get("trl_train")
 
         def mem(m: dict | None) -> str:
             return f"{m['peak_rss_gib']:.2f} ({m['peak_pss_gib']:.2f})" if m else "–"
+
         if s:
-            lines.append(f"| {row['rows']:,} | {s['tokens']:,} | sftkit | {s['tokenize_s']:.1f} | "
-                         f"{s['tokens_per_s']:,.0f} | {mem(s)} | {mem(train_s)} |")
+            lines.append(
+                f"| {row['rows']:,} | {s['tokens']:,} | sftkit | {s['tokenize_s']:.1f} | "
+                f"{s['tokens_per_s']:,.0f} | {mem(s)} | {mem(train_s)} |"
+            )
         if t:
-            lines.append(f"| {row['rows']:,} | {t['tokens']:,} | TRL {results['trl_version']} | {t['tokenize_s']:.1f} | "
-                         f"{t['tokens_per_s']:,.0f} | {mem(t)} | {mem(train_t)} |")
+            lines.append(
+                f"| {row['rows']:,} | {t['tokens']:,} | TRL {results['trl_version']} | {t['tokenize_s']:.1f} | "
+                f"{t['tokens_per_s']:,.0f} | {mem(t)} | {mem(train_t)} |"
+            )
     for row in results["sizes"]:
         for name in ("torchrun", "nproc_per_node"):
             if f"{name}_1" in row and f"{name}_2" in row:
                 one, two = row[f"{name}_1"], row[f"{name}_2"]
-                lines.append(f"2 processes vs 1 ({name}, gloo, {row['rows']:,} rows): summed RSS "
-                             f"{two['peak_rss_gib']:.2f} vs {one['peak_rss_gib']:.2f} GiB "
-                             f"({two['peak_rss_gib'] / one['peak_rss_gib']:.2f}×), summed PSS "
-                             f"{two['peak_pss_gib']:.2f} vs {one['peak_pss_gib']:.2f} GiB "
-                             f"({two['peak_pss_gib'] / one['peak_pss_gib']:.2f}×)")
+                lines.append(
+                    f"2 processes vs 1 ({name}, gloo, {row['rows']:,} rows): summed RSS "
+                    f"{two['peak_rss_gib']:.2f} vs {one['peak_rss_gib']:.2f} GiB "
+                    f"({two['peak_rss_gib'] / one['peak_rss_gib']:.2f}×), summed PSS "
+                    f"{two['peak_pss_gib']:.2f} vs {one['peak_pss_gib']:.2f} GiB "
+                    f"({two['peak_pss_gib'] / one['peak_pss_gib']:.2f}×)"
+                )
     sizes = [r for r in results["sizes"] if "sftkit_train" in r]
     if len(sizes) > 1:
         first, last = sizes[0], sizes[-1]
         for key, name in (("sftkit_inspect", "inspect"), ("sftkit_train", "train")):
-            lines.append(f"sftkit {name} peak RSS {last['rows']:,} rows / {first['rows']:,} rows: "
-                         f"{last[key]['peak_rss_gib'] / first[key]['peak_rss_gib']:.2f}×")
+            lines.append(
+                f"sftkit {name} peak RSS {last['rows']:,} rows / {first['rows']:,} rows: "
+                f"{last[key]['peak_rss_gib'] / first[key]['peak_rss_gib']:.2f}×"
+            )
     print("\n".join(lines), flush=True)
 
 
@@ -288,8 +366,9 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--workdir", type=Path, default=None, help="keep data, caches and logs here")
     parser.add_argument("--no-ddp", action="store_true", help="skip the 2-process vs 1-process runs")
-    parser.add_argument("--ddp-only", action="store_true",
-                        help="only the 2-process vs 1-process runs, at every size given (cache kept)")
+    parser.add_argument(
+        "--ddp-only", action="store_true", help="only the 2-process vs 1-process runs, at every size given (cache kept)"
+    )
     parser.add_argument("--keep-caches", action="store_true", help="keep each size's tokenized caches")
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--train", action="store_true", help=argparse.SUPPRESS)
@@ -310,12 +389,25 @@ def main() -> None:
     model = workdir / "tiny-llama"
     if not model.exists():
         make_tiny_llama(model, layers=2, hidden=64)
-    results = {"json": str(workdir / "data_scale.json"), "trl_version": trl.__version__,
-               "num_proc": args.num_proc, "cpus": os.cpu_count(), "sizes": []}
+    results = {
+        "json": str(workdir / "data_scale.json"),
+        "trl_version": trl.__version__,
+        "num_proc": args.num_proc,
+        "cpus": os.cpu_count(),
+        "sizes": [],
+    }
     print(f"workdir {workdir}; {args.num_proc} map processes; rows {args.rows}", flush=True)
     for index, rows in enumerate(args.rows):
-        run_size(rows, workdir, model, args.num_proc, with_ddp=args.ddp_only or (index == 0 and not args.no_ddp),
-                 with_tools=not args.ddp_only, results=results, keep_caches=args.keep_caches)
+        run_size(
+            rows,
+            workdir,
+            model,
+            args.num_proc,
+            with_ddp=args.ddp_only or (index == 0 and not args.no_ddp),
+            with_tools=not args.ddp_only,
+            results=results,
+            keep_caches=args.keep_caches,
+        )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,10 @@ def stages(dry: bool) -> list[tuple[str, list[str]]]:
         ("CUDA tests", [python, "-m", "pytest", "-q", "-m", "cuda", "-rs"]),
         ("sftkit vs TRL", [python, "bench/vs_trl.py", gpu_or_quick]),
         ("packed attention", [python, "bench/attention.py", gpu_or_quick]),
-        ("torch_compile", [python, "bench/compile.py", *(["--quick", "--device", "cpu"] if dry else ["--device", "cuda"])]),
+        (
+            "torch_compile",
+            [python, "bench/compile.py", *(["--quick", "--device", "cpu"] if dry else ["--device", "cuda"])],
+        ),
     ]
 
 
@@ -54,7 +57,9 @@ def main() -> None:
         print(f"===== {name}: exit {code}, {time.perf_counter() - began:.0f} s", flush=True)
         if code != 0:
             failed.append(name)
-    print(f"\ngpu-check{' (dry, CPU)' if dry else ''}: {'FAILED: ' + ', '.join(failed) if failed else 'all stages passed'}")
+    print(
+        f"\ngpu-check{' (dry, CPU)' if dry else ''}: {'FAILED: ' + ', '.join(failed) if failed else 'all stages passed'}"
+    )
     raise SystemExit(1 if failed else 0)
 
 

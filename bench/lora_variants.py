@@ -26,26 +26,33 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compile import default_model, tiny_model  # noqa: E402  (bench/compile.py: the same model sources)
-
-from sftkit.model.adapters import (  # noqa: E402
+from compile import default_model, tiny_model
+from sftkit.model.adapters import (
     AdapterOptions,
     LoraVariant,
     apply_adapters,
     initial_adapter_state,
     save_adapter,
 )
-from sftkit.model.load import load_model  # noqa: E402
-from sftkit.train.forward import CausalLMLoss  # noqa: E402
-from sftkit.train.optim import build_optimizer  # noqa: E402
+from sftkit.model.load import load_model
+from sftkit.train.forward import CausalLMLoss
+from sftkit.train.optim import build_optimizer
 
-VARIANTS = {"lora": LoraVariant(), "dora": LoraVariant(use_dora=True), "rslora": LoraVariant(use_rslora=True),
-            "pissa": LoraVariant(init_lora_weights="pissa")}
+VARIANTS = {
+    "lora": LoraVariant(),
+    "dora": LoraVariant(use_dora=True),
+    "rslora": LoraVariant(use_rslora=True),
+    "pissa": LoraVariant(init_lora_weights="pissa"),
+}
 
 
 def batch_of(ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"input_ids": ids, "targets": ids.roll(-1, 1), "segment_ids": torch.ones_like(ids),
-            "position_ids": torch.arange(ids.shape[1]).repeat(ids.shape[0], 1)}
+    return {
+        "input_ids": ids,
+        "targets": ids.roll(-1, 1),
+        "segment_ids": torch.ones_like(ids),
+        "position_ids": torch.arange(ids.shape[1]).repeat(ids.shape[0], 1),
+    }
 
 
 def main() -> None:
@@ -62,17 +69,25 @@ def main() -> None:
         model_path = tiny_model(Path(tempfile.gettempdir()) / "sftkit-bench-compile-tiny")
     else:
         model_path = args.model or default_model()
-    print(f"model {model_path}, CPU fp32, r 16 all-linear, batch {args.batch} × seq {args.seq}, {args.steps} steps "
-          f"per variant, interleaved, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"model {model_path}, CPU fp32, r 16 all-linear, batch {args.batch} × seq {args.seq}, {args.steps} steps "
+        f"per variant, interleaved, {torch.get_num_threads()} threads",
+        flush=True,
+    )
 
     runs = {}
     for name, variant in VARIANTS.items():
         torch.manual_seed(0)
-        model = apply_adapters(load_model(str(model_path), torch.float32),
-                               AdapterOptions(r=16, alpha=32, dropout=0.0, variant=variant))
-        runs[name] = {"model": model, "initial": initial_adapter_state(model, variant), "times": [],
-                      "loss": CausalLMLoss(model, "sdpa", chunked=True),
-                      "optimizer": build_optimizer(model, args.lr, 0.0, (0.9, 0.999), 1e-8)}
+        model = apply_adapters(
+            load_model(str(model_path), torch.float32), AdapterOptions(r=16, alpha=32, dropout=0.0, variant=variant)
+        )
+        runs[name] = {
+            "model": model,
+            "initial": initial_adapter_state(model, variant),
+            "times": [],
+            "loss": CausalLMLoss(model, "sdpa", chunked=True),
+            "optimizer": build_optimizer(model, args.lr, 0.0, (0.9, 0.999), 1e-8),
+        }
     vocab = runs["lora"]["model"].get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(1)
     for _ in range(args.steps):

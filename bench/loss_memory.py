@@ -39,8 +39,16 @@ def current_rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def measure_one(method: str, vocab: int, seq: int, hidden_size: int, device: str, dtype_name: str,
-                train_weight: bool, chunk_size: int) -> dict:
+def measure_one(
+    method: str,
+    vocab: int,
+    seq: int,
+    hidden_size: int,
+    device: str,
+    dtype_name: str,
+    train_weight: bool,
+    chunk_size: int,
+) -> dict:
     """One forward + backward in this process; returns the peak extra memory in bytes."""
     import torch
 
@@ -75,15 +83,38 @@ def measure_one(method: str, vocab: int, seq: int, hidden_size: int, device: str
         high_water = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         peak = high_water - before
         lower_bound = high_water <= high_water_before
-    return {"method": method, "vocab": vocab, "seq": seq, "hidden": hidden_size, "device": device,
-            "dtype": dtype_name, "train_weight": train_weight, "peak_bytes": peak, "lower_bound": lower_bound,
-            "seconds": time.perf_counter() - start, "loss": loss.item()}
+    return {
+        "method": method,
+        "vocab": vocab,
+        "seq": seq,
+        "hidden": hidden_size,
+        "device": device,
+        "dtype": dtype_name,
+        "train_weight": train_weight,
+        "peak_bytes": peak,
+        "lower_bound": lower_bound,
+        "seconds": time.perf_counter() - start,
+        "loss": loss.item(),
+    }
 
 
 def run_in_subprocess(args: argparse.Namespace, method: str, vocab: int, seq: int, device: str) -> dict:
-    command = [sys.executable, __file__, "--one", method, str(vocab), str(seq), "--device", device,
-               "--hidden", str(args.hidden or default_hidden(device)), "--dtype", args.dtype or default_dtype(device),
-               "--chunk-size", str(args.chunk_size)] + (["--train-weight"] if args.train_weight else [])
+    command = [
+        sys.executable,
+        __file__,
+        "--one",
+        method,
+        str(vocab),
+        str(seq),
+        "--device",
+        device,
+        "--hidden",
+        str(args.hidden or default_hidden(device)),
+        "--dtype",
+        args.dtype or default_dtype(device),
+        "--chunk-size",
+        str(args.chunk_size),
+    ] + (["--train-weight"] if args.train_weight else [])
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{method} vocab {vocab} seq {seq} on {device} failed:\n{done.stderr[-3000:]}")
@@ -109,18 +140,24 @@ def marked(result: dict) -> str:
 def print_table(results: list[dict]) -> None:
     by_key = {(r["device"], r["vocab"], r["seq"], r["method"]): r for r in results}
     first = results[0]
-    print(f"\nPeak extra memory of one loss forward+backward ({first['device']}, {first['dtype']}, "
-          f"hidden {first['hidden']}, output weight {'trained' if first['train_weight'] else 'frozen'}, batch 1)")
-    header = f"{'device':6} {'vocab':>7} {'seq':>5} | {'plain GiB':>9} {'chunked GiB':>11} | {'reduction':>9} | " \
-             f"{'plain s':>7} {'chunked s':>9} | {'loss rel diff':>13}"
+    print(
+        f"\nPeak extra memory of one loss forward+backward ({first['device']}, {first['dtype']}, "
+        f"hidden {first['hidden']}, output weight {'trained' if first['train_weight'] else 'frozen'}, batch 1)"
+    )
+    header = (
+        f"{'device':6} {'vocab':>7} {'seq':>5} | {'plain GiB':>9} {'chunked GiB':>11} | {'reduction':>9} | "
+        f"{'plain s':>7} {'chunked s':>9} | {'loss rel diff':>13}"
+    )
     print(header)
     print("-" * len(header))
     for device, vocab, seq in sorted({(r["device"], r["vocab"], r["seq"]) for r in results}):
         plain, chunked = by_key[(device, vocab, seq, "plain")], by_key[(device, vocab, seq, "chunked")]
         reduction = 1 - chunked["peak_bytes"] / plain["peak_bytes"]
         rel = abs(chunked["loss"] - plain["loss"]) / abs(plain["loss"])
-        print(f"{device:6} {vocab:>7} {seq:>5} | {marked(plain):>9} {marked(chunked):>11} | {reduction:>8.1%} | "
-              f"{plain['seconds']:>7.1f} {chunked['seconds']:>9.1f} | {rel:>13.1e}")
+        print(
+            f"{device:6} {vocab:>7} {seq:>5} | {marked(plain):>9} {marked(chunked):>11} | {reduction:>8.1%} | "
+            f"{plain['seconds']:>7.1f} {chunked['seconds']:>9.1f} | {rel:>13.1e}"
+        )
     print("reduction = 1 − chunked / plain peak; goal ≥ 40%.")
 
 
@@ -128,8 +165,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "all"], default="auto")
     parser.add_argument("--hidden", type=int, default=None, help="hidden size (default 2048 CPU, 4096 CUDA)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="hidden/weight dtype (default float32 CPU, bfloat16 CUDA); logits are fp32 either way")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="hidden/weight dtype (default float32 CPU, bfloat16 CUDA); logits are fp32 either way",
+    )
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--train-weight", action="store_true", help="also compute the output weight's gradient")
     parser.add_argument("--json", help="also write the results to this file")
@@ -141,15 +182,24 @@ def main() -> None:
 
         torch.set_num_threads(os.cpu_count() or 1)
         method, vocab, seq = args.one[0], int(args.one[1]), int(args.one[2])
-        print(json.dumps(measure_one(method, vocab, seq, args.hidden, args.device, args.dtype,
-                                     args.train_weight, args.chunk_size)))
+        print(
+            json.dumps(
+                measure_one(
+                    method, vocab, seq, args.hidden, args.device, args.dtype, args.train_weight, args.chunk_size
+                )
+            )
+        )
         return
 
     import torch
 
     has_cuda = torch.cuda.is_available()
-    devices = {"auto": ["cuda" if has_cuda else "cpu"], "all": ["cpu"] + (["cuda"] if has_cuda else []),
-               "cpu": ["cpu"], "cuda": ["cuda"]}[args.device]
+    devices = {
+        "auto": ["cuda" if has_cuda else "cpu"],
+        "all": ["cpu"] + (["cuda"] if has_cuda else []),
+        "cpu": ["cpu"],
+        "cuda": ["cuda"],
+    }[args.device]
     if "cuda" in devices and not has_cuda:
         raise SystemExit("--device cuda: torch sees no CUDA device")
     results = []
@@ -158,8 +208,11 @@ def main() -> None:
             for seq in SEQS:
                 for method in METHODS:
                     result = run_in_subprocess(args, method, vocab, seq, device)
-                    print(f"  {device} vocab {vocab} seq {seq} {method}: {gib(result['peak_bytes'])} GiB, "
-                          f"{result['seconds']:.1f} s", flush=True)
+                    print(
+                        f"  {device} vocab {vocab} seq {seq} {method}: {gib(result['peak_bytes'])} GiB, "
+                        f"{result['seconds']:.1f} s",
+                        flush=True,
+                    )
                     results.append(result)
         print_table([r for r in results if r["device"] == device])
     if args.json:

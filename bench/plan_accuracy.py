@@ -48,10 +48,24 @@ from sftkit.train.optim import build_optimizer
 
 MIB = 2**20
 SHAPES = {
-    "llama-h256": LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
-                              num_key_value_heads=4, vocab_size=2048, tie_word_embeddings=False),
-    "qwen2-h192": Qwen2Config(hidden_size=192, intermediate_size=512, num_hidden_layers=3, num_attention_heads=6,
-                              num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True),
+    "llama-h256": LlamaConfig(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=2048,
+        tie_word_embeddings=False,
+    ),
+    "qwen2-h192": Qwen2Config(
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        vocab_size=4096,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -105,7 +119,10 @@ class LiveStorage(TorchDispatchMode):
 def grid(quick: bool) -> list[Case]:
     cases = [Case(shape, ft, 2, 256, ckpt) for shape in SHAPES for ft in ("lora", "full") for ckpt in (False, True)]
     cases += [Case("llama-h256", ft, 1, 512, True) for ft in ("lora", "full")]
-    cases += [Case("llama-h256", "lora", 2, 256, False, attn="eager"), Case("llama-h256", "full", 2, 256, False, chunked=False)]
+    cases += [
+        Case("llama-h256", "lora", 2, 256, False, attn="eager"),
+        Case("llama-h256", "full", 2, 256, False, chunked=False),
+    ]
     cases += [Case("llama-h256", ft, 2, 256, ckpt, bf16=True) for ft in ("lora", "full") for ckpt in (False, True)]
     cases += [Case(shape, "qlora", 2, 256, ckpt) for shape in SHAPES for ckpt in (False, True)]
     return cases[:4] if quick else cases
@@ -153,10 +170,13 @@ def measure(case: Case, device: str) -> int:
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
     loss_model = CausalLMLoss(model, case.attn, case.chunked, 1024)
     input_ids = torch.randint(0, config.vocab_size, (case.micro_batch, case.seq_len), device=device)
-    batch = {"input_ids": input_ids, "targets": torch.roll(input_ids, -1, dims=1),
-             "position_ids": torch.arange(case.seq_len, device=device).expand_as(input_ids),
-             "segment_ids": torch.ones_like(input_ids),  # one example per row: the mask is plain causal
-             "cu_seqlens": cu_seqlens([[case.seq_len]] * case.micro_batch, case.seq_len).to(device)}
+    batch = {
+        "input_ids": input_ids,
+        "targets": torch.roll(input_ids, -1, dims=1),
+        "position_ids": torch.arange(case.seq_len, device=device).expand_as(input_ids),
+        "segment_ids": torch.ones_like(input_ids),  # one example per row: the mask is plain causal
+        "cu_seqlens": cu_seqlens([[case.seq_len]] * case.micro_batch, case.seq_len).to(device),
+    }
     run_step(loss_model, optimizer, batch, case)  # warm-up: creates the AdamW state
     if device == "cuda":
         torch.cuda.synchronize()
@@ -174,9 +194,15 @@ def measure(case: Case, device: str) -> int:
 def estimate(case: Case) -> int:
     adapter = AdapterOptions(finetuning=case.finetuning)
     meta = MetaModel.build(SHAPES[case.shape], case.dtype, adapter, case.attn)
-    inputs = MemoryInputs(gradient_checkpointing=case.checkpointing, autocast_dtype=torch.bfloat16 if case.bf16 else None,
-                          attn_implementation=case.attn, micro_batch=case.micro_batch, seq_len=case.seq_len,
-                          chunked_loss=case.chunked, loss_chunk_size=1024)
+    inputs = MemoryInputs(
+        gradient_checkpointing=case.checkpointing,
+        autocast_dtype=torch.bfloat16 if case.bf16 else None,
+        attn_implementation=case.attn,
+        micro_batch=case.micro_batch,
+        seq_len=case.seq_len,
+        chunked_loss=case.chunked,
+        loss_chunk_size=1024,
+    )
     return estimate_memory(meta, inputs, cuda_overhead=False).total
 
 
@@ -187,10 +213,14 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     method = "torch.cuda.max_memory_allocated" if device == "cuda" else "peak of live tensor storage (LiveStorage)"
-    print(f"device: {device}; measured: {method}; AdamW, sftkit loss (chunk 1024); "
-          "bf16 = bf16 weights under bf16 autocast")
-    header = f"{'shape':<11} {'ft':<5} {'dtype':<5} {'batch':>5} {'seq':>5} {'ckpt':<4} {'attn':<6} {'loss':<7} " \
-             f"{'estimate':>10} {'measured':>10} {'error':>7}"
+    print(
+        f"device: {device}; measured: {method}; AdamW, sftkit loss (chunk 1024); "
+        "bf16 = bf16 weights under bf16 autocast"
+    )
+    header = (
+        f"{'shape':<11} {'ft':<5} {'dtype':<5} {'batch':>5} {'seq':>5} {'ckpt':<4} {'attn':<6} {'loss':<7} "
+        f"{'estimate':>10} {'measured':>10} {'error':>7}"
+    )
     print(header)
     print("-" * len(header))
     start, errors = time.perf_counter(), []
@@ -200,11 +230,13 @@ def main() -> None:
         estimated, measured = estimate(case), measure(case, device)
         error = (estimated - measured) / measured
         errors.append(abs(error))
-        print(f"{case.shape:<11} {case.finetuning:<5} {'bf16' if case.bf16 else 'fp32':<5} {case.micro_batch:>5} {case.seq_len:>5} "
-              f"{'on' if case.checkpointing else 'off':<4} {case.attn:<6} {'chunked' if case.chunked else 'full':<7} "
-              f"{estimated / MIB:>8.1f}Mi {measured / MIB:>8.1f}Mi {error:>+7.1%}", flush=True)
-    print(f"mean |error| {sum(errors) / len(errors):.1%}, max {max(errors):.1%}; "
-          f"{time.perf_counter() - start:.0f} s")
+        print(
+            f"{case.shape:<11} {case.finetuning:<5} {'bf16' if case.bf16 else 'fp32':<5} {case.micro_batch:>5} {case.seq_len:>5} "
+            f"{'on' if case.checkpointing else 'off':<4} {case.attn:<6} {'chunked' if case.chunked else 'full':<7} "
+            f"{estimated / MIB:>8.1f}Mi {measured / MIB:>8.1f}Mi {error:>+7.1%}",
+            flush=True,
+        )
+    print(f"mean |error| {sum(errors) / len(errors):.1%}, max {max(errors):.1%}; {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from plan_accuracy import LiveStorage, quantization_constants, run_step
 
+from plan_accuracy import LiveStorage, quantization_constants, run_step
 from sftkit.model.adapters import AdapterOptions, apply_adapters
 from sftkit.model.load import load_model, load_model_config
 from sftkit.model.quantize import quantization_config
@@ -48,8 +48,12 @@ class Step:
         self.loss_model = CausalLMLoss(self.model, "sdpa", True, 1024)
         vocab = self.model.get_input_embeddings().weight.shape[0]
         input_ids = torch.randint(0, vocab, (micro, seq))
-        self.batch = {"input_ids": input_ids, "targets": torch.roll(input_ids, -1, dims=1),
-                      "position_ids": torch.arange(seq).expand_as(input_ids), "segment_ids": torch.ones_like(input_ids)}
+        self.batch = {
+            "input_ids": input_ids,
+            "targets": torch.roll(input_ids, -1, dims=1),
+            "position_ids": torch.arange(seq).expand_as(input_ids),
+            "segment_ids": torch.ones_like(input_ids),
+        }
         self.case = argparse.Namespace(bf16=False)
         self.run()  # warm-up: creates the AdamW state
 
@@ -61,8 +65,13 @@ class Step:
 
     def peak_bytes(self) -> int:
         states = [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-        existing = [*self.model.parameters(), *self.model.buffers(), *quantization_constants(self.model), *states,
-                    *self.batch.values()]
+        existing = [
+            *self.model.parameters(),
+            *self.model.buffers(),
+            *quantization_constants(self.model),
+            *states,
+            *self.batch.values(),
+        ]
         with LiveStorage(existing) as tracker:
             run_step(self.loss_model, self.optimizer, self.batch, self.case)
         return tracker.peak
@@ -73,10 +82,18 @@ class Step:
 
 
 def plan_estimate(model_path: str, finetuning: str, micro: int, seq: int) -> int:
-    meta = MetaModel.build(load_model_config(model_path), torch.float32, AdapterOptions(finetuning=finetuning, r=16),
-                           "sdpa")
-    inputs = MemoryInputs(gradient_checkpointing=False, autocast_dtype=None, attn_implementation="sdpa",
-                          micro_batch=micro, seq_len=seq, chunked_loss=True, loss_chunk_size=1024)
+    meta = MetaModel.build(
+        load_model_config(model_path), torch.float32, AdapterOptions(finetuning=finetuning, r=16), "sdpa"
+    )
+    inputs = MemoryInputs(
+        gradient_checkpointing=False,
+        autocast_dtype=None,
+        attn_implementation="sdpa",
+        micro_batch=micro,
+        seq_len=seq,
+        chunked_loss=True,
+        loss_chunk_size=1024,
+    )
     return estimate_memory(meta, inputs, cuda_overhead=False).total
 
 
@@ -96,15 +113,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.model is None:
         parser.error("--model is required (no converted SmolLM2 in ~/.cache/sftkit-tests; run the tests once)")
-    print(f"model {args.model}; micro {args.micro} × seq {args.seq}; fp32 weights (QLoRA: NF4 + bf16 compute); "
-          f"LoRA r16 on all linear layers; AdamW; {torch.get_num_threads()} threads")
+    print(
+        f"model {args.model}; micro {args.micro} × seq {args.seq}; fp32 weights (QLoRA: NF4 + bf16 compute); "
+        f"LoRA r16 on all linear layers; AdamW; {torch.get_num_threads()} threads"
+    )
     steps = {method: Step(args.model, method, args.micro, args.seq) for method in ("lora", "qlora")}
     times: dict[str, list[tuple[float, float]]] = {method: [] for method in steps}
     for _ in range(args.rounds):
         for method, step in steps.items():
             times[method].append(step.run())
-    header = (f"{'method':<6} {'weights':>9} {'peak':>9} {'plan':>9} {'plan err':>8} {'wall s':>7} {'CPU s':>7}"
-              "   (median step; every round's wall s)")
+    header = (
+        f"{'method':<6} {'weights':>9} {'peak':>9} {'plan':>9} {'plan err':>8} {'wall s':>7} {'CPU s':>7}"
+        "   (median step; every round's wall s)"
+    )
     print(header)
     print("-" * len(header))
     wall, cpu, peaks = {}, {}, {}
@@ -113,12 +134,16 @@ def main() -> None:
         wall[method] = statistics.median(t for t, _ in times[method])
         cpu[method] = statistics.median(c for _, c in times[method])
         estimate = plan_estimate(args.model, method, args.micro, args.seq)
-        print(f"{method:<6} {step.weight_bytes() / MIB:>7.1f}Mi {peaks[method] / MIB:>7.1f}Mi {estimate / MIB:>7.1f}Mi "
-              f"{(estimate - peaks[method]) / peaks[method]:>+8.1%} {wall[method]:>7.2f} {cpu[method]:>7.2f}"
-              f"   ({', '.join(f'{t:.2f}' for t, _ in times[method])})")
-    print(f"qlora / lora: peak memory {peaks['qlora'] / peaks['lora']:.2f}×, weights "
-          f"{steps['qlora'].weight_bytes() / steps['lora'].weight_bytes():.2f}×, step time "
-          f"{wall['qlora'] / wall['lora']:.2f}× wall, {cpu['qlora'] / cpu['lora']:.2f}× CPU (interleaved rounds)")
+        print(
+            f"{method:<6} {step.weight_bytes() / MIB:>7.1f}Mi {peaks[method] / MIB:>7.1f}Mi {estimate / MIB:>7.1f}Mi "
+            f"{(estimate - peaks[method]) / peaks[method]:>+8.1%} {wall[method]:>7.2f} {cpu[method]:>7.2f}"
+            f"   ({', '.join(f'{t:.2f}' for t, _ in times[method])})"
+        )
+    print(
+        f"qlora / lora: peak memory {peaks['qlora'] / peaks['lora']:.2f}×, weights "
+        f"{steps['qlora'].weight_bytes() / steps['lora'].weight_bytes():.2f}×, step time "
+        f"{wall['qlora'] / wall['lora']:.2f}× wall, {cpu['qlora'] / cpu['lora']:.2f}× CPU (interleaved rounds)"
+    )
 
 
 if __name__ == "__main__":

@@ -72,14 +72,19 @@ def resumed_from(stdout: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def kill_at_random_moment(process: subprocess.Popen, output_dir: Path, rng: random.Random,
-                          max_steps: int, first_step: int) -> dict | None:
+def kill_at_random_moment(
+    process: subprocess.Popen, output_dir: Path, rng: random.Random, max_steps: int, first_step: int
+) -> dict | None:
     """SIGKILL at a random moment of this attempt; None if the run finished first."""
     started = time.time()
     if rng.random() < 0.35:
         kind, target, delay = "mid-save", None, 0.0
     else:
-        kind, target, delay = "after step", rng.randint(min(first_step + 1, max_steps), max_steps), rng.uniform(0.0, 1.5)
+        kind, target, delay = (
+            "after step",
+            rng.randint(min(first_step + 1, max_steps), max_steps),
+            rng.uniform(0.0, 1.5),
+        )
     while process.poll() is None:
         if kind == "mid-save" and saving_since(output_dir, started):
             break
@@ -89,44 +94,59 @@ def kill_at_random_moment(process: subprocess.Popen, output_dir: Path, rng: rand
         time.sleep(0.005)
     if process.poll() is not None:
         return None
-    seen = {"kind": kind if kind == "mid-save" else f"after step {target} + {delay:.2f}s",
-            "last_step": last_logged_step(output_dir), "temp": [p.name for p in output_dir.glob(".tmp-checkpoint-*")]}
+    seen = {
+        "kind": kind if kind == "mid-save" else f"after step {target} + {delay:.2f}s",
+        "last_step": last_logged_step(output_dir),
+        "temp": [p.name for p in output_dir.glob(".tmp-checkpoint-*")],
+    }
     process.send_signal(signal.SIGKILL)
     seen["stdout"], seen["stderr"] = process.communicate()
     seen["checkpoints"] = complete_checkpoints(output_dir)
     return seen
 
 
-def run_round(number: int, config_path: Path, output_dir: Path, rng: random.Random, settings: dict,
-              straight: dict, kills: int) -> bool:
+def run_round(
+    number: int, config_path: Path, output_dir: Path, rng: random.Random, settings: dict, straight: dict, kills: int
+) -> bool:
     """Kill `kills` times (fewer if the run finishes first), then let the last attempt finish."""
     problems, lines, expected_resume = [], [], None
     for attempt in range(kills + 1):
         process = start(config_path, resume=attempt > 0)
-        seen = kill_at_random_moment(process, output_dir, rng, settings["max_steps"], expected_resume or 0) \
-            if attempt < kills else None
+        seen = (
+            kill_at_random_moment(process, output_dir, rng, settings["max_steps"], expected_resume or 0)
+            if attempt < kills
+            else None
+        )
         stdout, stderr = (seen["stdout"], seen["stderr"]) if seen else process.communicate()
         if seen is None and process.returncode != 0:
             print(f"round {number}: run failed (rc {process.returncode})\n{stderr[-2000:]}")
             return False
         if attempt > 0 and "Resumed from" in stdout and resumed_from(stdout) != expected_resume:
-            problems.append(f"resumed from step {resumed_from(stdout)}, not the newest complete checkpoint {expected_resume}")
+            problems.append(
+                f"resumed from step {resumed_from(stdout)}, not the newest complete checkpoint {expected_resume}"
+            )
         if seen is None:
             lines.append(f"finished (resumed from step {resumed_from(stdout)})" if attempt else "finished unkilled")
             break
         expected_resume = max(seen["checkpoints"], default=0)
         if seen["last_step"] - expected_resume > settings["save_steps"]:
             problems.append(f"lost {seen['last_step'] - expected_resume} steps > save_steps {settings['save_steps']}")
-        lines.append(f"killed {seen['kind']} at step {seen['last_step']} (complete {seen['checkpoints']}, "
-                     f"half-written {seen['temp']})")
+        lines.append(
+            f"killed {seen['kind']} at step {seen['last_step']} (complete {seen['checkpoints']}, "
+            f"half-written {seen['temp']})"
+        )
     difference = max_weight_difference(straight, final_weights(output_dir))
     leftovers = [p.name for p in output_dir.glob(".tmp-checkpoint-*")]
     if leftovers:
         problems.append(f"left {leftovers}")
     if difference > TOLERANCE:
         problems.append(f"weights differ by {difference:.2e}")
-    print(f"round {number}: " + "; ".join(lines) + f" → max weight difference {difference:.2e}"
-          + ("  PROBLEMS: " + "; ".join(problems) if problems else ""))
+    print(
+        f"round {number}: "
+        + "; ".join(lines)
+        + f" → max weight difference {difference:.2e}"
+        + ("  PROBLEMS: " + "; ".join(problems) if problems else "")
+    )
     return not problems
 
 
@@ -151,8 +171,13 @@ def main() -> None:
         tokenizer.save_pretrained(model_dir)
         build_tiny_llama(model_dir, vocab_size=len(tokenizer))
     data = write_chat_data(workdir / "chat.jsonl")
-    settings = dict(max_steps=args.max_steps, save_steps=args.save_steps, packing=True,
-                    gradient_accumulation_steps=2, lora_dropout=0.1)
+    settings = dict(
+        max_steps=args.max_steps,
+        save_steps=args.save_steps,
+        packing=True,
+        gradient_accumulation_steps=2,
+        lora_dropout=0.1,
+    )
 
     def config_file(name: str) -> tuple[Path, Path]:
         output_dir = workdir / name

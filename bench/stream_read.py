@@ -43,7 +43,7 @@ def _parquet_schema():
 
 
 def make_rows(count: int):
-    words = "the quick brown fox jumps over the lazy dog while twelve plus thirty makes forty two".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "twelve", "plus", "thirty", "makes", "forty", "two"]
     for i in range(count):
         question = " ".join(words[(i + k) % len(words)] for k in range(30))
         answer = " ".join(words[(i * 7 + k) % len(words)] for k in range(140))
@@ -57,8 +57,12 @@ def write_source(folder: Path, kind: str, count: int) -> Path:
     if kind == "jsonl":
         with path.open("w", encoding="utf-8") as handle:
             for question, answer in make_rows(count):
-                handle.write(json.dumps({"messages": [{"role": "user", "content": question},
-                                                      {"role": "assistant", "content": answer}]}) + "\n")
+                handle.write(
+                    json.dumps(
+                        {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+                    )
+                    + "\n"
+                )
     elif kind == "csv":
         with path.open("w", encoding="utf-8", newline="") as handle:
             writer = csv.writer(handle)
@@ -70,8 +74,10 @@ def write_source(folder: Path, kind: str, count: int) -> Path:
 
         rows = make_rows(count)
         with pq.ParquetWriter(path, schema := _parquet_schema()) as writer:
-            while group := [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-                            for q, a in islice(rows, 10_000)]:
+            while group := [
+                {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                for q, a in islice(rows, 10_000)
+            ]:
                 writer.write_table(pa.Table.from_pylist(group, schema=schema))
     return path
 
@@ -129,8 +135,13 @@ def peak_rss_mib() -> float:
 
 def run(what: str, path: Path, cache: Path) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    result = subprocess.run([sys.executable, __file__, "--measure", what, str(path), str(cache)],
-                            capture_output=True, text=True, env=env, check=True)
+    result = subprocess.run(
+        [sys.executable, __file__, "--measure", what, str(path), str(cache)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -145,20 +156,27 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="sftkit-stream-bench-") as tmp:
         folder = Path(tmp)
-        print(f"{'type':8} {'rows':>8} {'stream rows/s':>14} {'offline rows/s':>15} {'stream/offline':>15} "
-              f"{'stream RSS':>11} {'offline RSS':>12} {'stream resume':>14} {'datasets resume':>16}")
+        print(
+            f"{'type':8} {'rows':>8} {'stream rows/s':>14} {'offline rows/s':>15} {'stream/offline':>15} "
+            f"{'stream RSS':>11} {'offline RSS':>12} {'stream resume':>14} {'datasets resume':>16}"
+        )
         for kind in args.types:
             for count in args.rows:
                 path = write_source(folder, kind, count)
-                figures = {what: run(what, path, folder / f"cache-{kind}-{count}-{what.replace(' ', '_')}")
-                           for what in ("stream pass", "offline read", "stream resume", "datasets resume")}
+                figures = {
+                    what: run(what, path, folder / f"cache-{kind}-{count}-{what.replace(' ', '_')}")
+                    for what in ("stream pass", "offline read", "stream resume", "datasets resume")
+                }
                 stream, offline = figures["stream pass"], figures["offline read"]
                 stream_speed = stream["rows"] / stream["seconds"]
                 offline_speed = offline["rows"] / offline["seconds"]
-                print(f"{kind:8} {count:>8} {stream_speed:>14,.0f} {offline_speed:>15,.0f} "
-                      f"{stream_speed / offline_speed:>14.2f}x {stream['peak_rss_mib']:>8.0f} MiB "
-                      f"{offline['peak_rss_mib']:>8.0f} MiB {figures['stream resume']['seconds'] * 1000:>11.1f} ms "
-                      f"{figures['datasets resume']['seconds'] * 1000:>13.1f} ms", flush=True)
+                print(
+                    f"{kind:8} {count:>8} {stream_speed:>14,.0f} {offline_speed:>15,.0f} "
+                    f"{stream_speed / offline_speed:>14.2f}x {stream['peak_rss_mib']:>8.0f} MiB "
+                    f"{offline['peak_rss_mib']:>8.0f} MiB {figures['stream resume']['seconds'] * 1000:>11.1f} ms "
+                    f"{figures['datasets resume']['seconds'] * 1000:>13.1f} ms",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

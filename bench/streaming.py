@@ -38,7 +38,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 from data_scale import measure, sftkit_config, write_conversations  # noqa: E402
 from make_tiny_llama import make_tiny_llama  # noqa: E402
 
-
 KINDS = ("offline", "streaming", "stream-64")
 
 
@@ -50,8 +49,14 @@ def run(kind: str, rows: int, data: Path, model: Path, workdir: Path, steps: int
         config.update(streaming=True, packing_buffer=2000 if kind == "streaming" else 64)
     path = workdir / f"{kind}-{rows}.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_CACHE": str(workdir / f"cache-{kind}-{rows}")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "HF_DATASETS_CACHE": str(workdir / f"cache-{kind}-{rows}"),
+    }
     figures = measure([sys.executable, "-m", "sftkit.cli", "train", str(path)], env, workdir / f"{kind}-{rows}.log")
     metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [row["trained_tokens_per_s"] for row in metrics if "trained_tokens_per_s" in row]
@@ -73,8 +78,10 @@ def main() -> None:
     if not model.exists():
         make_tiny_llama(model, layers=2, hidden=64)
     print(f"workdir {workdir}; {args.steps} steps per run; rows {args.rows}", flush=True)
-    lines = ["| rows | path | wall s | trained tok/s (steps) | peak RSS (PSS) GiB | pack fill |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| rows | path | wall s | trained tok/s (steps) | peak RSS (PSS) GiB | pack fill |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     results = []
     for rows in args.rows:
         data = workdir / f"chat-{rows}.jsonl"
@@ -83,9 +90,11 @@ def main() -> None:
         for kind in KINDS:
             figures = run(kind, rows, data, model, workdir, args.steps, args.num_proc)
             results.append({"rows": rows, "kind": kind, **figures})
-            lines.append(f"| {rows:,} | {kind} | {figures['wall_s']:.1f} | {figures['trained_tokens_per_s']:,.0f} | "
-                         f"{figures['peak_rss_gib']:.2f} ({figures['peak_pss_gib']:.2f}) | "
-                         f"{figures['pack_fill']:.4f} |")
+            lines.append(
+                f"| {rows:,} | {kind} | {figures['wall_s']:.1f} | {figures['trained_tokens_per_s']:,.0f} | "
+                f"{figures['peak_rss_gib']:.2f} ({figures['peak_pss_gib']:.2f}) | "
+                f"{figures['pack_fill']:.4f} |"
+            )
             print("\n".join(lines), flush=True)
             (workdir / "streaming.json").write_text(json.dumps(results, indent=2))
     by = {(r["rows"], r["kind"]): r for r in results}
@@ -93,14 +102,18 @@ def main() -> None:
         off = by[(rows, "offline")]
         for kind in KINDS[1:]:
             on = by[(rows, kind)]
-            print(f"{rows:,} rows: {kind} / offline wall {on['wall_s'] / off['wall_s']:.2f}×, step throughput "
-                  f"{on['trained_tokens_per_s'] / off['trained_tokens_per_s']:.2f}×, pack fill "
-                  f"{on['pack_fill'] - off['pack_fill']:+.4f}")
+            print(
+                f"{rows:,} rows: {kind} / offline wall {on['wall_s'] / off['wall_s']:.2f}×, step throughput "
+                f"{on['trained_tokens_per_s'] / off['trained_tokens_per_s']:.2f}×, pack fill "
+                f"{on['pack_fill'] - off['pack_fill']:+.4f}"
+            )
     if len(args.rows) > 1:
         first, last = args.rows[0], args.rows[-1]
         for kind in KINDS:
-            print(f"{kind} peak RSS {last:,} / {first:,} rows: "
-                  f"{by[(last, kind)]['peak_rss_gib'] / by[(first, kind)]['peak_rss_gib']:.2f}×")
+            print(
+                f"{kind} peak RSS {last:,} / {first:,} rows: "
+                f"{by[(last, kind)]['peak_rss_gib'] / by[(first, kind)]['peak_rss_gib']:.2f}×"
+            )
 
 
 if __name__ == "__main__":

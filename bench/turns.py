@@ -35,9 +35,11 @@ def conversations(turns: int) -> list[list[dict[str, str]]]:
     out = []
     for start in range(0, EXCHANGES, turns):
         messages = []
-        for exchange in chosen[start:start + turns]:
-            messages += [{"role": "user", "content": exchange["question"]},
-                         {"role": "assistant", "content": exchange["answer"]}]
+        for exchange in chosen[start : start + turns]:
+            messages += [
+                {"role": "user", "content": exchange["question"]},
+                {"role": "assistant", "content": exchange["answer"]},
+            ]
         out.append(messages)
     return out
 
@@ -66,8 +68,10 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     print(f"{EXCHANGES} GSM8K exchanges in all; tokenize_batch, best of 3, 1 process")
-    print(f"{'template':10} {'turns':>5} {'rows':>5} {'message-local':>13} {'as run s':>9} "
-          f"{'every prefix s':>14} {'ratio':>6}")
+    print(
+        f"{'template':10} {'turns':>5} {'rows':>5} {'message-local':>13} {'as run s':>9} "
+        f"{'every prefix s':>14} {'ratio':>6}"
+    )
     for name in args.templates:
         text = template_module.resolve_chat_template(name, tokenizer)
         options = TokenizeOptions(template=text, max_seq_length=1_000_000)
@@ -77,8 +81,11 @@ def main() -> None:
             fast = best_seconds(batch, tokenizer, options)
             with mock.patch.object(template_module, "_message_local", lambda _: False):
                 slow = best_seconds(batch, tokenizer, options)
-            print(f"{name:10} {turns:>5} {len(batch['messages']):>5} {str(local):>13} {fast:>9.2f} {slow:>14.2f} "
-                  f"{slow / fast:>5.2f}×", flush=True)
+            print(
+                f"{name:10} {turns:>5} {len(batch['messages']):>5} {local!s:>13} {fast:>9.2f} {slow:>14.2f} "
+                f"{slow / fast:>5.2f}×",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

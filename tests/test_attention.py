@@ -25,8 +25,15 @@ PATHS = ["varlen", "sdpa", "eager"]
 def tiny_model(shape: str, attn: str) -> torch.nn.Module:
     """2 layers, hidden 64, 4 query heads over 2 KV heads (GQA)."""
     torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     if shape == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif shape == "qwen2":  # biased q/k/v projections
@@ -42,7 +49,7 @@ def examples_of(lengths: list[int], seed: int = 0) -> list[dict[str, list[int]]]
     out = []
     for n in lengths:
         ids = torch.randint(3, VOCAB, (n,), generator=generator).tolist()
-        out.append({"input_ids": ids, "labels": [IGNORE] * (n // 3) + ids[n // 3:]})  # prompt-like masked prefix
+        out.append({"input_ids": ids, "labels": [IGNORE] * (n // 3) + ids[n // 3 :]})  # prompt-like masked prefix
     return out
 
 
@@ -78,8 +85,10 @@ def test_packed_gradient_equals_padded_gradient(attn, shape, micro_batch):
         results.append((loss.item(), {n: p.grad.clone() for n, p in loss_model.named_parameters()}))
     (packed_loss, packed), (padded_loss, padded) = results
     worst = max((packed[n] - padded[n]).abs().max().item() / max(padded[n].abs().max().item(), 1e-12) for n in padded)
-    print(f"{attn} {shape} micro-batch {micro_batch}: loss {relative(packed_loss, padded_loss):.1e}, "
-          f"max relative gradient difference packed vs padded {worst:.1e}")
+    print(
+        f"{attn} {shape} micro-batch {micro_batch}: loss {relative(packed_loss, padded_loss):.1e}, "
+        f"max relative gradient difference packed vs padded {worst:.1e}"
+    )
     assert relative(packed_loss, padded_loss) <= 1e-5 and worst <= 1e-5
 
 
@@ -92,8 +101,12 @@ def test_sliding_window_is_kept_inside_each_example():
     with torch.no_grad():
         for s, example in enumerate(examples, start=1):
             ids = torch.tensor([example["input_ids"]])
-            alone = F.cross_entropy(plain(input_ids=ids).logits[0, :-1], torch.tensor(example["labels"][1:]),
-                                    ignore_index=IGNORE, reduction="sum").item()
+            alone = F.cross_entropy(
+                plain(input_ids=ids).logits[0, :-1],
+                torch.tensor(example["labels"][1:]),
+                ignore_index=IGNORE,
+                reduction="sum",
+            ).item()
             only_this = dict(packed, targets=packed["targets"].masked_fill(packed["segment_ids"] != s, IGNORE))
             assert relative(packed_model(**only_this).item(), alone) <= 1e-5
     # and the window matters here: without it the loss differs
@@ -113,6 +126,7 @@ def test_cu_seqlens_cover_examples_and_each_rows_padding():
 
 # ---- the CUDA kernels' wiring, through CPU stand-ins that take their exact signatures
 
+
 def reference_attention(query, key, value, cu, scale, left):
     """Plain softmax attention per span, K/V heads repeated: (tokens, heads, dim)."""
     outputs = []
@@ -126,15 +140,28 @@ def reference_attention(query, key, value, cu, scale, left):
     return torch.cat(outputs)
 
 
-def flash_attn_varlen_stand_in(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                               softmax_scale=None, causal=False, window_size=(-1, -1), **kwargs):
+def flash_attn_varlen_stand_in(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    **kwargs,
+):
     assert causal and window_size[1] == 0 and dropout_p == 0.0 and torch.equal(cu_seqlens_q, cu_seqlens_k)
     assert max_seqlen_q == (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()
     return reference_attention(q, k, v, cu_seqlens_q, softmax_scale, window_size[0])
 
 
-def torch_varlen_attn_stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
-                               window_size=(-1, -1), enable_gqa=False, **kwargs):
+def torch_varlen_attn_stand_in(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False, **kwargs
+):
     assert window_size[1] == 0, "(left, 0) is causal in torch's varlen_attn"
     assert enable_gqa == (query.shape[1] != key.shape[1]) and max_q == (cu_seq_q[1:] - cu_seq_q[:-1]).max()
     return reference_attention(query, key, value, cu_seq_q, scale, window_size[0])
@@ -144,8 +171,9 @@ def torch_varlen_attn_stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max
 @pytest.mark.parametrize("window", [None, 5])
 def test_gpu_kernel_wiring_matches_sdpa_per_example(monkeypatch, kernel, window):
     monkeypatch.setattr(attention, "_gpu_kernels_apply", lambda query: True)
-    monkeypatch.setattr(attention, "_flash_attn_varlen",
-                        lambda: flash_attn_varlen_stand_in if kernel == "flash_attn" else None)
+    monkeypatch.setattr(
+        attention, "_flash_attn_varlen", lambda: flash_attn_varlen_stand_in if kernel == "flash_attn" else None
+    )
     monkeypatch.setattr(attention, "_torch_varlen_attn", lambda: torch_varlen_attn_stand_in)
     torch.manual_seed(0)
     cu = cu_seqlens([[7, 12], [9, 3]], width=19)
@@ -169,8 +197,17 @@ def test_cuda_varlen_kernel_matches_sdpa_per_example(window):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("attn", ["varlen", "sdpa", pytest.param("flash_attention_2", marks=pytest.mark.skipif(
-    importlib.util.find_spec("flash_attn") is None, reason="flash-attn not installed"))])
+@pytest.mark.parametrize(
+    "attn",
+    [
+        "varlen",
+        "sdpa",
+        pytest.param(
+            "flash_attention_2",
+            marks=pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn not installed"),
+        ),
+    ],
+)
 def test_cuda_packed_loss_equals_alone_in_bf16(attn):
     loss_model = CausalLMLoss(tiny_model("llama", attn).cuda().to(torch.bfloat16), attn, chunked=False)
     assert worst_packed_vs_alone(loss_model, rows_of(examples_of(LENGTHS), 4)) <= 2e-2  # bf16 rounding per layout

@@ -48,7 +48,9 @@ def test_corpus_is_large_enough():
 def test_bad_input_gives_a_clear_error(case, tmp_path, tiny_tokenizer_dir, monkeypatch):
     result = _run_case(case, tmp_path, tiny_tokenizer_dir, monkeypatch)
     output = result.output
-    assert result.exit_code == 2, f"expected a user error (exit 2), got {result.exit_code}: {result.exception!r}\n{output}"
+    assert result.exit_code == 2, (
+        f"expected a user error (exit 2), got {result.exit_code}: {result.exception!r}\n{output}"
+    )
     assert "Traceback" not in output
     assert "error:" in output
     missing = [s for s in (case / "expected.txt").read_text(encoding="utf-8").splitlines() if s and s not in output]
@@ -59,7 +61,7 @@ def test_bad_input_gives_a_clear_error(case, tmp_path, tiny_tokenizer_dir, monke
 def test_skipped_rows_are_counted_by_reason(case, tmp_path, tiny_tokenizer_dir, monkeypatch):
     result = _run_case(case, tmp_path, tiny_tokenizer_dir, monkeypatch, "--json")
     assert result.exit_code == 0, f"{result.exception!r}\n{result.output}"
-    stats = json.loads(result.stdout[result.stdout.index("{"):])
+    stats = json.loads(result.stdout[result.stdout.index("{") :])
     expected = json.loads((case / "expected.json").read_text(encoding="utf-8"))
     assert {key: stats[key] for key in expected} == expected
 

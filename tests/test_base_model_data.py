@@ -63,10 +63,13 @@ def write(tmp_path: Path, name: str, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("rows, rendering", [
-    ([{"prompt": PROMPT, "completion": COMPLETION}], "plain text: prompt, then completion, then EOS"),
-    ([{"instruction": "Add 12 and 30.", "output": "42"}], "plain text: prompt, then completion, then EOS"),
-])
+@pytest.mark.parametrize(
+    "rows, rendering",
+    [
+        ([{"prompt": PROMPT, "completion": COMPLETION}], "plain text: prompt, then completion, then EOS"),
+        ([{"instruction": "Add 12 and 30.", "output": "42"}], "plain text: prompt, then completion, then EOS"),
+    ],
+)
 def test_data_inspect_says_which_rendering_it_used(tmp_path, tiny_tokenizer_dir, rows, rendering):
     data = write(tmp_path, "data.jsonl", rows)
     config = tmp_path / "config.yaml"
@@ -83,8 +86,12 @@ def test_data_inspect_says_which_rendering_it_used(tmp_path, tiny_tokenizer_dir,
 def test_conversation_data_without_a_template_stops_with_the_clear_error(tmp_path, tiny_tokenizer_dir):
     data = write(tmp_path, "chat.jsonl", [{"messages": pair()}])
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"model_name_or_path": str(tiny_tokenizer_dir), "max_seq_length": 128,
-                                      "datasets": [{"path": str(data)}]}), encoding="utf-8")
+    config.write_text(
+        yaml.safe_dump(
+            {"model_name_or_path": str(tiny_tokenizer_dir), "max_seq_length": 128, "datasets": [{"path": str(data)}]}
+        ),
+        encoding="utf-8",
+    )
     result = CliRunner().invoke(app, ["data", "inspect", str(config)])
     assert result.exit_code == 2
     assert "messages data needs a chat template" in result.output and "has no chat template" in result.output
@@ -105,7 +112,9 @@ def test_generation_sees_the_training_tokens_before_the_completion_and_stops_at_
     template = resolve_chat_template(None, tokenizer)
     seen: list[list[int]] = []
     generate = model.generate
-    model.generate = lambda input_ids, **kwargs: seen.append(input_ids[0].tolist()) or generate(input_ids=input_ids, **kwargs)
+    model.generate = lambda input_ids, **kwargs: (
+        seen.append(input_ids[0].tolist()) or generate(input_ids=input_ids, **kwargs)
+    )
     sample = generate_samples(model, tokenizer, template, [pair()[:1]], max_new_tokens=4)[0]
     encoded = tokenize_conversation(pair(), template, tokenizer)
     first_trained = next(i for i, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX)

@@ -44,8 +44,9 @@ def test_chunked_equals_plain_in_value_and_gradients(chunk_size, train_weight):
     hidden, weight, targets = make_inputs()
     scale = 1 / int((targets != IGNORE_INDEX).sum())
     expected = loss_and_grads(plain, hidden, weight, targets, train_weight, scale)
-    chunked = loss_and_grads(lambda h, w, t: chunked_cross_entropy_sum(h, w, t, chunk_size),
-                             hidden, weight, targets, train_weight, scale)
+    chunked = loss_and_grads(
+        lambda h, w, t: chunked_cross_entropy_sum(h, w, t, chunk_size), hidden, weight, targets, train_weight, scale
+    )
 
     torch.testing.assert_close(chunked[0], expected[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(chunked[1], expected[1], rtol=1e-5, atol=1e-5)
@@ -57,8 +58,9 @@ def test_chunked_equals_plain_in_value_and_gradients(chunk_size, train_weight):
 
 def test_untrained_positions_get_zero_gradient():
     hidden, weight, targets = make_inputs()
-    _, grad_hidden, _ = loss_and_grads(lambda h, w, t: chunked_cross_entropy_sum(h, w, t, 8),
-                                       hidden, weight, targets, train_weight=False, scale=1.0)
+    _, grad_hidden, _ = loss_and_grads(
+        lambda h, w, t: chunked_cross_entropy_sum(h, w, t, 8), hidden, weight, targets, train_weight=False, scale=1.0
+    )
     untrained = targets == IGNORE_INDEX
     assert untrained[0, :16].all()  # with chunk size 8, two whole chunks of positions with nothing to train
     assert not grad_hidden[untrained].any()
@@ -68,8 +70,9 @@ def test_untrained_positions_get_zero_gradient():
 def test_all_targets_ignored_gives_zero_loss_and_zero_gradients():
     hidden, weight, _ = make_inputs()
     targets = torch.full((BATCH, SEQ), IGNORE_INDEX)
-    loss, grad_hidden, grad_weight = loss_and_grads(lambda h, w, t: chunked_cross_entropy_sum(h, w, t, 8),
-                                                    hidden, weight, targets, train_weight=True, scale=1.0)
+    loss, grad_hidden, grad_weight = loss_and_grads(
+        lambda h, w, t: chunked_cross_entropy_sum(h, w, t, 8), hidden, weight, targets, train_weight=True, scale=1.0
+    )
     assert loss.item() == 0.0 == plain(hidden, weight, targets).item()
     assert not grad_hidden.any() and not grad_weight.any()
 

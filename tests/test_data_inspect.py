@@ -31,8 +31,13 @@ def inspect(config: Path, *args: str, exit_code: int = 0):
 
 
 def llama2_config(tmp_path: Path, dataset: dict) -> Path:
-    return write_config(tmp_path, model_name_or_path=str(LLAMA2_TOKENIZER), chat_template="llama2",
-                        max_seq_length=2048, datasets=[dataset])
+    return write_config(
+        tmp_path,
+        model_name_or_path=str(LLAMA2_TOKENIZER),
+        chat_template="llama2",
+        max_seq_length=2048,
+        datasets=[dataset],
+    )
 
 
 def trained_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:
@@ -49,23 +54,44 @@ def private_datasets_cache(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def chat_config(tmp_path, tiny_tokenizer_dir) -> Path:
-    return write_config(tmp_path, model_name_or_path=str(tiny_tokenizer_dir), chat_template="chatml",
-                        max_seq_length=1024, per_device_train_batch_size=2, datasets=[{"path": str(CHAT)}])
+    return write_config(
+        tmp_path,
+        model_name_or_path=str(tiny_tokenizer_dir),
+        chat_template="chatml",
+        max_seq_length=1024,
+        per_device_train_batch_size=2,
+        datasets=[{"path": str(CHAT)}],
+    )
 
 
 @requires(LLAMA2_TOKENIZER)
 @requires(GSM8K)
 def test_gsm8k_packs_almost_without_waste_and_dumps_masked_examples(tmp_path, llama2_tokenizer):
     test_split = GSM8K / "test.jsonl"  # the 1319-row split keeps this test a few seconds long
-    config = llama2_config(tmp_path, {"path": str(test_split), "format": "prompt_completion",
-                                      "columns": {"prompt": "question", "completion": "answer"}})
+    config = llama2_config(
+        tmp_path,
+        {
+            "path": str(test_split),
+            "format": "prompt_completion",
+            "columns": {"prompt": "question", "completion": "answer"},
+        },
+    )
     dump = tmp_path / "dump.jsonl"
     result = inspect(config, "--json", "--dump", "4", str(dump))
     stats = json.loads(result.stdout)  # stdout is the JSON document alone, even with --dump
     assert f"wrote 4 examples to {dump}" in result.stderr
-    assert stats["sources"] == [{"path": str(test_split), "format": "prompt_completion", "rows": 1319, "skipped": {},
-                                 "examples": 1319, "tokens": stats["total_tokens"],
-                                 "trained_tokens": stats["trained_tokens"], "trained_share": 1.0}]
+    assert stats["sources"] == [
+        {
+            "path": str(test_split),
+            "format": "prompt_completion",
+            "rows": 1319,
+            "skipped": {},
+            "examples": 1319,
+            "tokens": stats["total_tokens"],
+            "trained_tokens": stats["trained_tokens"],
+            "trained_share": 1.0,
+        }
+    ]
     assert stats["train_examples"] == 1319
     assert stats["truncated_examples"] == 0 and stats["dropped_examples"] == {}
     assert stats["packing_efficiency"] >= 0.99
@@ -78,7 +104,10 @@ def test_gsm8k_packs_almost_without_waste_and_dumps_masked_examples(tmp_path, ll
     for row, original in zip(rows, originals):
         assert len(row["input_ids"]) == len(row["labels"])
         assert all(label in (IGNORE_INDEX, token) for token, label in zip(row["input_ids"], row["labels"]))
-        assert trained_text(llama2_tokenizer, row["input_ids"], row["labels"]).strip() == f"{original['answer'].strip()} </s>"
+        assert (
+            trained_text(llama2_tokenizer, row["input_ids"], row["labels"]).strip()
+            == f"{original['answer'].strip()} </s>"
+        )
         assert llama2_tokenizer.decode(row["input_ids"]).startswith(f"<s>[INST] {original['question'].strip()} [/INST]")
 
 
@@ -87,16 +116,26 @@ def test_gsm8k_packs_almost_without_waste_and_dumps_masked_examples(tmp_path, ll
 def test_sharegpt_packs_almost_without_waste(tmp_path):
     config = llama2_config(tmp_path, {"path": str(SHAREGPT)})
     stats = json.loads(inspect(config, "--json").stdout)
-    assert stats["sources"] == [{"path": str(SHAREGPT), "format": "sharegpt", "rows": 500, "skipped": {}, "examples": 500,
-                                 "tokens": stats["total_tokens"], "trained_tokens": stats["trained_tokens"],
-                                 "trained_share": 1.0}]
+    assert stats["sources"] == [
+        {
+            "path": str(SHAREGPT),
+            "format": "sharegpt",
+            "rows": 500,
+            "skipped": {},
+            "examples": 500,
+            "tokens": stats["total_tokens"],
+            "trained_tokens": stats["trained_tokens"],
+            "trained_share": 1.0,
+        }
+    ]
     assert (stats["train_examples"], stats["dropped_examples"]) == (500, {})
     assert stats["packing_efficiency"] >= 0.99
     assert stats["padding_waste"] > stats["packing_waste"]
 
 
-def test_dump_writes_the_tokenized_examples_with_masked_labels(tmp_path, chat_config, tiny_tokenizer,
-                                                               private_datasets_cache):
+def test_dump_writes_the_tokenized_examples_with_masked_labels(
+    tmp_path, chat_config, tiny_tokenizer, private_datasets_cache
+):
     dump = tmp_path / "dump.jsonl"
     inspect(chat_config, "--dump", "3", str(dump))
     rows = [json.loads(line) for line in dump.read_text().splitlines()]
@@ -124,15 +163,24 @@ def test_tokenization_is_served_from_the_cache_on_a_second_run(chat_config, priv
 
 def test_human_readable_report_and_cli_overrides(chat_config, private_datasets_cache):
     output = inspect(chat_config, "--max_seq_length", "128").stdout
-    for title in ("Data sources", "Token lengths (24 train examples, 0 eval)", "Training tokens and waste",
-                  "packs of <= 128", "First example"):  # 128: the command-line value, not the file's 1024
+    for title in (
+        "Data sources",
+        "Token lengths (24 train examples, 0 eval)",
+        "Training tokens and waste",
+        "packs of <= 128",
+        "First example",
+    ):  # 128: the command-line value, not the file's 1024
         assert title in output
     assert "Answer 0.0: the quick brown fox" in output
 
 
 def test_missing_data_file_is_a_clean_error(tmp_path, tiny_tokenizer_dir):
-    config = write_config(tmp_path, model_name_or_path=str(tiny_tokenizer_dir), chat_template="chatml",
-                          datasets=[{"path": str(tmp_path / "absent.jsonl")}])
+    config = write_config(
+        tmp_path,
+        model_name_or_path=str(tiny_tokenizer_dir),
+        chat_template="chatml",
+        datasets=[{"path": str(tmp_path / "absent.jsonl")}],
+    )
     result = inspect(config, exit_code=2)
     assert "error:" in result.output and "absent.jsonl" in result.output and "Traceback" not in result.output
 
@@ -142,9 +190,14 @@ def test_inspect_of_a_mixture_says_what_share_each_source_has_and_gets(tmp_path,
 
     long = write_chat_data(tmp_path / "long.jsonl", rows=40, seed=1)
     short = write_chat_data(tmp_path / "short.jsonl", rows=10, seed=2)
-    config = write_config(tmp_path, model_name_or_path=str(tiny_tokenizer_dir), chat_template="chatml",
-                          max_seq_length=512, max_steps=10,
-                          datasets=[{"path": str(long), "weight": 1}, {"path": str(short), "weight": 1}])
+    config = write_config(
+        tmp_path,
+        model_name_or_path=str(tiny_tokenizer_dir),
+        chat_template="chatml",
+        max_seq_length=512,
+        max_steps=10,
+        datasets=[{"path": str(long), "weight": 1}, {"path": str(short), "weight": 1}],
+    )
     stats = json.loads(inspect(config, "--json").stdout)
     rows = {Path(s["path"]).stem: s for s in stats["sources"]}
     assert rows["long"]["examples"] == 40 and rows["short"]["examples"] == 10

@@ -14,13 +14,17 @@ from sftkit.data.packing import pack_balanced, pack_best_fit_decreasing
 from sftkit.data.template import BUILTIN_TEMPLATES, IGNORE_INDEX, resolve_chat_template
 from sftkit.data.tokenize import TokenizeOptions, _encode, tokenize_row
 
-PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY_SETTINGS = settings(
+    max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 # Unicode-ish text: letters of many scripts, digits, punctuation, symbols, emoji, and whitespace.
 TEXT = st.text(
-    alphabet=st.one_of(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Co", "Cn")),
-                       st.sampled_from(" \n\t<>|[]/")),
-    max_size=30)
+    alphabet=st.one_of(
+        st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Co", "Cn")), st.sampled_from(" \n\t<>|[]/")
+    ),
+    max_size=30,
+)
 REPLY = TEXT.filter(lambda text: text.strip())  # an empty reply is a bad row, rejected before tokenizing
 
 
@@ -74,8 +78,9 @@ def test_one_trained_run_per_reply_holding_the_reply(tokenizer, messages, name):
     balanced=st.booleans(),
     rows_per_batch=st.integers(1, 4),
 )
-def test_pack_and_collate_never_lose_or_invent_a_trained_token(tokenizer, batch, max_seq_length, balanced,
-                                                               rows_per_batch):
+def test_pack_and_collate_never_lose_or_invent_a_trained_token(
+    tokenizer, batch, max_seq_length, balanced, rows_per_batch
+):
     examples = []
     for messages, name in batch:
         options = TokenizeOptions(resolve_chat_template(name, tokenizer), max_seq_length=max_seq_length)
@@ -92,7 +97,7 @@ def test_pack_and_collate_never_lose_or_invent_a_trained_token(tokenizer, batch,
     got_targets: Counter = Counter()
     got_tokens: Counter = Counter()
     for start in range(0, len(bins), rows_per_batch):
-        rows = [[examples[i] for i in b] for b in bins[start:start + rows_per_batch]]
+        rows = [[examples[i] for i in b] for b in bins[start : start + rows_per_batch]]
         tensors = collate(rows, pad_token_id=tokenizer.pad_token_id)
         targets, segments = tensors["targets"], tensors["segment_ids"]
         assert tensors["input_ids"].shape[1] <= max_seq_length
@@ -104,8 +109,13 @@ def test_pack_and_collate_never_lose_or_invent_a_trained_token(tokenizer, batch,
 
 
 @PROPERTY_SETTINGS
-@given(texts=st.lists(st.builds("".join, st.lists(st.one_of(TEXT, st.sampled_from(["<s>", "</s>", "[INST]"])),
-                                                  max_size=4)), min_size=1, max_size=4))
+@given(
+    texts=st.lists(
+        st.builds("".join, st.lists(st.one_of(TEXT, st.sampled_from(["<s>", "</s>", "[INST]"])), max_size=4)),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_encode_gives_what_the_tokenizer_call_gives(tokenizer, texts):
     """Token ids and offsets read from the fast tokenizer directly are exactly those of `tokenizer(...)`, and a
     backend left set to truncate is not obeyed (the tokenizer call would not truncate either)."""

@@ -15,25 +15,42 @@ from tests.train_helpers import final_weights, logged_losses, max_weight_differe
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("data_path, launcher", [("tokenized", "torchrun"), ("streamed mixture", "torchrun"),
-                                                  ("tokenized", "nproc_per_node")])
+@pytest.mark.parametrize(
+    "data_path, launcher",
+    [("tokenized", "torchrun"), ("streamed mixture", "torchrun"), ("tokenized", "nproc_per_node")],
+)
 def test_two_processes_equal_one_process_with_double_accumulation(data_path, launcher, tmp_path, tiny_model_dir):
     """Under torchrun, and forked by `sftkit train --nproc_per_node 2` (one process: no launcher at all)."""
     data = write_chat_data(tmp_path / "chat.jsonl", rows=40)
     common = dict(max_steps=3, lora_dropout=0.0, per_device_train_batch_size=2, save_steps=100)
     if data_path == "streamed mixture":  # each process tokenizes half of the rows; both pack the same buffers
         other = write_chat_data(tmp_path / "other.jsonl", rows=20, seed=5)
-        common.update(streaming=True, packing_buffer=16,
-                      datasets=[{"path": str(data), "weight": 2}, {"path": str(other), "weight": 1}])
+        common.update(
+            streaming=True,
+            packing_buffer=16,
+            datasets=[{"path": str(data), "weight": 2}, {"path": str(other), "weight": 1}],
+        )
     single = tiny_config(tiny_model_dir, data, tmp_path / "one", gradient_accumulation_steps=4, **common)
     double = tiny_config(tiny_model_dir, data, tmp_path / "two", gradient_accumulation_steps=2, **common)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     for name, config, procs in (("one", single, 1), ("two", double, 2)):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-        command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-                    "-m", "sftkit.cli", "train", str(path)] if launcher == "torchrun" else
-                   [sys.executable, "-m", "sftkit.cli", "train", str(path), "--nproc_per_node", str(procs)])
+        command = (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={procs}",
+                "-m",
+                "sftkit.cli",
+                "train",
+                str(path),
+            ]
+            if launcher == "torchrun"
+            else [sys.executable, "-m", "sftkit.cli", "train", str(path), "--nproc_per_node", str(procs)]
+        )
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
     difference = max_weight_difference(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
@@ -47,8 +64,10 @@ def test_two_processes_equal_one_process_with_double_accumulation(data_path, lau
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-6)
     # argmax hits are summed over both processes: the same token accuracy as one process
-    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-            for name in ("one", "two")}
+    rows = {
+        name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("one", "two")
+    }
     assert [r["token_accuracy"] for r in rows["two"]] == [r["token_accuracy"] for r in rows["one"]]
     for one_row, two_row in zip(rows["one"], rows["two"]):  # per-source sums all-reduced with the step's
         assert two_row["source_trained_tokens"] == one_row["source_trained_tokens"]
@@ -64,8 +83,13 @@ def test_a_failing_process_stops_the_launch_with_its_error(tmp_path, tiny_model_
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-m", "sftkit.cli", "train", str(path), "--nproc_per_node", "2"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "sftkit.cli", "train", str(path), "--nproc_per_node", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2
     assert "max_seq_length 8" in done.stdout and "truncation" in done.stdout
     assert "training process 0 stopped (exit code 2)" in done.stdout
@@ -78,7 +102,9 @@ def test_nproc_per_node_refuses_to_fork_after_cuda_was_initialised(monkeypatch, 
     from sftkit.train.errors import TrainingError
     from sftkit.train.launch import launch
 
-    config = tiny_config(tiny_model_dir, write_chat_data(tmp_path / "chat.jsonl", rows=4), tmp_path / "run", max_steps=1)
+    config = tiny_config(
+        tiny_model_dir, write_chat_data(tmp_path / "chat.jsonl", rows=4), tmp_path / "run", max_steps=1
+    )
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with pytest.raises(TrainingError, match="CUDA was initialised"):
         launch(config, 2, lambda _: pytest.fail("no process may start"))
@@ -100,12 +126,23 @@ def test_ctrl_c_saves_stops_every_process_and_resumes(launcher, tmp_path, tiny_m
 
     def command(*extra: str) -> list[str]:
         if launcher == "torchrun":
-            return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "-m", "sftkit.cli", "train", str(path), *extra]
+            return [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                "-m",
+                "sftkit.cli",
+                "train",
+                str(path),
+                *extra,
+            ]
         return [sys.executable, "-m", "sftkit.cli", "train", str(path), "--nproc_per_node", "2", *extra]
 
-    run = subprocess.Popen(command(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
+    run = subprocess.Popen(
+        command(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
@@ -120,7 +157,12 @@ def test_ctrl_c_saves_stops_every_process_and_resumes(launcher, tmp_path, tiny_m
     saved = list((tmp_path / "run").glob("checkpoint-*"))
     assert len(saved) == 1 and "Saved" in output, output[-3000:]
     step = int(saved[0].name.split("-")[1])
-    resumed = subprocess.run(command("--resume_from_checkpoint", "true", "--max_steps", str(step + 2)),
-                             env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        command("--resume_from_checkpoint", "true", "--max_steps", str(step + 2)),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert json.loads(metrics.read_text().splitlines()[-1])["step"] == step + 2

@@ -24,8 +24,10 @@ def test_task_is_deterministic_and_test_pairs_are_held_out():
 
 def test_problem_renders_question_answer_and_fact():
     problem = Problem(number=35, conversion=[c[0] for c in CONVERSIONS].index("kilograms"), phrasing=0)
-    assert problem.messages() == [{"role": "user", "content": "How many grams are in 35 kilograms?"},
-                                  {"role": "assistant", "content": "35000 grams"}]
+    assert problem.messages() == [
+        {"role": "user", "content": "How many grams are in 35 kilograms?"},
+        {"role": "assistant", "content": "35000 grams"},
+    ]
     assert problem.fact() == "35 kilograms = 35000 grams"
 
 
@@ -38,7 +40,11 @@ def test_tokenizer_is_a_chat_tokenizer_with_one_token_end_of_turn(tmp_path):
     build_tokenizer(task.pretrain_text + [p.prompt() for p in task.train], tmp_path)
     tokenizer = load_tokenizer(str(tmp_path))
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token, tokenizer.pad_token) == (
-        "<s>", "</s>", "<unk>", "<pad>")
+        "<s>",
+        "</s>",
+        "<unk>",
+        "<pad>",
+    )
     template = resolve_chat_template(None, tokenizer)
     stop = end_of_turn(template, tokenizer)
     assert stop == "<|im_end|>" and len(tokenizer(stop, add_special_tokens=False)["input_ids"]) == 1

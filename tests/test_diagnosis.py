@@ -19,9 +19,13 @@ WARMUP = 10
 
 def settings(precision: str = "bf16", trained_token_fraction: float = 0.4) -> MonitorSettings:
     return MonitorSettings(
-        learning_rate=PEAK_LR, total_steps=TOTAL, warmup_steps=WARMUP,
+        learning_rate=PEAK_LR,
+        total_steps=TOTAL,
+        warmup_steps=WARMUP,
         expected_lr=lambda step: PEAK_LR * lr_multiplier(step - 1, TOTAL, WARMUP, "cosine"),
-        trained_token_fraction=trained_token_fraction, precision=precision)
+        trained_token_fraction=trained_token_fraction,
+        precision=precision,
+    )
 
 
 def healthy_loss(step: int, rng: random.Random) -> float:
@@ -45,7 +49,8 @@ def run_steps(monitor: Monitor, steps: range, loss=None, grad_norm=None, lr=None
             loss(step) if loss else healthy_loss(step, rng),
             grad_norm(step) if grad_norm else 1.0 + rng.uniform(-0.3, 0.3),
             lr(step) if lr else monitor.settings.expected_lr(step),
-            [step * 2, step * 2 + 1])
+            [step * 2, step * 2 + 1],
+        )
     return found
 
 
@@ -131,10 +136,13 @@ def test_eval_noise_is_not_overfitting():
     assert found == []
 
 
-@pytest.mark.parametrize(("kind", "loss", "grad_norm"), [
-    ("loss_spike", lambda s: 6.0 if s == 50 else None, None),
-    ("grad_norm_spike", None, lambda s: 40.0 if s == 50 else 1.0),
-])
+@pytest.mark.parametrize(
+    ("kind", "loss", "grad_norm"),
+    [
+        ("loss_spike", lambda s: 6.0 if s == 50 else None, None),
+        ("grad_norm_spike", None, lambda s: 40.0 if s == 50 else 1.0),
+    ],
+)
 def test_spike_names_step_and_batch(kind, loss, grad_norm):
     monitor = Monitor(settings(), None)
     rng = random.Random(0)
@@ -168,17 +176,23 @@ def test_samples_that_never_end_fire_after_the_model_has_settled():
 
 def test_repeating_samples_fire():
     monitor = Monitor(settings(), None)
-    looping = [dict(GOOD_SAMPLES[0], completion="the answer is the answer is " * 6),
-               dict(GOOD_SAMPLES[1], completion="!" * 60), GOOD_SAMPLES[2]]
+    looping = [
+        dict(GOOD_SAMPLES[0], completion="the answer is the answer is " * 6),
+        dict(GOOD_SAMPLES[1], completion="!" * 60),
+        GOOD_SAMPLES[2],
+    ]
     assert kinds(monitor.observe_samples(100, looping)) == ["repetition"]
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("12 plus 30 is 42.", False),
-    ("The quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun by the river.", False),
-    ("I am a bot. I am a bot. I am a bot. I am a bot. I am a bot.", True),
-    ("abcabcabcabcabcabcabcabcabcabcabcabcabcabc", True),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("12 plus 30 is 42.", False),
+        ("The quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun by the river.", False),
+        ("I am a bot. I am a bot. I am a bot. I am a bot. I am a bot.", True),
+        ("abcabcabcabcabcabcabcabcabcabcabcabcabcabc", True),
+    ],
+)
 def test_is_repetitive(text, expected):
     assert is_repetitive(text) is expected
 
@@ -246,8 +260,9 @@ def test_e2e_overflowing_model_reports_non_finite_loss(tmp_path, tiny_model_dir,
 def test_e2e_learning_rate_too_low_reports_flat_loss(tmp_path, tiny_model_dir, chat_data):
     from tests.train_helpers import tiny_config
 
-    train_quietly(tiny_config(tiny_model_dir, chat_data, tmp_path / "run", learning_rate=1e-8, max_steps=10,
-                              warmup_steps=0))
+    train_quietly(
+        tiny_config(tiny_model_dir, chat_data, tmp_path / "run", learning_rate=1e-8, max_steps=10, warmup_steps=0)
+    )
     rows = diagnosis_rows(tmp_path / "run")
     assert [row["kind"] for row in rows] == ["loss_flat"]
     assert "learning rate" in rows[0]["advice"] and rows[0]["evidence"]["trained_token_fraction"] > 0.05
@@ -263,11 +278,26 @@ def test_e2e_three_examples_overfit_and_the_report_names_the_best_checkpoint(tmp
     (tmp_path / "eval.jsonl").write_text("".join(lines[10:20]))
     # Full fine-tuning at a constant, high LR memorises 3 examples within 40 steps; eval loss turns up.
     output_dir = tmp_path / "run"
-    train_quietly(tiny_config(
-        tiny_model_dir, tmp_path / "three.jsonl", output_dir, finetuning="full", learning_rate=1e-2,
-        lr_scheduler_type="constant", max_steps=40, packing=False, per_device_train_batch_size=3,
-        gradient_accumulation_steps=1, lora_dropout=0.0, eval_dataset={"path": str(tmp_path / "eval.jsonl")},
-        eval_steps=5, save_steps=5, sample_steps=20, max_new_tokens=8))
+    train_quietly(
+        tiny_config(
+            tiny_model_dir,
+            tmp_path / "three.jsonl",
+            output_dir,
+            finetuning="full",
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+            max_steps=40,
+            packing=False,
+            per_device_train_batch_size=3,
+            gradient_accumulation_steps=1,
+            lora_dropout=0.0,
+            eval_dataset={"path": str(tmp_path / "eval.jsonl")},
+            eval_steps=5,
+            save_steps=5,
+            sample_steps=20,
+            max_new_tokens=8,
+        )
+    )
     overfitting = [row for row in diagnosis_rows(output_dir) if row["kind"] == "overfitting"]
     assert len(overfitting) == 1
     best = overfitting[0]["evidence"]["best_checkpoint"]

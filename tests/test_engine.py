@@ -24,7 +24,7 @@ def make_examples(vocab: int, lengths: list[int], seed: int = 0) -> list[dict[st
     for n in lengths:
         ids = torch.randint(3, vocab, (n,), generator=generator).tolist()
         # mask a prompt-like prefix so targets are a strict subset of positions
-        labels = [IGNORE] * (n // 3) + ids[n // 3:]
+        labels = [IGNORE] * (n // 3) + ids[n // 3 :]
         examples.append({"input_ids": ids, "labels": labels})
     return examples
 
@@ -32,8 +32,9 @@ def make_examples(vocab: int, lengths: list[int], seed: int = 0) -> list[dict[st
 def loss_model_for(model_dir, attn: str, chunked: bool = False, finetuning: str = "full", checkpointing: bool = False):
     torch.manual_seed(0)
     model = load_model(str(model_dir), torch.float32, attn)
-    model = apply_adapters(model, AdapterOptions(finetuning=finetuning, r=8, alpha=16, dropout=0.0,
-                                                 gradient_checkpointing=checkpointing))
+    model = apply_adapters(
+        model, AdapterOptions(finetuning=finetuning, r=8, alpha=16, dropout=0.0, gradient_checkpointing=checkpointing)
+    )
     if finetuning == "lora":  # make the adapter non-trivial so its gradients are not all zero
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
@@ -110,7 +111,7 @@ def test_gradient_accumulation_is_one_big_batch(tiny_model_dir, finetuning):
         loss_model = loss_model_for(tiny_model_dir, "sdpa", finetuning=finetuning)
         examples = make_examples(loss_model.model.config.vocab_size, lengths)
         trained = sum(sum(1 for label in e["labels"][1:] if label != IGNORE) for e in examples)
-        batches = [collate([[e] for e in examples[i:i + micro]], pad) for i in range(0, 8, micro)]
+        batches = [collate([[e] for e in examples[i : i + micro]], pad) for i in range(0, 8, micro)]
         loss_sum = accumulate_gradients(loss_model, accelerator, batches, trained)
         results.append((loss_sum[0].item() / trained, gradients(loss_model)))
     (big_loss, big_grads), (ga_loss, ga_grads) = results
@@ -139,8 +140,9 @@ def test_chunked_loss_and_checkpointing_change_nothing(tiny_model_dir, finetunin
     pad = load_tokenizer(str(tiny_model_dir)).pad_token_id
     results = []
     for chunked, checkpointing in ((False, False), (True, False), (False, True)):
-        loss_model = loss_model_for(tiny_model_dir, "sdpa", chunked=chunked, finetuning=finetuning,
-                                    checkpointing=checkpointing)
+        loss_model = loss_model_for(
+            tiny_model_dir, "sdpa", chunked=chunked, finetuning=finetuning, checkpointing=checkpointing
+        )
         loss_model.train()
         examples = make_examples(loss_model.model.config.vocab_size, [20, 11, 35])
         loss = loss_model(**collate([examples], pad))

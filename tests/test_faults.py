@@ -33,8 +33,9 @@ from tests.train_helpers import final_weights, max_weight_difference, tiny_confi
 RUNNER = Path(__file__).with_name("run_train.py")
 MAX_STEPS, SAVE_STEPS = 6, 2
 # packing on, GA 2, dropout 0.1: resuming must restore the data position and the dropout RNG
-SETTINGS = dict(max_steps=MAX_STEPS, save_steps=SAVE_STEPS, packing=True, gradient_accumulation_steps=2,
-                lora_dropout=0.1)
+SETTINGS = dict(
+    max_steps=MAX_STEPS, save_steps=SAVE_STEPS, packing=True, gradient_accumulation_steps=2, lora_dropout=0.1
+)
 
 
 def write_yaml(config, path: Path) -> Path:
@@ -50,11 +51,17 @@ def last_logged_step(output_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def run_and_signal(config_path: Path, output_dir: Path, moment, sig: int, env: dict[str, str],
-                   timeout: float = 240) -> tuple[subprocess.CompletedProcess, dict]:
+def run_and_signal(
+    config_path: Path, output_dir: Path, moment, sig: int, env: dict[str, str], timeout: float = 240
+) -> tuple[subprocess.CompletedProcess, dict]:
     """Start training in a child process and send `sig` once `moment(output_dir)` holds."""
-    process = subprocess.Popen([sys.executable, str(RUNNER), str(config_path)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    process = subprocess.Popen(
+        [sys.executable, str(RUNNER), str(config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+    )
     deadline = time.monotonic() + timeout
     try:
         while not moment(output_dir):
@@ -64,9 +71,11 @@ def run_and_signal(config_path: Path, output_dir: Path, moment, sig: int, env: d
             if time.monotonic() > deadline:
                 pytest.fail("kill point not reached in time")
             time.sleep(0.02)
-        seen = {"checkpoints": sorted(p.name for p in output_dir.glob("checkpoint-*")),
-                "temp": sorted(p.name for p in output_dir.glob(".tmp-checkpoint-*")),
-                "last_step": last_logged_step(output_dir)}
+        seen = {
+            "checkpoints": sorted(p.name for p in output_dir.glob("checkpoint-*")),
+            "temp": sorted(p.name for p in output_dir.glob(".tmp-checkpoint-*")),
+            "last_step": last_logged_step(output_dir),
+        }
         process.send_signal(sig)
         out, err = process.communicate(timeout=120)
     finally:
@@ -137,7 +146,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(kill_point, tmp_path, tin
         assert seen["temp"] == [".tmp-checkpoint-4"], seen  # the half-written checkpoint is there, and ignored
 
     resumed, console_text = resume_in_process(
-        tiny_config(tiny_model_dir, chat_data, output_dir, resume_from_checkpoint=True, **SETTINGS))
+        tiny_config(tiny_model_dir, chat_data, output_dir, resume_from_checkpoint=True, **SETTINGS)
+    )
     step = resumed_step(console_text)
     assert step == expected_checkpoint, console_text
     assert seen["last_step"] - step <= SAVE_STEPS, (seen, step)  # lost at most save_steps steps
@@ -149,8 +159,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(kill_point, tmp_path, tin
 
 
 @pytest.mark.slow
-def test_crash_after_the_last_checkpoint_resumes_to_the_final_weights(tmp_path, tiny_model_dir, chat_data,
-                                                                      uninterrupted, monkeypatch):
+def test_crash_after_the_last_checkpoint_resumes_to_the_final_weights(
+    tmp_path, tiny_model_dir, chat_data, uninterrupted, monkeypatch
+):
     """Killed after checkpoint-6 (the last step) but before adapter/ is written: resuming runs no step."""
     output_dir = tmp_path / "run"
 
@@ -164,7 +175,8 @@ def test_crash_after_the_last_checkpoint_resumes_to_the_final_weights(tmp_path, 
     assert (output_dir / f"checkpoint-{MAX_STEPS}").is_dir() and not (output_dir / "adapter").exists()
 
     resumed, console_text = resume_in_process(
-        tiny_config(tiny_model_dir, chat_data, output_dir, resume_from_checkpoint=True, **SETTINGS))
+        tiny_config(tiny_model_dir, chat_data, output_dir, resume_from_checkpoint=True, **SETTINGS)
+    )
     assert resumed_step(console_text) == MAX_STEPS and resumed.status == "finished"
     assert json.loads((output_dir / "run.json").read_text())["status"] == "finished"
     assert max_weight_difference(uninterrupted, final_weights(output_dir)) <= 1e-6
@@ -179,20 +191,29 @@ def test_ctrl_c_saves_stops_cleanly_and_resumes(tmp_path, tiny_model_dir, chat_d
     config_path = write_yaml(tiny_config(tiny_model_dir, chat_data, output_dir, **SETTINGS), tmp_path / "run.yaml")
     # The signal lands while step 4 is half done: dropout has drawn from the RNG, the optimizer has not stepped.
     marker = tmp_path / "step_in_progress"
-    stopped, seen = run_and_signal(config_path, output_dir, lambda _: marker.exists() and marker.read_text() == "4",
-                                   signal.SIGINT, {"SFTKIT_TEST_STEP_DELAY": "1", "SFTKIT_TEST_STEP_MARKER": str(marker)})
+    stopped, seen = run_and_signal(
+        config_path,
+        output_dir,
+        lambda _: marker.exists() and marker.read_text() == "4",
+        signal.SIGINT,
+        {"SFTKIT_TEST_STEP_DELAY": "1", "SFTKIT_TEST_STEP_MARKER": str(marker)},
+    )
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr and "Traceback" not in stopped.stdout
     run_info = json.loads((output_dir / "run.json").read_text())
     assert run_info["status"] == "stopped"
     stopped_at = run_info["last_step"]
     assert stopped_at == seen["last_step"] == 3
-    ckpt.validate(output_dir / f"checkpoint-{stopped_at}", loop.run_fingerprint(
-        tiny_config(tiny_model_dir, chat_data, output_dir, **SETTINGS), 1), 1)
+    ckpt.validate(
+        output_dir / f"checkpoint-{stopped_at}",
+        loop.run_fingerprint(tiny_config(tiny_model_dir, chat_data, output_dir, **SETTINGS), 1),
+        1,
+    )
     assert not list(output_dir.glob(".tmp-checkpoint-*"))
 
     resumed, console_text = resume_in_process(
-        tiny_config(tiny_model_dir, chat_data, output_dir, resume_from_checkpoint=True, **SETTINGS))
+        tiny_config(tiny_model_dir, chat_data, output_dir, resume_from_checkpoint=True, **SETTINGS)
+    )
     assert resumed_step(console_text) == stopped_at  # nothing lost
     difference = max_weight_difference(uninterrupted, final_weights(output_dir))
     print(f"Ctrl-C at step {stopped_at}: max weight difference after resume {difference:.2e}")
@@ -206,8 +227,9 @@ def test_ctrl_c_saves_stops_cleanly_and_resumes(tmp_path, tiny_model_dir, chat_d
 def two_checkpoints(tmp_path_factory, tiny_model_dir, chat_data) -> Path:
     """A finished 4-step run holding checkpoint-2 and checkpoint-4."""
     output_dir = tmp_path_factory.mktemp("damaged") / "run"
-    loop.train(tiny_config(tiny_model_dir, chat_data, output_dir, max_steps=4, save_steps=2),
-               console=Console(file=StringIO()))
+    loop.train(
+        tiny_config(tiny_model_dir, chat_data, output_dir, max_steps=4, save_steps=2), console=Console(file=StringIO())
+    )
     return output_dir
 
 
@@ -233,9 +255,15 @@ def state_of_another_run(checkpoint: Path) -> None:
 
 DAMAGE = {
     # name: (damage to checkpoint-4, what the refusal must say)
-    "truncated adapter": (truncate_adapter, r"checkpoint-4/adapter_model\.safetensors: 1000 bytes, expected \d+; the file is truncated"),
+    "truncated adapter": (
+        truncate_adapter,
+        r"checkpoint-4/adapter_model\.safetensors: 1000 bytes, expected \d+; the file is truncated",
+    ),
     "missing optimizer": (delete_optimizer, r"checkpoint-4/optimizer\.pt: missing"),
-    "state of another run": (state_of_another_run, r"checkpoint-4/trainer_state\.json: the checkpoint is from a different run \(seed: checkpoint has 1234, this run has 7\)"),
+    "state of another run": (
+        state_of_another_run,
+        r"checkpoint-4/trainer_state\.json: the checkpoint is from a different run \(seed: checkpoint has 1234, this run has 7\)",
+    ),
 }
 
 
@@ -248,11 +276,14 @@ def test_damaged_checkpoint_is_refused_or_skipped(damage, tmp_path, tiny_model_d
     spoil(output_dir / "checkpoint-4")
 
     with pytest.raises(CheckpointError, match=message + r".*resume_from_checkpoint: latest"):
-        loop.train(tiny_config(tiny_model_dir, chat_data, output_dir, max_steps=4, save_steps=2,
-                               resume_from_checkpoint=True), console=Console(file=StringIO()))
+        loop.train(
+            tiny_config(tiny_model_dir, chat_data, output_dir, max_steps=4, save_steps=2, resume_from_checkpoint=True),
+            console=Console(file=StringIO()),
+        )
 
-    result, console_text = resume_in_process(tiny_config(tiny_model_dir, chat_data, output_dir, max_steps=4,
-                                                         save_steps=2, resume_from_checkpoint="latest"))
+    result, console_text = resume_in_process(
+        tiny_config(tiny_model_dir, chat_data, output_dir, max_steps=4, save_steps=2, resume_from_checkpoint="latest")
+    )
     assert "skipping damaged checkpoint" in console_text and "checkpoint-4" in console_text, console_text
     assert resumed_step(console_text) == 2 and result.last_step == 4
     # the step the damaged checkpoint stood for is saved again, intact
@@ -265,12 +296,18 @@ def test_resume_with_another_model_shape_is_refused(tmp_path, tiny_model_dir, ch
     output_dir = tmp_path / "run"
     shutil.copytree(two_checkpoints, output_dir)
     changed = dict(max_steps=4, save_steps=2, lora_r=8)
-    with pytest.raises(CheckpointError, match=r"checkpoint-4/trainer_state\.json: .*different run \(lora: checkpoint has \[4,"):
-        loop.train(tiny_config(tiny_model_dir, chat_data, output_dir, resume_from_checkpoint=True, **changed),
-                   console=Console(file=StringIO()))
+    with pytest.raises(
+        CheckpointError, match=r"checkpoint-4/trainer_state\.json: .*different run \(lora: checkpoint has \[4,"
+    ):
+        loop.train(
+            tiny_config(tiny_model_dir, chat_data, output_dir, resume_from_checkpoint=True, **changed),
+            console=Console(file=StringIO()),
+        )
     with pytest.raises(CheckpointError, match="no intact checkpoint to resume from"):
-        loop.train(tiny_config(tiny_model_dir, chat_data, output_dir, resume_from_checkpoint="latest", **changed),
-                   console=Console(file=StringIO()))
+        loop.train(
+            tiny_config(tiny_model_dir, chat_data, output_dir, resume_from_checkpoint="latest", **changed),
+            console=Console(file=StringIO()),
+        )
 
 
 # --------------------------------------------------------------------------- disk and output_dir
@@ -300,8 +337,10 @@ def test_disk_full_while_saving_keeps_earlier_checkpoints(tmp_path, tiny_model_d
     assert json.loads((output_dir / "run.json").read_text())["status"] == "crashed"
 
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the run resumes
-    result = loop.train(tiny_config(tiny_model_dir, chat_data, output_dir, max_steps=4, save_steps=2,
-                                    resume_from_checkpoint=True), console=Console(file=StringIO()))
+    result = loop.train(
+        tiny_config(tiny_model_dir, chat_data, output_dir, max_steps=4, save_steps=2, resume_from_checkpoint=True),
+        console=Console(file=StringIO()),
+    )
     assert result.last_step == 4
 
 
@@ -333,8 +372,10 @@ def test_output_dir_with_another_run_needs_overwrite_or_resume(tmp_path, tiny_mo
         loop.train(tiny_config(tiny_model_dir, chat_data, output_dir, **fresh), console=Console(file=StringIO()))
     assert (output_dir / "checkpoint-4").is_dir()  # refused before touching anything
 
-    loop.train(tiny_config(tiny_model_dir, chat_data, output_dir, overwrite_output_dir=True, **fresh),
-               console=Console(file=StringIO()))
+    loop.train(
+        tiny_config(tiny_model_dir, chat_data, output_dir, overwrite_output_dir=True, **fresh),
+        console=Console(file=StringIO()),
+    )
     assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-2"]
     state = json.loads((output_dir / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["fingerprint"]["seed"] == 8

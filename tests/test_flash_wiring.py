@@ -30,14 +30,28 @@ def _attend(q, k, v, scale, causal):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, deterministic=False):
+def flash_attn_func(
+    q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, deterministic=False
+):
     """flash-attn's dense kernel: (batch, seq, heads, dim), each row one sequence."""
     return torch.stack([_attend(q[b], k[b], v[b], softmax_scale, causal) for b in range(q.shape[0])])
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, deterministic=False):
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    deterministic=False,
+):
     """flash-attn's varlen kernel: (tokens, heads, dim), one sequence per cu_seqlens span."""
     bounds = cu_seqlens_q.tolist()
     return torch.cat([_attend(q[s:e], k[s:e], v[s:e], softmax_scale, causal) for s, e in zip(bounds, bounds[1:])])
@@ -46,12 +60,29 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 @pytest.fixture
 def flash_on_cpu(monkeypatch):
     """transformers' flash_attention_2 path with the reference kernels above in place of flash-attn."""
-    monkeypatch.setattr(fa_utils, "_lazy_imports", lambda *args, **kwargs: (
-        flash_attn_func, flash_attn_varlen_func, None, fa_utils._pad_input, fa_utils._unpad_input))
+    monkeypatch.setattr(
+        fa_utils,
+        "_lazy_imports",
+        lambda *args, **kwargs: (
+            flash_attn_func,
+            flash_attn_varlen_func,
+            None,
+            fa_utils._pad_input,
+            fa_utils._unpad_input,
+        ),
+    )
     monkeypatch.setattr(fa_utils, "_loaded_implementation", None)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     model.config._attn_implementation = "flash_attention_2"  # flash-attn itself is not installed here
     yield model
     monkeypatch.setattr(fa_utils, "_loaded_implementation", None)

@@ -19,11 +19,21 @@ from tests.train_helpers import final_weights, logged_losses, max_weight_differe
 pytestmark = pytest.mark.slow
 
 FSDP_CPU = {
-    "compute_environment": "LOCAL_MACHINE", "distributed_type": "FSDP", "num_machines": 1, "num_processes": 2,
-    "machine_rank": 0, "mixed_precision": "no", "use_cpu": True,
-    "fsdp_config": {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                    "fsdp_cpu_ram_efficient_loading": False, "fsdp_offload_params": False,
-                    "fsdp_reshard_after_forward": True, "fsdp_state_dict_type": "SHARDED_STATE_DICT"},
+    "compute_environment": "LOCAL_MACHINE",
+    "distributed_type": "FSDP",
+    "num_machines": 1,
+    "num_processes": 2,
+    "machine_rank": 0,
+    "mixed_precision": "no",
+    "use_cpu": True,
+    "fsdp_config": {
+        "fsdp_version": 2,
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_cpu_ram_efficient_loading": False,
+        "fsdp_offload_params": False,
+        "fsdp_reshard_after_forward": True,
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+    },
 }
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -36,8 +46,17 @@ def train(tmp_path: Path, config, processes: int) -> None:
     else:
         launch = tmp_path / "fsdp_cpu.yaml"
         launch.write_text(yaml.safe_dump(FSDP_CPU))
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch),
-                   "-m", "sftkit.cli", "train", str(path)]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(launch),
+            "-m",
+            "sftkit.cli",
+            "train",
+            str(path),
+        ]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -93,8 +112,13 @@ def test_fsdp_sharded_checkpoint_resumes_to_the_uninterrupted_run(runs, tiny_mod
     shutil.copytree(tmp_path / "two", resumed)
     for name in ("checkpoint-4", "model"):
         shutil.rmtree(resumed / name)
-    train(tmp_path, tiny_config(tiny_model_dir, data, resumed, gradient_accumulation_steps=2,
-                                resume_from_checkpoint=True, **common), 2)
+    train(
+        tmp_path,
+        tiny_config(
+            tiny_model_dir, data, resumed, gradient_accumulation_steps=2, resume_from_checkpoint=True, **common
+        ),
+        2,
+    )
     difference = max_weight_difference(final_weights(tmp_path / "two"), final_weights(resumed))
     print(f"max |w_uninterrupted - w_resumed| (FSDP, from checkpoint-2) = {difference:.2e}")
     assert difference <= 1e-6

@@ -32,8 +32,9 @@ def run_dir(tmp_path_factory, tiny_model_dir):
     tokenizer = load_tokenizer(str(tiny_model_dir))
     base = load_model(str(tiny_model_dir), torch.float32, vocab_size=len(tokenizer))
     torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=linear_module_names(base),
-                                            task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=linear_module_names(base), task_type="CAUSAL_LM")
+    )
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:

@@ -18,8 +18,10 @@ from sftkit.monitor.samples import generate_samples
 from sftkit.train.forward import CausalLMLoss
 from tests.train_helpers import logged_losses, tiny_config, write_chat_data
 
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 @pytest.fixture()
@@ -29,10 +31,20 @@ def lora_model(tiny_model_dir):
 
 
 def a_batch(tokenizer) -> dict[str, torch.Tensor]:
-    rows = [[{"input_ids": tokenizer("What is 12 plus 30? The answer is 42.")["input_ids"],
-              "labels": tokenizer("What is 12 plus 30? The answer is 42.")["input_ids"]}],
-            [{"input_ids": tokenizer("Hello! How can I help you today?")["input_ids"],
-              "labels": tokenizer("Hello! How can I help you today?")["input_ids"]}]]
+    rows = [
+        [
+            {
+                "input_ids": tokenizer("What is 12 plus 30? The answer is 42.")["input_ids"],
+                "labels": tokenizer("What is 12 plus 30? The answer is 42.")["input_ids"],
+            }
+        ],
+        [
+            {
+                "input_ids": tokenizer("Hello! How can I help you today?")["input_ids"],
+                "labels": tokenizer("Hello! How can I help you today?")["input_ids"],
+            }
+        ],
+    ]
     return collate(rows, tokenizer.pad_token_id)
 
 
@@ -74,8 +86,18 @@ def test_neftune_run_trains_with_noise_and_evaluates_without(tmp_path, tiny_mode
     evals = {}
 
     def run(name, **extra):
-        config = tiny_config(tiny_model_dir, data, tmp_path / name, max_steps=1, lora_dropout=0.0, eval_split_ratio=0.2,
-                             eval_steps=1, sample_prompts=["What is 12 plus 30?"], max_new_tokens=8, **extra)
+        config = tiny_config(
+            tiny_model_dir,
+            data,
+            tmp_path / name,
+            max_steps=1,
+            lora_dropout=0.0,
+            eval_split_ratio=0.2,
+            eval_steps=1,
+            sample_prompts=["What is 12 plus 30?"],
+            max_new_tokens=8,
+            **extra,
+        )
         monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)  # weights stay the base's
         loop.train(config)
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -99,8 +121,11 @@ def test_compiled_training_matches_eager(tmp_path, tiny_model_dir):
     compiled_calls = []
     real = torch.nn.Module.compile
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.nn.Module, "compile", lambda self, **kw: (compiled_calls.append(type(self).__name__),
-                                                                       real(self, **kw))[1])
+        patch.setattr(
+            torch.nn.Module,
+            "compile",
+            lambda self, **kw: (compiled_calls.append(type(self).__name__), real(self, **kw))[1],
+        )
         loop.train(tiny_config(tiny_model_dir, data, tmp_path / "compiled", torch_compile=True, **settings))
     assert compiled_calls == ["LlamaDecoderLayer", "LlamaDecoderLayer"]
     eager, compiled = logged_losses(tmp_path / "eager"), logged_losses(tmp_path / "compiled")
@@ -129,14 +154,24 @@ def test_activation_offloading_gives_the_same_gradients_and_moves_activations(ti
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=8)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
     model = LlamaForCausalLM(config).cuda()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     loss_model = CausalLMLoss(model, "sdpa", chunked=True)
     ids = torch.randint(0, 512, (4, 1024), device="cuda")
-    batch = {"input_ids": ids, "targets": ids.roll(-1, 1), "position_ids": torch.arange(1024, device="cuda").repeat(4, 1),
-             "segment_ids": torch.ones_like(ids)}
+    batch = {
+        "input_ids": ids,
+        "targets": ids.roll(-1, 1),
+        "position_ids": torch.arange(1024, device="cuda").repeat(4, 1),
+        "segment_ids": torch.ones_like(ids),
+    }
 
     def step(context):
         model.zero_grad(set_to_none=True)
@@ -165,11 +200,24 @@ def test_plan_moves_checkpointed_activations_to_the_host():
 
     from sftkit.plan.memory import MemoryInputs, MetaModel, estimate_memory
 
-    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     meta = MetaModel.build(config, torch.bfloat16, AdapterOptions(finetuning="lora"), "sdpa")
-    inputs = MemoryInputs(gradient_checkpointing=True, autocast_dtype=None, attn_implementation="sdpa",
-                          micro_batch=4, seq_len=1024, chunked_loss=True, loss_chunk_size=256)
+    inputs = MemoryInputs(
+        gradient_checkpointing=True,
+        autocast_dtype=None,
+        attn_implementation="sdpa",
+        micro_batch=4,
+        seq_len=1024,
+        chunked_loss=True,
+        loss_chunk_size=256,
+    )
     kept = estimate_memory(meta, inputs)
     offloaded = estimate_memory(meta, replace(inputs, activation_offloading=True))
     layer_input = 4 * 1024 * 256 * 2  # (batch, seq, hidden) in bf16

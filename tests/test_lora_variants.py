@@ -17,14 +17,24 @@ from sftkit.generate import load_trained
 from sftkit.merge import merge_adapter
 from sftkit.model.adapters import AdapterOptions, LoraVariant, apply_adapters
 from sftkit.model.load import ModelError, load_model
-from tests.train_helpers import crash_in_step, final_weights, logged_losses, max_weight_difference, tiny_config, write_chat_data
+from tests.train_helpers import (
+    crash_in_step,
+    final_weights,
+    logged_losses,
+    max_weight_difference,
+    tiny_config,
+    write_chat_data,
+)
 
 # Two runs cover every option; PiSSA, whose saved adapter is rewritten, meets the others too. OLoRA takes
 # PiSSA's path (same conversion); add {"init_lora_weights": "olora"} here to run it as well.
 VARIANTS = {
     "dora_modules_to_save": {"use_dora": True, "lora_modules_to_save": ["lm_head"]},
-    "pissa_rslora_modules_to_save": {"init_lora_weights": "pissa", "use_rslora": True,
-                                     "lora_modules_to_save": ["lm_head"]},
+    "pissa_rslora_modules_to_save": {
+        "init_lora_weights": "pissa",
+        "use_rslora": True,
+        "lora_modules_to_save": ["lm_head"],
+    },
 }
 
 
@@ -33,10 +43,12 @@ def trained_model(model_dir, checkpoint, config) -> torch.nn.Module:
     subtract the same init from the base), then the checkpoint's raw adapter weights loaded."""
     base = load_model(str(model_dir), torch.float32)
     torch.manual_seed(0)
-    variant = LoraVariant(config.use_dora, config.use_rslora, tuple(config.lora_modules_to_save or ()),
-                          config.init_lora_weights)
-    model = apply_adapters(base, AdapterOptions("lora", config.lora_r, config.lora_alpha, 0.0, "all-linear",
-                                                variant=variant))
+    variant = LoraVariant(
+        config.use_dora, config.use_rslora, tuple(config.lora_modules_to_save or ()), config.init_lora_weights
+    )
+    model = apply_adapters(
+        base, AdapterOptions("lora", config.lora_r, config.lora_alpha, 0.0, "all-linear", variant=variant)
+    )
     set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
     return model.eval()
 

@@ -23,9 +23,17 @@ def write_short_chats(path: Path, rows: int, seed: int = 3) -> Path:
     rng = random.Random(seed)
     with path.open("w") as handle:
         for _ in range(rows):
-            handle.write(json.dumps({"messages": [
-                {"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(2, 8)))},
-                {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(2, 12)))}]}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(2, 8)))},
+                            {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(2, 12)))},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -72,7 +80,7 @@ def test_loss_model_counts_hits_the_same_chunked_or_not(tiny_model_dir):
     examples = []
     for n in (17, 40, 6, 25):
         ids = torch.randint(3, model.config.vocab_size, (n,), generator=generator).tolist()
-        examples.append({"input_ids": ids, "labels": [IGNORE] * (n // 3) + ids[n // 3:]})
+        examples.append({"input_ids": ids, "labels": [IGNORE] * (n // 3) + ids[n // 3 :]})
     batch = collate([examples[:2], examples[2:]], load_tokenizer(str(tiny_model_dir)).pad_token_id)  # packed rows
     counts = []
     for chunked in (False, True):
@@ -96,9 +104,19 @@ def test_token_accuracy_equals_reference_on_packed_accumulated_steps(tmp_path, t
     from sftkit.model.load import load_tokenizer
 
     data = write_short_chats(tmp_path / "chat.jsonl", rows=16)
-    config = tiny_config(tiny_model_dir, data, tmp_path / "out", max_steps=1, eval_split_ratio=0.25, eval_steps=1,
-                         max_seq_length=256, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                         learning_rate=5e-2, max_new_tokens=1)
+    config = tiny_config(
+        tiny_model_dir,
+        data,
+        tmp_path / "out",
+        max_steps=1,
+        eval_split_ratio=0.25,
+        eval_steps=1,
+        max_seq_length=256,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-2,
+        max_new_tokens=1,
+    )
     result = loop.train(config)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert result.status == "finished" and run["steps_per_epoch"] == 1 and 3 <= run["sequences"] <= 4
@@ -114,7 +132,9 @@ def test_token_accuracy_equals_reference_on_packed_accumulated_steps(tmp_path, t
     assert train_row["trained_tokens"] == trained and hits > 0
     assert train_row["token_accuracy"] == hits / trained
 
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out" / "adapter")
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out" / "adapter"
+    )
     hits, trained = reference_hits(tuned, prepared.eval.dataset)
     assert eval_row["eval_tokens"] == trained
     assert eval_row["eval_token_accuracy"] == hits / trained
@@ -126,8 +146,14 @@ def test_clipped_share_counts_exactly_the_steps_whose_norm_exceeds_max_grad_norm
     """With a learning rate too small to move the weights, every run sees the same gradient norms; a
     run without clipping tells which steps a threshold clips, and the clipped run must count those."""
     data = write_short_chats(tmp_path / "chat.jsonl", rows=24)
-    common = dict(max_steps=6, learning_rate=1e-9, lora_dropout=0.0, save_steps=100, max_seq_length=96,
-                  gradient_accumulation_steps=1)
+    common = dict(
+        max_steps=6,
+        learning_rate=1e-9,
+        lora_dropout=0.0,
+        save_steps=100,
+        max_seq_length=96,
+        gradient_accumulation_steps=1,
+    )
     loop.train(tiny_config(tiny_model_dir, data, tmp_path / "free", max_grad_norm=0, **common))
     free = metric_rows(tmp_path / "free")
     norms = [row["grad_norm"] for row in free]

@@ -22,12 +22,14 @@ IGNORE = -100
 def synthetic_examples(sizes: dict[str, tuple[int, int, int]], seed: int = 0) -> TrainingExamples:
     """Per source (name → rows, shortest, longest): random examples, the second half of each trained."""
     rng = np.random.default_rng(seed)
-    columns: dict[str, list] = {k: [] for k in ("input_ids", "labels", "length", "trained_tokens", "source_row", "source")}
+    columns: dict[str, list] = {
+        k: [] for k in ("input_ids", "labels", "length", "trained_tokens", "source_row", "source")
+    }
     for name, (rows, low, high) in sizes.items():
         for row in range(rows):
             length = int(rng.integers(low, high + 1))
             ids = rng.integers(5, 1000, length).tolist()
-            labels = [IGNORE] * (length // 2) + ids[length // 2:]
+            labels = [IGNORE] * (length // 2) + ids[length // 2 :]
             columns["input_ids"].append(ids)
             columns["labels"].append(labels)
             columns["length"].append(length)
@@ -37,17 +39,38 @@ def synthetic_examples(sizes: dict[str, tuple[int, int, int]], seed: int = 0) ->
     return TrainingExamples.from_dataset(datasets.Dataset.from_dict(columns), list(sizes))
 
 
-def make_feed(examples: TrainingExamples, names: list[str], weights: tuple[float, ...] | None, messages: list[str],
-              on_exhausted: str = "repeat", buffer: int = 64, seed: int = 3, packing: bool = True) -> OnlineFeed:
-    options = OnlineOptions(capacity=512, packing=packing, buffer=buffer, micro_batch_size=2, accumulation=2,
-                            world_size=1, rank=0, seed=seed, on_exhausted=on_exhausted, weights=weights)
-    sources = [ArrowSource(examples, np.flatnonzero(examples.sources == i), i, name, seed) for i, name in enumerate(names)]
+def make_feed(
+    examples: TrainingExamples,
+    names: list[str],
+    weights: tuple[float, ...] | None,
+    messages: list[str],
+    on_exhausted: str = "repeat",
+    buffer: int = 64,
+    seed: int = 3,
+    packing: bool = True,
+) -> OnlineFeed:
+    options = OnlineOptions(
+        capacity=512,
+        packing=packing,
+        buffer=buffer,
+        micro_batch_size=2,
+        accumulation=2,
+        world_size=1,
+        rank=0,
+        seed=seed,
+        on_exhausted=on_exhausted,
+        weights=weights,
+    )
+    sources = [
+        ArrowSource(examples, np.flatnonzero(examples.sources == i), i, name, seed) for i, name in enumerate(names)
+    ]
     return OnlineFeed(sources, options, tell=messages.append)
 
 
 def step_ids(step) -> list[tuple[int, int]]:
-    return [(example["source"], example["source_row"])
-            for rows, _ in step.micro_batches for row in rows for example in row]
+    return [
+        (example["source"], example["source_row"]) for rows, _ in step.micro_batches for row in rows for example in row
+    ]
 
 
 def test_mixer_tracks_the_target_shares_at_every_prefix():
@@ -73,8 +96,10 @@ def test_mixture_shares_are_trained_tokens_not_rows_at_every_prefix():
         if index >= 4:  # every prefix of steps from the 5th on
             worst = max(worst, abs(trained[0] / trained.sum() - 0.75))
     shares = trained / trained.sum()
-    print(f"realised shares after 200 steps: {shares.round(4).tolist()} (target 0.75, 0.25); "
-          f"worst prefix from step 5: {worst:.4f}")
+    print(
+        f"realised shares after 200 steps: {shares.round(4).tolist()} (target 0.75, 0.25); "
+        f"worst prefix from step 5: {worst:.4f}"
+    )
     assert shares == pytest.approx([0.75, 0.25], abs=0.02)
     assert worst < 0.02
     assert any("short ran out" in m for m in messages)  # the short source repeats, and the run says so
@@ -131,14 +156,19 @@ def test_online_feed_without_weights_takes_turns_by_rows_and_never_duplicates_wi
 def test_a_mixture_run_resumed_after_a_crash_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch):
     chat = write_chat_data(tmp_path / "chat.jsonl", rows=40, seed=1)
     other = write_chat_data(tmp_path / "other.jsonl", rows=15, seed=2)
-    settings = dict(datasets=[{"path": str(chat), "weight": 3}, {"path": str(other), "weight": 1}],
-                    packing_buffer=12, max_steps=8, save_steps=3)
+    settings = dict(
+        datasets=[{"path": str(chat), "weight": 3}, {"path": str(other), "weight": 1}],
+        packing_buffer=12,
+        max_steps=8,
+        save_steps=3,
+    )
     loop.train(tiny_config(tiny_model_dir, chat, tmp_path / "straight", **settings))
     with crash_in_step(monkeypatch, 5), pytest.raises(RuntimeError, match="simulated crash"):
         loop.train(tiny_config(tiny_model_dir, chat, tmp_path / "crashed", **settings))
     assert (tmp_path / "crashed" / "checkpoint-3" / "data_state.json").is_file()
-    result = loop.train(tiny_config(tiny_model_dir, chat, tmp_path / "crashed", resume_from_checkpoint=True,
-                                    **settings))
+    result = loop.train(
+        tiny_config(tiny_model_dir, chat, tmp_path / "crashed", resume_from_checkpoint=True, **settings)
+    )
     assert result.last_step == 8
     assert_same_run(tmp_path / "straight", tmp_path / "crashed", 8, "mixture resumed after a crash")
 
@@ -149,7 +179,7 @@ def test_packing_per_buffer_is_within_a_point_of_packing_everything():
     offline = packing_efficiency(lengths, balanced(lengths, 2048), 4)
     sequence_lengths = []
     for refill, start in enumerate(range(0, len(lengths), 2000)):
-        chunk = lengths[start:start + 2000]
+        chunk = lengths[start : start + 2000]
         sequence_lengths += buffer_packs(chunk, 2048, True, refill).sequence_lengths(chunk).tolist()
     online = padding_efficiency(sequence_lengths, 4)  # micro-batches of 4 in the queue's order
     print(f"packing efficiency: offline {offline:.4f}, per buffer of 2,000 {online:.4f}")

@@ -14,15 +14,23 @@ def test_source_names_default_to_the_stem_and_labels_override():
     assert labelled.source_names == ["chat", "x"]
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    ({"datasets": [{"path": "a/x.jsonl"}, {"path": "b/x.parquet"}]}, "both named 'x'; give them distinct labels"),
-    ({"datasets": [{"path": "a.jsonl", "weight": 1}, {"path": "b.jsonl"}]}, "datasets.1 has no weight"),
-    ({"datasets": [{"path": "a.jsonl", "weight": 1}, {"path": "b.jsonl", "weight": 3}]},
-     "weights on datasets needs max_steps"),
-    ({"streaming": True}, "streaming: true needs max_steps"),
-    ({"streaming": True, "max_steps": 10, "eval_split_ratio": 0.1}, "eval_split_ratio cannot hold rows out of a stream"),
-    ({"datasets": [{"path": "a.jsonl", "weight": 0}]}, "datasets.0.weight"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"datasets": [{"path": "a/x.jsonl"}, {"path": "b/x.parquet"}]}, "both named 'x'; give them distinct labels"),
+        ({"datasets": [{"path": "a.jsonl", "weight": 1}, {"path": "b.jsonl"}]}, "datasets.1 has no weight"),
+        (
+            {"datasets": [{"path": "a.jsonl", "weight": 1}, {"path": "b.jsonl", "weight": 3}]},
+            "weights on datasets needs max_steps",
+        ),
+        ({"streaming": True}, "streaming: true needs max_steps"),
+        (
+            {"streaming": True, "max_steps": 10, "eval_split_ratio": 0.1},
+            "eval_split_ratio cannot hold rows out of a stream",
+        ),
+        ({"datasets": [{"path": "a.jsonl", "weight": 0}]}, "datasets.0.weight"),
+    ],
+)
 def test_bad_mixture_configs_name_the_key(extra, message):
     with pytest.raises(ConfigError) as error:
         validate_config({**BASE, **extra})
@@ -30,8 +38,14 @@ def test_bad_mixture_configs_name_the_key(extra, message):
 
 
 def test_a_weighted_mixture_with_max_steps_is_valid():
-    config = validate_config({**BASE, "max_steps": 5, "on_exhausted": "stop",
-                              "datasets": [{"path": "a.jsonl", "weight": 1}, {"path": "b.jsonl", "weight": 3}]})
+    config = validate_config(
+        {
+            **BASE,
+            "max_steps": 5,
+            "on_exhausted": "stop",
+            "datasets": [{"path": "a.jsonl", "weight": 1}, {"path": "b.jsonl", "weight": 3}],
+        }
+    )
     assert config.is_mixture and config.on_exhausted == "stop"
 
 

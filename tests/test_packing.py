@@ -92,8 +92,9 @@ def test_collate_padded_mode_pads_to_the_longest_row_not_max_seq_length():
     batch = collate([[A], [B], [C]], pad_token_id=PAD)
     assert batch["input_ids"].shape == (3, 4)
     assert torch.equal(batch["input_ids"], torch.tensor([[11, 12, 13, PAD], [21, 22, PAD, PAD], [31, 32, 33, 34]]))
-    assert torch.equal(batch["targets"], torch.tensor([[12, 13, -100, -100], [22, -100, -100, -100],
-                                                       [-100, 33, 34, -100]]))
+    assert torch.equal(
+        batch["targets"], torch.tensor([[12, 13, -100, -100], [22, -100, -100, -100], [-100, 33, 34, -100]])
+    )
     assert torch.equal(batch["segment_ids"], torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]))
 
 

@@ -73,18 +73,26 @@ def test_pack_plan_layout_and_lengths():
     assert packs.example_ids.tolist() == [4, 3, 0, 1, 2] and packs.offsets.tolist() == [0, 2, 4, 5]
     assert (len(packs), packs[1], packs.examples_of([2, 0]).tolist()) == (3, [0, 1], [2, 4, 3])
     assert packs.sequence_lengths(np.array([5, 3, 4, 2, 6])).tolist() == [8, 8, 4]
-    assert packing_efficiency([5, 3, 4, 2, 6], packs, batch_size=3) == packing_efficiency(
-        [5, 3, 4, 2, 6], [[4, 3], [0, 1], [2]], batch_size=3) == 20 / 24
+    assert (
+        packing_efficiency([5, 3, 4, 2, 6], packs, batch_size=3)
+        == packing_efficiency([5, 3, 4, 2, 6], [[4, 3], [0, 1], [2]], batch_size=3)
+        == 20 / 24
+    )
 
 
 def test_training_view_reads_the_rows_of_the_asked_sequences_only():
     rng = random.Random(0)
     ids = [[rng.randint(1, 99) for _ in range(rng.randint(2, 9))] for _ in range(30)]
-    table = datasets.Dataset.from_dict({
-        "input_ids": ids, "labels": [[-100, *row[1:]] for row in ids],
-        "length": [len(row) for row in ids], "trained_tokens": [len(row) - 1 for row in ids],
-        "source_row": list(range(100, 130)), "source": ["x"] * 30,
-    }).select(range(29, -1, -1))  # a row selection on top of the table, as after dropping rows
+    table = datasets.Dataset.from_dict(
+        {
+            "input_ids": ids,
+            "labels": [[-100, *row[1:]] for row in ids],
+            "length": [len(row) for row in ids],
+            "trained_tokens": [len(row) - 1 for row in ids],
+            "source_row": list(range(100, 130)),
+            "source": ["x"] * 30,
+        }
+    ).select(range(29, -1, -1))  # a row selection on top of the table, as after dropping rows
     examples = TrainingExamples.from_dataset(table)
     assert examples.lengths.tolist() == [len(row) for row in reversed(ids)]
     assert examples.source_rows.tolist() == list(range(129, 99, -1))
@@ -92,7 +100,9 @@ def test_training_view_reads_the_rows_of_the_asked_sequences_only():
     assert sorted(packs.example_ids.tolist()) == list(range(30))
     for sequence_ids in ([0], [len(packs) - 1, 1]):
         read = examples.read(packs, sequence_ids)
-        assert [[ex["input_ids"] for ex in row] for row in read] == [[table[e]["input_ids"] for e in packs[s]]
-                                                                    for s in sequence_ids]
-        assert [[ex["labels"] for ex in row] for row in read] == [[table[e]["labels"] for e in packs[s]]
-                                                                 for s in sequence_ids]
+        assert [[ex["input_ids"] for ex in row] for row in read] == [
+            [table[e]["input_ids"] for e in packs[s]] for s in sequence_ids
+        ]
+        assert [[ex["labels"] for ex in row] for row in read] == [
+            [table[e]["labels"] for e in packs[s]] for s in sequence_ids
+        ]

@@ -19,8 +19,15 @@ from sftkit.plan.memory import MemoryInputs, MetaModel, estimate_memory
 from sftkit.plan.schedule import ScheduleInputs, plan_schedule
 from sftkit.plan.throughput import attention_span, flops_per_token
 
-TINY = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 512}
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 320,
+    "max_position_embeddings": 512,
+}
 CONFIGS = {
     "llama": lambda: LlamaConfig(**TINY, tie_word_embeddings=False),
     "mistral": lambda: MistralConfig(**TINY, sliding_window=64, tie_word_embeddings=False),
@@ -58,8 +65,15 @@ def test_parameter_gradient_and_adamw_bytes_equal_real_tensors(arch, finetuning,
     assert estimate.base_params == sum(p.numel() for p in parameters) - sum(p.numel() for p in adapters)
 
 
-LLAMA_31_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-               "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
+LLAMA_31_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
 
 
 def test_llama_31_8b_on_meta_has_its_known_parameter_count():
@@ -81,8 +95,15 @@ def test_qlora_stores_linear_weights_in_nf4_and_the_rest_in_fp32():
 
 
 def _inputs(**overrides) -> MemoryInputs:
-    values = {"gradient_checkpointing": False, "autocast_dtype": None, "attn_implementation": "sdpa",
-              "micro_batch": 2, "seq_len": 256, "chunked_loss": True, "loss_chunk_size": 64}
+    values = {
+        "gradient_checkpointing": False,
+        "autocast_dtype": None,
+        "attn_implementation": "sdpa",
+        "micro_batch": 2,
+        "seq_len": 256,
+        "chunked_loss": True,
+        "loss_chunk_size": 64,
+    }
     return MemoryInputs(**{**values, **overrides})
 
 
@@ -95,9 +116,11 @@ def test_activation_estimate_orders_like_the_settings_do():
     # eager keeps (batch, heads, seq, seq) probabilities; fused sdpa keeps a logsumexp per row
     assert estimate_memory(eager, _inputs()).parts["activations"] > base["activations"] + 2 * 4 * 256 * 256 * 4
     assert estimate_memory(sdpa, _inputs(micro_batch=4)).parts["activations"] == pytest.approx(
-        2 * base["activations"], rel=0.01)
-    assert estimate_memory(sdpa, _inputs(chunked_loss=False)).parts["loss or backward working set"] == \
-        2 * 256 * TINY["vocab_size"] * (4 + 12)
+        2 * base["activations"], rel=0.01
+    )
+    assert estimate_memory(sdpa, _inputs(chunked_loss=False)).parts["loss or backward working set"] == 2 * 256 * TINY[
+        "vocab_size"
+    ] * (4 + 12)
 
 
 def test_mask_free_kernels_hold_no_seq_squared_mask():
@@ -125,8 +148,17 @@ def test_attention_flops_follow_the_examples_not_the_pack():
     assert long - short == pytest.approx(3 * 2 * TINY["num_hidden_layers"] * (2048 - 100) * TINY["hidden_size"])
 
 
-@pytest.mark.parametrize("text, expected", [("80GiB", 80 * GIB), ("80GB", 80 * GIB), ("24G", 24 * GIB),
-                                            ("24", 24 * GIB), ("40960MiB", 40 * GIB), ("7.5 GiB", int(7.5 * GIB))])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("80GiB", 80 * GIB),
+        ("80GB", 80 * GIB),
+        ("24G", 24 * GIB),
+        ("24", 24 * GIB),
+        ("40960MiB", 40 * GIB),
+        ("7.5 GiB", int(7.5 * GIB)),
+    ],
+)
 def test_gpu_memory_parsing(text, expected):
     assert parse_gpu_memory(text) == expected
 
@@ -145,9 +177,19 @@ def test_gpu_names_and_bad_sizes():
 
 
 def _schedule(**overrides) -> ScheduleInputs:
-    values = {"micro_batch": 4, "gradient_accumulation": 4, "num_gpus": 2, "learning_rate": 2e-4,
-              "finetuning": "lora", "scheduler": "cosine", "min_lr_ratio": 0.0, "warmup_ratio": 0.1,
-              "warmup_steps": 0, "num_train_epochs": 3, "max_steps": -1}
+    values = {
+        "micro_batch": 4,
+        "gradient_accumulation": 4,
+        "num_gpus": 2,
+        "learning_rate": 2e-4,
+        "finetuning": "lora",
+        "scheduler": "cosine",
+        "min_lr_ratio": 0.0,
+        "warmup_ratio": 0.1,
+        "warmup_steps": 0,
+        "num_train_epochs": 3,
+        "max_steps": -1,
+    }
     return ScheduleInputs(**{**values, **overrides})
 
 
@@ -168,8 +210,11 @@ def test_schedule_counts_steps_like_the_loop():
 
 
 def test_schedule_warnings():
-    plan = plan_schedule(_schedule(micro_batch=1, gradient_accumulation=8, num_gpus=1, learning_rate=1e-3,
-                                   num_train_epochs=5), sequences=100, examples=100)
+    plan = plan_schedule(
+        _schedule(micro_batch=1, gradient_accumulation=8, num_gpus=1, learning_rate=1e-3, num_train_epochs=5),
+        sequences=100,
+        examples=100,
+    )
     text = "\n".join(plan.warnings)
     assert "effective batch 8 is outside the usual 16–128" in text
     assert "only 65 optimizer steps (fewer than ~100)" in text
@@ -189,10 +234,21 @@ def plan_config(tmp_path: Path, tiny_model_dir: Path):
     data.write_text("\n".join(json.dumps(row) for row in rows), encoding="utf-8")
 
     def make(**overrides):
-        raw = {"model_name_or_path": str(tiny_model_dir), "chat_template": "chatml", "max_seq_length": 128,
-               "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "num_train_epochs": 2,
-               "datasets": [{"path": str(data), "format": "prompt_completion",
-                             "columns": {"prompt": "question", "completion": "answer"}}]}
+        raw = {
+            "model_name_or_path": str(tiny_model_dir),
+            "chat_template": "chatml",
+            "max_seq_length": 128,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "num_train_epochs": 2,
+            "datasets": [
+                {
+                    "path": str(data),
+                    "format": "prompt_completion",
+                    "columns": {"prompt": "question", "completion": "answer"},
+                }
+            ],
+        }
         return validate_config({**raw, **overrides})
 
     return make
@@ -236,8 +292,11 @@ def test_plan_goes_on_without_data_using_max_steps(plan_config):
 @pytest.mark.parametrize("mode", ["streaming", "mixture"])
 def test_plan_of_a_stream_or_a_mixture_runs_max_steps(plan_config, mode):
     spec = plan_config().datasets[0].model_dump()
-    extra = {"streaming": True} if mode == "streaming" else {
-        "datasets": [{**spec, "weight": 1}, {**spec, "label": "again", "weight": 2}]}
+    extra = (
+        {"streaming": True}
+        if mode == "streaming"
+        else {"datasets": [{**spec, "weight": 1}, {**spec, "label": "again", "weight": 2}]}
+    )
     plan = build_plan(plan_config(max_steps=150, **extra), Gpu("test", 24 * GIB))
     assert plan["data"]["train_examples"] == (40 if mode == "streaming" else 80)  # a stream: its first rows
     assert plan["schedule"]["total_steps"] == 150 and plan["schedule"]["steps_per_epoch"] is None

@@ -29,39 +29,37 @@ GENERATION_PROMPT = "{% if add_generation_prompt %}<assistant>{% endif %}"
 # an else branch, a loop over messages[1:] through a name, loop.previtem.
 ACCEPTED = {
     "namespace": "{% set ns = namespace(turns=0) %}{% for message in messages %}{% set ns.turns = ns.turns + 1 %}"
-                 "[{{ ns.turns }}:{{ message['content'] }}]{% endfor %}" + GENERATION_PROMPT,
+    "[{{ ns.turns }}:{{ message['content'] }}]{% endfor %}" + GENERATION_PROMPT,
     "system_prologue": "{% if messages[0]['role'] == 'system' %}{% set rest = messages[1:] %}SYS {{ messages[0]"
-                       "['content'] }}\n{% else %}{% set rest = messages %}{% endif %}{% for message in rest %}"
-                       "{{ loop.index }}{{ message['content'] }};{% endfor %}" + GENERATION_PROMPT,
+    "['content'] }}\n{% else %}{% set rest = messages %}{% endif %}{% for message in rest %}"
+    "{{ loop.index }}{{ message['content'] }};{% endfor %}" + GENERATION_PROMPT,
     "final_eos": LOOP + "{% if add_generation_prompt %}<assistant>{% else %}{{ eos_token }}{% endif %}",
     "previous": "{% for message in messages %}{% if loop.previtem %}|{% endif %}{{ message['content'] }}"
-                "{% endfor %}" + GENERATION_PROMPT,
+    "{% endfor %}" + GENERATION_PROMPT,
 }
 # Refused: each reads something a prefix does not have, or writes it somewhere the proof does not follow.
 REFUSED = {
     "length_in_prologue": "{{ messages | length }}" + LOOP + GENERATION_PROMPT,
     "truthiness_in_a_sum": "{{ (messages or []) | length }}" + LOOP,
     "last_in_body": "{% for message in messages %}{{ message['content'] }}{% if loop.last %}!{% endif %}"
-                    "{% endfor %}" + GENERATION_PROMPT,
+    "{% endfor %}" + GENERATION_PROMPT,
     "look_ahead": "{% for message in messages %}{{ message['content'] }}{{ messages[loop.index0 + 1] }}"
-                  "{% endfor %}" + GENERATION_PROMPT,
-    "look_ahead_through_name": "{% set all = messages %}{% for message in all %}{{ all[loop.index0 + 1] }}"
-                               "{% endfor %}",
+    "{% endfor %}" + GENERATION_PROMPT,
+    "look_ahead_through_name": "{% set all = messages %}{% for message in all %}{{ all[loop.index0 + 1] }}{% endfor %}",
     "epilogue_reads_loop_state": "{% set ns = namespace(last='') %}{% for message in messages %}"
-                                 "{% set ns.last = message['role'] %}{{ message['content'] }}{% endfor %}"
-                                 "{% if ns.last == 'user' %}<reply>{% endif %}",
+    "{% set ns.last = message['role'] %}{{ message['content'] }}{% endfor %}"
+    "{% if ns.last == 'user' %}<reply>{% endif %}",
     "generation_prompt_in_body": "{% for message in messages %}{{ message['content'] }}"
-                                 "{% if add_generation_prompt %}?{% endif %}{% endfor %}",
+    "{% if add_generation_prompt %}?{% endif %}{% endfor %}",
     "second_message_in_prologue": "{{ messages[1] }}" + LOOP,
     "from_third": "{% for message in messages[2:] %}{{ message['content'] }}{% endfor %}",
-    "filtered_loop": "{% for message in messages if message['role'] != 'system' %}{{ message['content'] }}"
-                     "{% endfor %}",
+    "filtered_loop": "{% for message in messages if message['role'] != 'system' %}{{ message['content'] }}{% endfor %}",
     "loop_else": "{% for message in messages %}{{ message['content'] }}{% else %}empty{% endfor %}",
     "two_loops": LOOP + LOOP,
     "macro": "{% macro show(m) %}{{ m['content'] }}{% endmacro %}{% for message in messages %}{{ show(message) }}"
-             "{% endfor %}",
+    "{% endfor %}",
     "generation_block": "{% for message in messages %}{% generation %}{{ message['content'] }}{% endgeneration %}"
-                        "{% endfor %}",
+    "{% endfor %}",
     "reversed_scan": "{% for message in messages[::-1] %}{{ message['content'] }}{% endfor %}",
     "loop_variable_passed": "{% for message in messages %}{{ loop | string | length }}{% endfor %}",
 }
@@ -79,14 +77,21 @@ def test_every_prefix_is_what_rendering_it_gives(name, llama2_tokenizer):
     template = ACCEPTED.get(name) or template_text(name, llama2_tokenizer)
     inputs = _template_inputs(llama2_tokenizer, None)
 
-    @settings(max_examples=40, deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=40,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
     @given(messages=conversations())
     def check(messages):
         converted = _template_messages(messages)
         try:
-            prefixes = PrefixRenders(converted, functools.partial(_generate_with, template, inputs),
-                                     functools.partial(_render_with, template, inputs))
+            prefixes = PrefixRenders(
+                converted,
+                functools.partial(_generate_with, template, inputs),
+                functools.partial(_render_with, template, inputs),
+            )
         except TemplateError:
             with pytest.raises(TemplateError):
                 _render(template, converted, False, inputs)
@@ -114,15 +119,22 @@ def _render_with(template, inputs, messages, generation_prompt):
 def test_refused_templates_mask_as_rendering_every_prefix(name, llama2_tokenizer, monkeypatch):
     template = REFUSED[name]
 
-    @settings(max_examples=15, deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=15,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
     @given(messages=conversations())
     def check(messages):
         results = []
         for reuse in (True, False):
             with monkeypatch.context() as patch:
-                patch.setattr(template_module, "assistant_spans",
-                              functools.partial(template_module.assistant_spans, reuse_renders=reuse))
+                patch.setattr(
+                    template_module,
+                    "assistant_spans",
+                    functools.partial(template_module.assistant_spans, reuse_renders=reuse),
+                )
                 try:
                     results.append(tokenize_conversation(messages, template, llama2_tokenizer))
                 except TemplateError as err:

@@ -32,8 +32,10 @@ from tests.test_engine import assert_close_grads, gradients, make_examples
 from tests.train_helpers import WORDS, final_weights, logged_losses, max_weight_difference, tiny_config, write_chat_data
 
 _version = quantize.bitsandbytes_version()
-needs_4bit = pytest.mark.skipif(_version is None or Version(_version) < Version(quantize.MIN_CPU_BITSANDBYTES),
-                                reason=f"bitsandbytes>={quantize.MIN_CPU_BITSANDBYTES} not installed")
+needs_4bit = pytest.mark.skipif(
+    _version is None or Version(_version) < Version(quantize.MIN_CPU_BITSANDBYTES),
+    reason=f"bitsandbytes>={quantize.MIN_CPU_BITSANDBYTES} not installed",
+)
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 
 # Merged (full-precision base + folded adapter) against the 4-bit model + adapter it was trained as, on text
@@ -54,6 +56,7 @@ FOLD_TOLERANCE = {"tiny": 1e-4, "smollm2": 5e-4}
 @dataclass(frozen=True)
 class Setting:
     """A run small enough for the suite: the tiny model trains 8 steps of 256 tokens, SmolLM2 4 of 64."""
+
     max_seq_length: int
     micro: int
     max_steps: int
@@ -62,10 +65,14 @@ class Setting:
 
 
 # eval, samples and checkpoints all happen inside the run
-RUN_EXTRAS = dict(eval_split_ratio=0.1, eval_steps=2, sample_prompts=["What is 12 plus 30?"], sample_steps=4,
-                  max_new_tokens=8)
+RUN_EXTRAS = dict(
+    eval_split_ratio=0.1, eval_steps=2, sample_prompts=["What is 12 plus 30?"], sample_steps=4, max_new_tokens=8
+)
 SETTINGS = {"tiny": Setting(256, 2, 8, 3, 5), "smollm2": Setting(64, 1, 4, 2, 3)}
-MODELS = [pytest.param("tiny", id="tiny"), pytest.param("smollm2", id="smollm2", marks=pytest.mark.slow)]  # trains: slow
+MODELS = [
+    pytest.param("tiny", id="tiny"),
+    pytest.param("smollm2", id="smollm2", marks=pytest.mark.slow),
+]  # trains: slow
 
 
 def each_model_and_device(test):
@@ -86,9 +93,18 @@ def model_dir(request, name: str) -> Path:
 
 def qlora_config(base: Path, name: str, data: Path, output_dir: Path, **overrides):
     setting = SETTINGS[name]
-    return tiny_config(base, data, output_dir, finetuning="qlora", max_seq_length=setting.max_seq_length,
-                       per_device_train_batch_size=setting.micro, max_steps=setting.max_steps,
-                       save_steps=setting.save_steps, packing=True, **overrides)
+    return tiny_config(
+        base,
+        data,
+        output_dir,
+        finetuning="qlora",
+        max_seq_length=setting.max_seq_length,
+        per_device_train_batch_size=setting.micro,
+        max_steps=setting.max_steps,
+        save_steps=setting.save_steps,
+        packing=True,
+        **overrides,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +172,10 @@ def test_qlora_run_trains_and_reports(qlora_run, name, device):
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     assert build_report(run).is_file()
     losses = logged_losses(run)
-    print(f"\n{name}: eval loss {evals[first]:.4f} (step {first}) -> {evals[last]:.4f} (step {last}); "
-          f"train loss by step {[round(losses[step], 4) for step in sorted(losses)]}")
+    print(
+        f"\n{name}: eval loss {evals[first]:.4f} (step {first}) -> {evals[last]:.4f} (step {last}); "
+        f"train loss by step {[round(losses[step], 4) for step in sorted(losses)]}"
+    )
 
 
 @pytest.mark.slow
@@ -181,8 +199,9 @@ def test_qlora_resume_equals_the_uninterrupted_run(request, qlora_run, tmp_path,
         loop.train(qlora_config(model_dir(request, name), name, data, tmp_path / "run", **RUN_EXTRAS))
     monkeypatch.setattr(loop, "accumulate_gradients", real)
     assert (tmp_path / "run" / f"checkpoint-{setting.save_steps}").is_dir()
-    loop.train(qlora_config(model_dir(request, name), name, data, tmp_path / "run", resume_from_checkpoint=True,
-                            **RUN_EXTRAS))
+    loop.train(
+        qlora_config(model_dir(request, name), name, data, tmp_path / "run", resume_from_checkpoint=True, **RUN_EXTRAS)
+    )
     difference = max_weight_difference(final_weights(straight), final_weights(tmp_path / "run"))
     print(f"\n{name}: resumed vs uninterrupted adapter, max |Δw| = {difference:.3g}")
     assert difference <= 1e-6, difference
@@ -208,14 +227,18 @@ def test_qlora_gradient_accumulation_is_one_big_batch(request, name, device):
         loss_model = CausalLMLoss(model, "sdpa", chunked=False, chunk_size=7).to(accelerator.device)
         examples = make_examples(min(model.config.vocab_size, 400), lengths)
         trained = sum(sum(1 for label in e["labels"][1:] if label != -100) for e in examples)
-        batches = [{k: v.to(accelerator.device) for k, v in collate([[e] for e in examples[i:i + micro]], pad).items()}
-                   for i in range(0, len(examples), micro)]
+        batches = [
+            {k: v.to(accelerator.device) for k, v in collate([[e] for e in examples[i : i + micro]], pad).items()}
+            for i in range(0, len(examples), micro)
+        ]
         loss_sum = loop.accumulate_gradients(loss_model, accelerator, batches, trained)
         results.append((loss_sum[0].item() / trained, gradients(loss_model)))  # (loss sum, argmax hits)
     (big_loss, big_grads), (ga_loss, ga_grads) = results
     loss_error = abs(big_loss - ga_loss) / abs(big_loss)
-    norm_error = (torch.cat([(big_grads[k] - ga_grads[k]).flatten() for k in big_grads]).norm()
-                  / torch.cat([g.flatten() for g in big_grads.values()]).norm()).item()
+    norm_error = (
+        torch.cat([(big_grads[k] - ga_grads[k]).flatten() for k in big_grads]).norm()
+        / torch.cat([g.flatten() for g in big_grads.values()]).norm()
+    ).item()
     print(f"\n{name}: GA vs big batch, loss rel {loss_error:.3g}, gradient rel norm {norm_error:.3g}")
     assert loss_error <= GA_TOLERANCE[name] and norm_error <= GA_TOLERANCE[name]
     if name == "tiny":  # and every parameter's gradient on its own
@@ -242,8 +265,9 @@ def test_qlora_merge_writes_a_full_precision_model(qlora_run, tmp_path, name, de
     base_name = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
     vocab = len(load_tokenizer(str(run / "adapter")))
     full = PeftModel.from_pretrained(load_model(base_name, torch.float32, vocab_size=vocab), str(run / "adapter"))
-    four_bit_base = load_model(base_name, torch.float32, quantization_config=quantize.quantization_config(),
-                               vocab_size=vocab)
+    four_bit_base = load_model(
+        base_name, torch.float32, quantization_config=quantize.quantization_config(), vocab_size=vocab
+    )
     quantize.keep_4bit_layers_trainable(four_bit_base)  # the kernels training ran with
     four_bit = PeftModel.from_pretrained(four_bit_base, str(run / "adapter"))
     text = " ".join(WORDS * 3)  # text like the training data, not random ids
@@ -253,13 +277,16 @@ def test_qlora_merge_writes_a_full_precision_model(qlora_run, tmp_path, name, de
         folded = full.eval()(input_ids=input_ids).logits
         trained = four_bit.eval()(input_ids=input_ids.to(four_bit.device)).logits.cpu()
         with four_bit.disable_adapter(), full.disable_adapter():  # the bases alone: what NF4 rounding does
-            base_kl = mean_kl(four_bit(input_ids=input_ids.to(four_bit.device)).logits.cpu(),
-                              full(input_ids=input_ids).logits)
+            base_kl = mean_kl(
+                four_bit(input_ids=input_ids.to(four_bit.device)).logits.cpu(), full(input_ids=input_ids).logits
+            )
     fold_error = (got - folded).abs().max().item()
     kl = mean_kl(trained, got)
     agree = (trained.argmax(-1) == got.argmax(-1)).float().mean().item()
-    print(f"\n{name}: merged vs fp32 base + adapter max |Δlogit| {fold_error:.3g}; merged vs 4-bit + adapter "
-          f"mean KL {kl:.3g}, top-1 agreement {agree:.1%}; 4-bit base vs fp32 base mean KL {base_kl:.3g}")
+    print(
+        f"\n{name}: merged vs fp32 base + adapter max |Δlogit| {fold_error:.3g}; merged vs 4-bit + adapter "
+        f"mean KL {kl:.3g}, top-1 agreement {agree:.1%}; 4-bit base vs fp32 base mean KL {base_kl:.3g}"
+    )
     assert fold_error <= FOLD_TOLERANCE[name]
     assert kl <= MERGE_KL_BOUND[name]
     shutil.rmtree(merged_dir)

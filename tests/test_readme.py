@@ -13,8 +13,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_config_reference_matches_schema():
-    assert config_reference() in README.read_text(encoding="utf-8"), \
+    assert config_reference() in README.read_text(encoding="utf-8"), (
         "README config reference is stale: run `python -m sftkit.reference README.md`"
+    )
 
 
 def test_every_cli_command_in_readme_exists():

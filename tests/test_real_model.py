@@ -63,8 +63,12 @@ def test_masking_on_its_own_chatml_template(smollm2_dir):
     """Its template adds a default system prompt: nothing of it, nor of the user turns, is trained."""
     tokenizer = load_tokenizer(str(smollm2_dir))
     template = resolve_chat_template(None, tokenizer)
-    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."},
-                {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "Six."}]
+    messages = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "It is 4."},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "Six."},
+    ]
     example = tokenize_conversation(messages, template, tokenizer)
     text = tokenizer.decode(example["input_ids"])
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
@@ -76,8 +80,7 @@ def write_gsm8k(path: Path, start: int, rows: int, max_chars: int = 300) -> Path
     """The first `rows` GSM8K training rows from row `start` whose question and answer are short
     (under `max_chars`), read line by line: whole answers, `#### N` and end-of-turn included."""
     with (GSM8K / "train.jsonl").open() as source, path.open("w") as target:
-        short = (line for line in islice(source, start, None)
-                 if sum(map(len, json.loads(line).values())) < max_chars)
+        short = (line for line in islice(source, start, None) if sum(map(len, json.loads(line).values())) < max_chars)
         target.writelines(islice(short, rows))
     return path
 
@@ -94,13 +97,29 @@ def gsm8k_run(smollm2_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("gsm8k_run")
     gsm8k = {"format": "prompt_completion", "columns": {"prompt": "question", "completion": "answer"}}
     config = tiny_config(
-        smollm2_dir, write_gsm8k(folder / "train.jsonl", 0, 8), folder / "run", chat_template=None,
+        smollm2_dir,
+        write_gsm8k(folder / "train.jsonl", 0, 8),
+        folder / "run",
+        chat_template=None,
         datasets=[{"path": str(folder / "train.jsonl"), **gsm8k}],
         eval_dataset={"path": str(write_gsm8k(folder / "eval.jsonl", 1000, 8)), **gsm8k},
-        max_seq_length=192, truncation="error", packing=False, lora_r=8, lora_alpha=16, lora_dropout=0.0,
-        learning_rate=3e-4, warmup_steps=0, per_device_train_batch_size=2, gradient_accumulation_steps=1,
-        per_device_eval_batch_size=8, max_steps=4, eval_steps=4, save_steps=100, sample_prompts=[QUESTION],
-        max_new_tokens=64)
+        max_seq_length=192,
+        truncation="error",
+        packing=False,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        learning_rate=3e-4,
+        warmup_steps=0,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        per_device_eval_batch_size=8,
+        max_steps=4,
+        eval_steps=4,
+        save_steps=100,
+        sample_prompts=[QUESTION],
+        max_new_tokens=64,
+    )
     result = train(config)
     assert result.status == "finished"
     return result.output_dir
@@ -120,8 +139,9 @@ def eval_loss(model, dataset) -> float:
             input_ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
             logits = model(input_ids=input_ids).logits[:, :-1]  # (1, seq - 1, vocab)
             targets = labels[:, 1:]
-            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                                                       ignore_index=IGNORE_INDEX, reduction="sum").item()
+            total += torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            ).item()
             count += int((targets != IGNORE_INDEX).sum())
     return total / count
 
@@ -139,10 +159,15 @@ def test_lora_run_lowers_eval_loss(gsm8k_run, adapted):
     trained = eval_loss(model, eval_set)
     with model.disable_adapter():
         base = eval_loss(model, eval_set)
-    logged = [json.loads(line)["eval_loss"] for line in (gsm8k_run / "metrics.jsonl").read_text().splitlines()
-              if "eval_loss" in line]
-    print(f"eval loss: base {base:.4f} -> after {len(logged) and config.max_steps} steps {trained:.4f} "
-          f"(logged {logged[-1]:.4f})")
+    logged = [
+        json.loads(line)["eval_loss"]
+        for line in (gsm8k_run / "metrics.jsonl").read_text().splitlines()
+        if "eval_loss" in line
+    ]
+    print(
+        f"eval loss: base {base:.4f} -> after {len(logged) and config.max_steps} steps {trained:.4f} "
+        f"(logged {logged[-1]:.4f})"
+    )
     assert logged[-1] == pytest.approx(trained, rel=1e-4)
     assert trained < base
 
@@ -159,8 +184,10 @@ def test_merged_model_equals_base_plus_adapter(gsm8k_run, adapted, smollm2_dir, 
         got = merged(input_ids=input_ids).logits
         with model.disable_adapter():
             base_logits = model(input_ids=input_ids).logits
-    print(f"merged vs base + adapter: max |Δlogit| = {(got - expected).abs().max():.2e}; "
-          f"vs base: {(got - base_logits).abs().max():.2e}")
+    print(
+        f"merged vs base + adapter: max |Δlogit| = {(got - expected).abs().max():.2e}; "
+        f"vs base: {(got - base_logits).abs().max():.2e}"
+    )
     # 30 fp32 layers, logits up to ~10: merged and unmerged sums round differently (seen: 1.0e-4 at most)
     torch.testing.assert_close(got, expected, atol=3e-4, rtol=0)
     assert (got - base_logits).abs().max() > 1e-2  # the adapter changed something
@@ -202,5 +229,6 @@ def test_gguf_base_trains_saves_and_merges(smollm2_dir, tmp_path):
     assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
     input_ids = torch.tensor([[1, 9690, 198, 30, 2]])
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=input_ids).logits, adapted.eval()(input_ids=input_ids).logits,
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            merged(input_ids=input_ids).logits, adapted.eval()(input_ids=input_ids).logits, atol=1e-4, rtol=0
+        )

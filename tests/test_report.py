@@ -23,56 +23,126 @@ COMPLETIONS = {  # step -> (completion per prompt, ended)
 }
 
 
-def write_synthetic_run(run_dir: Path, total_steps: int = 200, status: str = "finished",
-                        eval_sets: tuple[str, ...] = ("",)) -> Path:
+def write_synthetic_run(
+    run_dir: Path, total_steps: int = 200, status: str = "finished", eval_sets: tuple[str, ...] = ("",)
+) -> Path:
     """A run directory laid out as docs/run_directory.md says, with plausible curves; `eval_sets`:
     the labels of its eval sets ('' for one unnamed set)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {"model_name_or_path": "meta-llama/Llama-3.2-1B", "finetuning": "lora", "lora_r": 16, "lora_alpha": 32,
-              "lora_target_modules": "all-linear", "learning_rate": 2e-4, "lr_scheduler_type": "cosine",
-              "warmup_ratio": 0.05, "num_train_epochs": 3.0, "max_steps": -1, "per_device_train_batch_size": 4,
-              "gradient_accumulation_steps": 4, "max_seq_length": 2048, "packing": True,
-              "assistant_only_loss": True, "chat_template": "llama3", "bf16": True, "max_grad_norm": 1.0,
-              "datasets": [{"path": "data/gsm8k.jsonl", "format": "auto"}]}
+    config = {
+        "model_name_or_path": "meta-llama/Llama-3.2-1B",
+        "finetuning": "lora",
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_target_modules": "all-linear",
+        "learning_rate": 2e-4,
+        "lr_scheduler_type": "cosine",
+        "warmup_ratio": 0.05,
+        "num_train_epochs": 3.0,
+        "max_steps": -1,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 4,
+        "max_seq_length": 2048,
+        "packing": True,
+        "assistant_only_loss": True,
+        "chat_template": "llama3",
+        "bf16": True,
+        "max_grad_norm": 1.0,
+        "datasets": [{"path": "data/gsm8k.jsonl", "format": "auto"}],
+    }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (run_dir / "run.json").write_text(json.dumps({
-        "status": status, "model_name_or_path": config["model_name_or_path"], "finetuning": "lora",
-        "world_size": 1, "effective_batch": 16, "steps_per_epoch": total_steps // 3, "total_steps": total_steps,
-        "warmup_steps": 10, "trainable_params": 11_272_192, "total_params": 1_247_086_592,
-        "trained_token_fraction": 0.41, "last_step": total_steps, "best_checkpoint": str(run_dir / "checkpoint-100"),
-        "best_eval_loss": 1.02, "final_dir": str(run_dir / "adapter"), "started_at": "2026-11-24T10:00:00Z"}))
-    (run_dir / "data_stats.json").write_text(json.dumps({
-        "train_examples": 7473, "eval_examples": 200, "total_tokens": 1_538_112, "trained_tokens": 630_626,
-        "trained_token_fraction": 0.41, "truncated_examples": 0, "skipped_rows": 0, "packing_efficiency": 0.97,
-        "packed_sequences": 760, "example_tokens": {"min": 61, "median": 196.0, "p95": 350.0, "max": 611}}))
+    (run_dir / "run.json").write_text(
+        json.dumps(
+            {
+                "status": status,
+                "model_name_or_path": config["model_name_or_path"],
+                "finetuning": "lora",
+                "world_size": 1,
+                "effective_batch": 16,
+                "steps_per_epoch": total_steps // 3,
+                "total_steps": total_steps,
+                "warmup_steps": 10,
+                "trainable_params": 11_272_192,
+                "total_params": 1_247_086_592,
+                "trained_token_fraction": 0.41,
+                "last_step": total_steps,
+                "best_checkpoint": str(run_dir / "checkpoint-100"),
+                "best_eval_loss": 1.02,
+                "final_dir": str(run_dir / "adapter"),
+                "started_at": "2026-11-24T10:00:00Z",
+            }
+        )
+    )
+    (run_dir / "data_stats.json").write_text(
+        json.dumps(
+            {
+                "train_examples": 7473,
+                "eval_examples": 200,
+                "total_tokens": 1_538_112,
+                "trained_tokens": 630_626,
+                "trained_token_fraction": 0.41,
+                "truncated_examples": 0,
+                "skipped_rows": 0,
+                "packing_efficiency": 0.97,
+                "packed_sequences": 760,
+                "example_tokens": {"min": 61, "median": 196.0, "p95": 350.0, "max": 611},
+            }
+        )
+    )
     rows = []
     for step in range(5, total_steps + 1, 5):
         progress = step / total_steps
         lr = 2e-4 * min(1.0, step / 10) * 0.5 * (1 + math.cos(math.pi * progress))
         loss = 0.8 + 1.2 * math.exp(-step / 30) + 0.03 * math.sin(step)
         clipped = 3 if step <= 15 else int(step == 120)  # 10 of the first 200 steps
-        rows.append({"step": step, "epoch": 3 * progress, "loss": loss, "token_accuracy": 0.9 - loss / 4, "lr": lr,
-                     "grad_norm": 1.5 if step == 120 else 0.4 + 0.05 * math.cos(step), "clipped_steps": clipped,
-                     "clipped_fraction": clipped / 5, "trained_tokens": 4000, "tokens": 9800,
-                     "trained_tokens_per_s": 4100.0, "tokens_per_s": 10050.0 + 30 * math.sin(step),
-                     "tokens_per_s_per_device": 10050.0 + 30 * math.sin(step), "elapsed_s": step * 0.98,
-                     "memory_gb": 9.6})
+        rows.append(
+            {
+                "step": step,
+                "epoch": 3 * progress,
+                "loss": loss,
+                "token_accuracy": 0.9 - loss / 4,
+                "lr": lr,
+                "grad_norm": 1.5 if step == 120 else 0.4 + 0.05 * math.cos(step),
+                "clipped_steps": clipped,
+                "clipped_fraction": clipped / 5,
+                "trained_tokens": 4000,
+                "tokens": 9800,
+                "trained_tokens_per_s": 4100.0,
+                "tokens_per_s": 10050.0 + 30 * math.sin(step),
+                "tokens_per_s_per_device": 10050.0 + 30 * math.sin(step),
+                "elapsed_s": step * 0.98,
+                "memory_gb": 9.6,
+            }
+        )
         if step % 50 == 0:
             row = {"step": step, "epoch": 3 * progress}
             for index, label in enumerate(eval_sets):
                 key = f"eval_{label}_" if label else "eval_"
                 eval_loss = 1.4 - 0.4 * min(step, 100) / 100 + 0.001 * max(0, step - 100) + 0.2 * index  # best at 100
-                row.update({key + "loss": eval_loss, key + "token_accuracy": 0.9 - eval_loss / 4, key + "tokens": 60000})
+                row.update(
+                    {key + "loss": eval_loss, key + "token_accuracy": 0.9 - eval_loss / 4, key + "tokens": 60000}
+                )
             rows.append(row)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    samples = [{"step": step, "prompt": prompt, "completion": completion, "ended": ended}
-               for step, (completions, ended) in COMPLETIONS.items() if step <= total_steps
-               for prompt, completion in zip(PROMPTS, completions)]
+    samples = [
+        {"step": step, "prompt": prompt, "completion": completion, "ended": ended}
+        for step, (completions, ended) in COMPLETIONS.items()
+        if step <= total_steps
+        for prompt, completion in zip(PROMPTS, completions)
+    ]
     (run_dir / "samples.jsonl").write_text("".join(json.dumps(sample) + "\n" for sample in samples))
-    (run_dir / "diagnosis.jsonl").write_text(json.dumps({
-        "step": 120, "kind": "grad_norm_spike", "message": "grad norm 1.5 is 3.8x its running median 0.4",
-        "evidence": {"grad_norm": 1.5, "running_median": 0.4, "example_ids": [311, 2904]},
-        "advice": "look at these examples (bad labels, very long or odd rows)"}) + "\n")
+    (run_dir / "diagnosis.jsonl").write_text(
+        json.dumps(
+            {
+                "step": 120,
+                "kind": "grad_norm_spike",
+                "message": "grad norm 1.5 is 3.8x its running median 0.4",
+                "evidence": {"grad_norm": 1.5, "running_median": 0.4, "example_ids": [311, 2904]},
+                "advice": "look at these examples (bad labels, very long or odd rows)",
+            }
+        )
+        + "\n"
+    )
     for step, complete in ((100, True), (200, False)):
         checkpoint = run_dir / f"checkpoint-{step}"
         checkpoint.mkdir(exist_ok=True)
@@ -91,7 +161,9 @@ def report_text(run_dir: Path) -> tuple[str, str]:
 def test_report_of_a_finished_run(tmp_path):
     run_dir = write_synthetic_run(tmp_path / "run")
     with (run_dir / "samples.jsonl").open("a") as handle:
-        handle.write(json.dumps({"step": 200, "prompt": "[INST] hi", "completion": "[/INST] [bold]x", "ended": True}) + "\n")
+        handle.write(
+            json.dumps({"step": 200, "prompt": "[INST] hi", "completion": "[/INST] [bold]x", "ended": True}) + "\n"
+        )
     html, printed = report_text(run_dir)
     # loss, token accuracy, lr, grad norm, clipped steps, throughput, memory
     assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{1000,}"', html)) == 7
@@ -134,13 +206,18 @@ def test_report_of_a_running_run_with_a_cut_line_and_repeated_steps(tmp_path):
     run_dir = write_synthetic_run(tmp_path / "run", total_steps=60, status="running")
     metrics = run_dir / "metrics.jsonl"
     # A resume from step 50 logged steps 55 and 60 again; the run is writing step 65 right now.
-    metrics.write_text(metrics.read_text() + json.dumps({"step": 55, "loss": 0.123, "lr": 1e-4}) + "\n"
-                       + '{"step": 65, "loss": 0.9, "l')
+    metrics.write_text(
+        metrics.read_text()
+        + json.dumps({"step": 55, "loss": 0.123, "lr": 1e-4})
+        + "\n"
+        + '{"step": 65, "loss": 0.9, "l'
+    )
     record = read_run(run_dir)
     assert [row["step"] for row in record.train_rows][-3:] == [50, 55, 60]
     assert [row["loss"] for row in record.train_rows if row["step"] == 55] == [0.123]
-    assert record.notes == ["metrics.jsonl: skipped 1 unreadable line(s) (15); a line cut short by a crash or a run "
-                            "still writing"]
+    assert record.notes == [
+        "metrics.jsonl: skipped 1 unreadable line(s) (15); a line cut short by a crash or a run still writing"
+    ]
     html, printed = report_text(run_dir)
     assert "running" in printed and "skipped 1 unreadable line" in html
 

@@ -6,7 +6,14 @@ import pytest
 
 import sftkit.train.loop as loop
 from sftkit.train.checkpoint import CheckpointError
-from tests.train_helpers import crash_in_step, final_weights, logged_losses, max_weight_difference, tiny_config, write_chat_data
+from tests.train_helpers import (
+    crash_in_step,
+    final_weights,
+    logged_losses,
+    max_weight_difference,
+    tiny_config,
+    write_chat_data,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -40,5 +47,6 @@ def test_output_dir_with_another_run_is_refused(tmp_path, tiny_model_dir):
         loop.train(tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=2))
     # a different run cannot resume from it either
     with pytest.raises(CheckpointError, match="different run"):
-        loop.train(tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=2, lora_r=8,
-                               resume_from_checkpoint=True))
+        loop.train(
+            tiny_config(tiny_model_dir, data, tmp_path / "run", max_steps=2, lora_r=8, resume_from_checkpoint=True)
+        )

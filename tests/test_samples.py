@@ -16,10 +16,14 @@ from sftkit.model.load import load_model, load_tokenizer
 from sftkit.monitor.samples import generate_samples, load_sample_prompts
 
 # End-of-turn "!!!" is three tokens of the tiny tokenizer, so stopping must happen on the decoded text.
-BANG_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '!!!\n' }}{% endfor %}"
-                 "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
-CONVERSATIONS = [[{"role": "user", "content": "What is 12 plus 30?"}],
-                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]]
+BANG_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '!!!\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 12 plus 30?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}],
+]
 
 
 @pytest.fixture()
@@ -45,8 +49,9 @@ def test_greedy_matches_argmax_decoding_with_the_runs_template(model_and_tokeniz
     template = resolve_chat_template("chatml", tokenizer)
     samples = generate_samples(model, tokenizer, template, CONVERSATIONS, max_new_tokens=6)
     for messages, sample in zip(CONVERSATIONS, samples):
-        ids = tokenizer(render_prompt(messages, template, tokenizer), add_special_tokens=False,
-                        return_tensors="pt")["input_ids"]
+        ids = tokenizer(render_prompt(messages, template, tokenizer), add_special_tokens=False, return_tensors="pt")[
+            "input_ids"
+        ]
         prompt_length = ids.shape[1]
         with torch.no_grad():
             for _ in range(6):  # no KV cache: the reference for the cached generation
@@ -113,8 +118,13 @@ def test_sample_prompts_from_a_list_files_or_the_eval_set(tmp_path):
     text.write_text("first line\nsecond line\n")
     assert load_sample_prompts(str(text), []) == [user("first line"), user("second line")]
 
-    conversation = [{"role": "system", "content": "s"}, *user("q1"), {"role": "assistant", "content": "a1"},
-                    *user("q2"), {"role": "assistant", "content": "a2"}]
+    conversation = [
+        {"role": "system", "content": "s"},
+        *user("q1"),
+        {"role": "assistant", "content": "a1"},
+        *user("q2"),
+        {"role": "assistant", "content": "a2"},
+    ]
     evals = [conversation, [{"role": "assistant", "content": "no user"}]] + [user(f"p{i}") for i in range(5)]
     assert load_sample_prompts(None, evals, count=3) == [conversation[:2], user("p0"), user("p1")]
 

@@ -83,21 +83,26 @@ def test_no_source_turns_remote_code_on():
     for path, call in package_calls("from_pretrained"):
         for keyword in call.keywords:
             if keyword.arg == "trust_remote_code":
-                assert not (isinstance(keyword.value, ast.Constant) and keyword.value.value is True), \
+                assert not (isinstance(keyword.value, ast.Constant) and keyword.value.value is True), (
                     f"{path}:{call.lineno}: trust_remote_code=True"
+                )
 
 
 # --------------------------------------------------------------------------- pickle
 
 
 def test_every_torch_load_in_the_package_is_weights_only():
-    loads = [(path, call) for path, call in package_calls("load")
-             if isinstance(call.func.value, ast.Name) and call.func.value.id == "torch"]
+    loads = [
+        (path, call)
+        for path, call in package_calls("load")
+        if isinstance(call.func.value, ast.Name) and call.func.value.id == "torch"
+    ]
     assert loads, "expected at least the optimizer's torch.load"
     for path, call in loads:
         weights_only = {k.arg: k.value for k in call.keywords}.get("weights_only")
-        assert isinstance(weights_only, ast.Constant) and weights_only.value is True, \
+        assert isinstance(weights_only, ast.Constant) and weights_only.value is True, (
             f"{path.relative_to(PACKAGE.parent)}:{call.lineno}: torch.load without weights_only=True"
+        )
     text = "\n".join(p.read_text(encoding="utf-8") for p in PACKAGE.rglob("*.py"))
     assert not re.search(r"^\s*(import pickle|from pickle|import dill|import joblib)", text, re.M)
 
@@ -110,16 +115,26 @@ def run_with_secrets(tmp_path_factory, tiny_model_dir) -> tuple[Path, subprocess
     """`sftkit train` in a child process with tokens in its environment and a key in its config."""
     folder = tmp_path_factory.mktemp("secrets")
     data = write_chat_data(folder / "chat.jsonl", rows=24)
-    config = tiny_config(tiny_model_dir, data, folder / "run", max_steps=2, save_steps=1, report_to="tensorboard",
-                         eval_split_ratio=0.25, sample_steps=1, max_new_tokens=4,
-                         system_prompt=f"You are the support bot. Internal key: {SECRETS['system_prompt']}")
+    config = tiny_config(
+        tiny_model_dir,
+        data,
+        folder / "run",
+        max_steps=2,
+        save_steps=1,
+        report_to="tensorboard",
+        eval_split_ratio=0.25,
+        sample_steps=1,
+        max_new_tokens=4,
+        system_prompt=f"You are the support bot. Internal key: {SECRETS['system_prompt']}",
+    )
     raw = config.model_dump(mode="json")
     raw["datasets"][0]["name"] = SECRETS["dataset name"]  # unused for a local file, yet part of the config
     config_path = folder / "run.yaml"
     config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {**os.environ, "HF_TOKEN": SECRETS["HF_TOKEN"], "WANDB_API_KEY": SECRETS["WANDB_API_KEY"]}
-    finished = subprocess.run([sys.executable, str(RUNNER), str(config_path)], capture_output=True, text=True,
-                              env=env, timeout=600)
+    finished = subprocess.run(
+        [sys.executable, str(RUNNER), str(config_path)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
     return folder / "run", finished
 
@@ -129,12 +144,28 @@ def test_no_secret_reaches_the_run_directory_or_the_logs(run_with_secrets):
     output_dir, finished = run_with_secrets
     files = [p for p in output_dir.rglob("*") if p.is_file()]
     kinds = {p.parent.name if p.parent != output_dir else p.name for p in files}
-    assert {"config.yaml", "run.json", "metrics.jsonl", "samples.jsonl", "tensorboard", "adapter",
-            "checkpoint-1", "checkpoint-2"} <= kinds, kinds  # the scan covers every kind of file a run writes
-    leaks = [f"{where} in {path.relative_to(output_dir)}" for path in files for where, secret in SECRETS.items()
-             if secret.encode() in path.read_bytes()]
-    leaks += [f"{where} in {stream}" for stream in ("stdout", "stderr") for where, secret in SECRETS.items()
-              if secret in getattr(finished, stream)]
+    assert {
+        "config.yaml",
+        "run.json",
+        "metrics.jsonl",
+        "samples.jsonl",
+        "tensorboard",
+        "adapter",
+        "checkpoint-1",
+        "checkpoint-2",
+    } <= kinds, kinds  # the scan covers every kind of file a run writes
+    leaks = [
+        f"{where} in {path.relative_to(output_dir)}"
+        for path in files
+        for where, secret in SECRETS.items()
+        if secret.encode() in path.read_bytes()
+    ]
+    leaks += [
+        f"{where} in {stream}"
+        for stream in ("stdout", "stderr")
+        for where, secret in SECRETS.items()
+        if secret in getattr(finished, stream)
+    ]
     assert not leaks, leaks
     # the redacted config still says where a value was
     assert yaml.safe_load((output_dir / "config.yaml").read_text())["system_prompt"] == "***redacted***"
@@ -144,7 +175,9 @@ def test_no_secret_reaches_the_run_directory_or_the_logs(run_with_secrets):
 def test_weights_are_safetensors_and_optimizer_state_loads_without_pickle(run_with_secrets):
     output_dir, _ = run_with_secrets
     pickled = [p for p in output_dir.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")]
-    assert pickled and all(p.name == "optimizer.pt" and p.parent.name.startswith("checkpoint-") for p in pickled), pickled
+    assert pickled and all(p.name == "optimizer.pt" and p.parent.name.startswith("checkpoint-") for p in pickled), (
+        pickled
+    )
     for path in pickled:
         state = torch.load(path, map_location="cpu", weights_only=True)
         assert set(state) == {"state", "param_groups"}

@@ -43,7 +43,7 @@ def random_examples(vocab: int, lengths: list[int], sources: int, seed: int = 1)
     examples = []
     for index, n in enumerate(lengths):
         ids = torch.randint(3, vocab, (n,), generator=generator).tolist()
-        examples.append(example(ids, [IGNORE] * (n // 3) + ids[n // 3:], source=index % sources))
+        examples.append(example(ids, [IGNORE] * (n // 3) + ids[n // 3 :], source=index % sources))
     return examples
 
 
@@ -62,9 +62,10 @@ def test_token_losses_and_source_sums_of_both_loss_paths_equal_per_example_losse
         offset = 0
         for item in row:
             n = len(item["input_ids"])
-            logits = hidden[r, offset:offset + n] @ weight.T
-            expected[item["source"]] += F.cross_entropy(logits, targets[r, offset:offset + n], ignore_index=IGNORE,
-                                                        reduction="sum").double()
+            logits = hidden[r, offset : offset + n] @ weight.T
+            expected[item["source"]] += F.cross_entropy(
+                logits, targets[r, offset : offset + n], ignore_index=IGNORE, reduction="sum"
+            ).double()
             offset += n
     plain = token_cross_entropy(hidden @ weight.T, targets)
     for chunk_size in (4, 1000):
@@ -103,8 +104,12 @@ def test_window_figures_by_source_name():
     accumulate_sources(window, [6.0, 0.0], [4, 0])
     figures = source_figures(window, ["gsm8k", "sharegpt"])
     assert figures == {"source_trained_tokens": {"gsm8k": 6, "sharegpt": 0}, "source_loss": {"gsm8k": 1.5}}
-    assert flat_scalars({"loss": 1.5, **figures}) == {"loss": 1.5, "source_trained_tokens/gsm8k": 6,
-                                                      "source_trained_tokens/sharegpt": 0, "source_loss/gsm8k": 1.5}
+    assert flat_scalars({"loss": 1.5, **figures}) == {
+        "loss": 1.5,
+        "source_trained_tokens/gsm8k": 6,
+        "source_trained_tokens/sharegpt": 0,
+        "source_loss/gsm8k": 1.5,
+    }
 
 
 def rebuilt_feed(config):
@@ -114,10 +119,12 @@ def rebuilt_feed(config):
     from sftkit.train.run_data import load_run_data
 
     tokenizer = load_tokenizer(config.tokenizer_source)
-    one_process = SimpleNamespace(is_main_process=True, process_index=0, num_processes=1,
-                                  main_process_first=nullcontext)
-    return load_run_data(config, tokenizer, resolve_chat_template(config.chat_template, tokenizer), one_process,
-                         tell=lambda text: None).feed
+    one_process = SimpleNamespace(
+        is_main_process=True, process_index=0, num_processes=1, main_process_first=nullcontext
+    )
+    return load_run_data(
+        config, tokenizer, resolve_chat_template(config.chat_template, tokenizer), one_process, tell=lambda text: None
+    ).feed
 
 
 def alone_loss_sum(model: torch.nn.Module, item: dict) -> float:
@@ -139,9 +146,17 @@ def test_logged_source_loss_equals_each_sources_examples_recomputed(tmp_path, ti
 
     long_chats = write_chat_data(tmp_path / "long.jsonl", rows=40, seed=0)
     short_chats = write_chat_data(tmp_path / "short.jsonl", rows=40, seed=1)
-    config = tiny_config(tiny_model_dir, long_chats, tmp_path / "out", max_steps=4, learning_rate=1e-12,
-                         lora_dropout=0.0, save_steps=100, packing_buffer=16,
-                         datasets=[{"path": str(long_chats), "weight": 3}, {"path": str(short_chats), "weight": 1}])
+    config = tiny_config(
+        tiny_model_dir,
+        long_chats,
+        tmp_path / "out",
+        max_steps=4,
+        learning_rate=1e-12,
+        lora_dropout=0.0,
+        save_steps=100,
+        packing_buffer=16,
+        datasets=[{"path": str(long_chats), "weight": 3}, {"path": str(short_chats), "weight": 1}],
+    )
     loop.train(config)
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
@@ -163,8 +178,9 @@ def test_logged_source_loss_equals_each_sources_examples_recomputed(tmp_path, ti
         expected = {name: loss_sum / count for name, loss_sum, count in zip(feed.sources, loss_sums, trained) if count}
         assert row["source_loss"].keys() == expected.keys()
         worst = max([worst, *(abs(row["source_loss"][name] / expected[name] - 1) for name in expected)])
-        assert sum(row["source_loss"][name] * row["source_trained_tokens"][name] for name in row["source_loss"]) \
-            == pytest.approx(row["loss"] * row["trained_tokens"], rel=1e-5)
+        assert sum(
+            row["source_loss"][name] * row["source_trained_tokens"][name] for name in row["source_loss"]
+        ) == pytest.approx(row["loss"] * row["trained_tokens"], rel=1e-5)
         seen.update(row["source_loss"])
     assert seen == {"long", "short"}
     print(f"logged per-source loss vs each example alone: worst relative difference {worst:.1e}")

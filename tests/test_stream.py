@@ -47,8 +47,13 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
 
 def qa_rows() -> list[dict]:
     """prompt/completion rows with the cells CSV makes hard: commas, quotes, line breaks, non-ASCII."""
-    return [{"question": f"Question {i}, with a comma and \"quotes\"?",
-             "answer": f"Answer {i}: café\nsecond line" if i % 3 == 0 else f"Answer {i}"} for i in range(24)]
+    return [
+        {
+            "question": f'Question {i}, with a comma and "quotes"?',
+            "answer": f"Answer {i}: café\nsecond line" if i % 3 == 0 else f"Answer {i}",
+        }
+        for i in range(24)
+    ]
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -63,7 +68,7 @@ def write_folder(path: Path, rows: list[dict], write, suffix: str) -> Path:
     path.mkdir()
     size = len(rows) // SHARDS
     for shard in range(SHARDS):
-        write(path / f"part-{shard}.{suffix}", rows[shard * size:(shard + 1) * size])
+        write(path / f"part-{shard}.{suffix}", rows[shard * size : (shard + 1) * size])
     return path
 
 
@@ -71,7 +76,7 @@ def write_text_folder(path: Path, rows: list[dict], suffix: str) -> Path:
     """.txt shards: a folder our readers do not open, read through the `datasets` stream (as hub ids are)."""
     path.mkdir()
     for shard in range(SHARDS):
-        lines = [row["messages"][-1]["content"] for row in rows[shard * 8:(shard + 1) * 8]]
+        lines = [row["messages"][-1]["content"] for row in rows[shard * 8 : (shard + 1) * 8]]
         (path / f"part-{shard}.{suffix}").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -80,7 +85,9 @@ QA = {"format": "prompt_completion", "columns": {"prompt": "question", "completi
 SOURCES = {
     "jsonl": lambda tmp: ({"path": str(write_jsonl(tmp / "chat.jsonl", CHAT_ROWS, blank_line_at=6))}),
     "json_lines": lambda tmp: ({"path": str(write_jsonl(tmp / "chat.json", CHAT_ROWS))}),
-    "json_list": lambda tmp: ({"path": str(tmp / "chat.json")}, (tmp / "chat.json").write_text(json.dumps(CHAT_ROWS)))[0],
+    "json_list": lambda tmp: ({"path": str(tmp / "chat.json")}, (tmp / "chat.json").write_text(json.dumps(CHAT_ROWS)))[
+        0
+    ],
     "parquet": lambda tmp: ({"path": str(write_parquet(tmp / "chat.parquet", CHAT_ROWS))}),
     "csv": lambda tmp: ({"path": str(write_csv(tmp / "qa.csv", qa_rows())), **QA}),
     "jsonl_shards": lambda tmp: ({"path": str(write_folder(tmp / "chat", CHAT_ROWS, write_jsonl, "jsonl"))}),
@@ -168,28 +175,46 @@ def test_resume_seeks_to_its_row_without_reading_the_rows_before_it(tmp_path, su
 def test_tool_calls_stream_like_the_offline_reader_whatever_their_argument_keys(tmp_path):
     """Arrow merges the argument keys and types of all rows into one schema offline; the stream reads each
     row alone. Both give the same rows: keys in the row's own order, numbers as written."""
+
     def tool_row(arguments: dict) -> dict:
-        return {"messages": [{"role": "user", "content": "q"},
-                             {"role": "assistant", "content": None, "tool_calls": [call("f", arguments)]},
-                             {"role": "tool", "content": "1"}, {"role": "assistant", "content": "ok"}]}
-    rows = [tool_row({"a": 1, "b": 2}), tool_row({"b": 3, "a": 4}), tool_row({"x": 1.5}), tool_row({"x": 2}),
-            {"messages": WEATHER[:4], "tools": TOOLS}]
+        return {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": None, "tool_calls": [call("f", arguments)]},
+                {"role": "tool", "content": "1"},
+                {"role": "assistant", "content": "ok"},
+            ]
+        }
+
+    rows = [
+        tool_row({"a": 1, "b": 2}),
+        tool_row({"b": 3, "a": 4}),
+        tool_row({"x": 1.5}),
+        tool_row({"x": 2}),
+        {"messages": WEATHER[:4], "tools": TOOLS},
+    ]
     spec = DatasetSpec(path=str(write_jsonl(tmp_path / "tools.jsonl", rows)))
     assert list(stream(spec)) == list(load_source(spec, "Be brief.", skip_bad_rows=False).dataset)
 
 
 def test_format_and_column_mapping_hold_when_the_first_row_leaves_an_optional_column_out(tmp_path):
     rows = [{"task": "Say hi.", "reply": "Hi."}, {"task": "Add.", "context": "2 and 3", "reply": "5"}]
-    spec = DatasetSpec(path=str(write_jsonl(tmp_path / "alpaca.jsonl", rows)), format="auto",
-                       columns={"instruction": "task", "input": "context", "output": "reply"})
+    spec = DatasetSpec(
+        path=str(write_jsonl(tmp_path / "alpaca.jsonl", rows)),
+        format="auto",
+        columns={"instruction": "task", "input": "context", "output": "reply"},
+    )
     streamed = stream(spec)
     assert list(streamed) == list(load_source(spec, "Be brief.", skip_bad_rows=False).dataset)
     assert streamed.format == "alpaca"
 
 
 def test_bad_row_stops_with_the_offline_error(tmp_path):
-    rows = [*CHAT_ROWS[:2], {"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}]},
-            *CHAT_ROWS[2:]]
+    rows = [
+        *CHAT_ROWS[:2],
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}]},
+        *CHAT_ROWS[2:],
+    ]
     spec = DatasetSpec(path=str(write_jsonl(tmp_path / "chat.jsonl", rows)))
     with pytest.raises(DataError) as offline:
         load_source(spec, None, skip_bad_rows=False)
@@ -221,8 +246,11 @@ def test_skip_bad_rows_counts_by_reason_like_the_offline_reader_and_across_a_res
     resumed = stream(spec, skip_bad_rows=True)
     resumed.load_state_dict(state)
     assert head + list(resumed) == list(offline.dataset)
-    assert resumed.skipped == offline.skipped == {"unknown role": 2, "empty assistant reply": 1,
-                                                  "roles out of order": 1, "no assistant turn": 1}
+    assert (
+        resumed.skipped
+        == offline.skipped
+        == {"unknown role": 2, "empty assistant reply": 1, "roles out of order": 1, "no assistant turn": 1}
+    )
     assert resumed.rows_read == offline.rows_read == 8
 
 
@@ -236,10 +264,23 @@ def test_a_state_saved_on_other_data_is_refused(tmp_path):
         stream(spec).load_state_dict(state)
 
 
-DATA_CASES = ["jsonl_malformed_line", "jsonl_line_is_list", "non_utf8_bytes", "json_top_level_dict",
-              "json_top_level_string", "json_list_item_not_object", "empty_file", "unsupported_extension",
-              "data_file_not_found", "unknown_role", "messages_not_a_list", "turn_not_an_object",
-              "missing_columns_for_format", "column_mapping_to_missing_column", "unknown_columns_auto_format"]
+DATA_CASES = [
+    "jsonl_malformed_line",
+    "jsonl_line_is_list",
+    "non_utf8_bytes",
+    "json_top_level_dict",
+    "json_top_level_string",
+    "json_list_item_not_object",
+    "empty_file",
+    "unsupported_extension",
+    "data_file_not_found",
+    "unknown_role",
+    "messages_not_a_list",
+    "turn_not_an_object",
+    "missing_columns_for_format",
+    "column_mapping_to_missing_column",
+    "unknown_columns_auto_format",
+]
 
 
 @pytest.mark.parametrize("case", DATA_CASES)
@@ -261,8 +302,9 @@ def _is_mapping(config: Path) -> bool:
 
 
 # A stream cannot hold rows out for eval: that config has its own error (tests/test_mixture_config.py).
-STREAMABLE_CASES = [case for case in ERROR_CASES
-                    if _is_mapping(case / "config.yaml") and case.name != "eval_split_holds_out_nothing"]
+STREAMABLE_CASES = [
+    case for case in ERROR_CASES if _is_mapping(case / "config.yaml") and case.name != "eval_split_holds_out_nothing"
+]
 
 
 def streamed_case(case: Path, tmp_path: Path) -> Path:
@@ -278,7 +320,9 @@ def streamed_case(case: Path, tmp_path: Path) -> Path:
 def test_bad_input_corpus_gives_its_clear_error_on_a_streaming_config(case, tmp_path, tiny_tokenizer_dir, monkeypatch):
     result = _run_case(streamed_case(case, tmp_path), tmp_path, tiny_tokenizer_dir, monkeypatch)
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    missing = [s for s in (case / "expected.txt").read_text(encoding="utf-8").splitlines() if s and s not in result.output]
+    missing = [
+        s for s in (case / "expected.txt").read_text(encoding="utf-8").splitlines() if s and s not in result.output
+    ]
     assert not missing, f"the error does not mention {missing}:\n{result.output}"
 
 
@@ -286,7 +330,7 @@ def test_bad_input_corpus_gives_its_clear_error_on_a_streaming_config(case, tmp_
 def test_skipped_rows_are_counted_by_reason_on_a_streaming_config(case, tmp_path, tiny_tokenizer_dir, monkeypatch):
     result = _run_case(streamed_case(case, tmp_path), tmp_path, tiny_tokenizer_dir, monkeypatch, "--json")
     assert result.exit_code == 0, f"{result.exception!r}\n{result.output}"
-    stats = json.loads(result.stdout[result.stdout.index("{"):])
+    stats = json.loads(result.stdout[result.stdout.index("{") :])
     expected = json.loads((case / "expected.json").read_text(encoding="utf-8"))
     assert {key: stats[key] for key in expected} == expected
     assert stats["sample"]["rows_per_source"] == 1000
@@ -294,9 +338,19 @@ def test_skipped_rows_are_counted_by_reason_on_a_streaming_config(case, tmp_path
 
 def inspect_json(tmp_path: Path, tokenizer_dir: Path, data: Path, *args: str, **keys) -> dict:
     config = tmp_path / f"inspect-{len(list(tmp_path.glob('inspect-*')))}.yaml"
-    config.write_text(yaml.safe_dump({"model_name_or_path": str(tokenizer_dir), "chat_template": "chatml",
-                                      "max_seq_length": 512, "max_steps": 10, "datasets": [{"path": str(data)}],
-                                      **keys}), encoding="utf-8")
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(tokenizer_dir),
+                "chat_template": "chatml",
+                "max_seq_length": 512,
+                "max_steps": 10,
+                "datasets": [{"path": str(data)}],
+                **keys,
+            }
+        ),
+        encoding="utf-8",
+    )
     result = CliRunner().invoke(app, ["data", "inspect", str(config), "--json", *args])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
@@ -318,7 +372,16 @@ def test_inspect_on_a_streaming_config_reports_the_first_rows_of_each_source(tmp
     assert sampled == whole
 
     config = tmp_path / "human.yaml"
-    config.write_text(yaml.safe_dump({"model_name_or_path": str(tiny_tokenizer_dir), "chat_template": "chatml",
-                                      "streaming": True, "max_steps": 10, "datasets": [{"path": str(big)}]}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(tiny_tokenizer_dir),
+                "chat_template": "chatml",
+                "streaming": True,
+                "max_steps": 10,
+                "datasets": [{"path": str(big)}],
+            }
+        )
+    )
     output = CliRunner().invoke(app, ["data", "inspect", str(config), "--sample_rows", "30"]).output
     assert "the figures below come from the first 30 rows of each source" in " ".join(output.split())

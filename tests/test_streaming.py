@@ -24,8 +24,9 @@ def test_streaming_trains_exactly_like_tokenizing_first(tmp_path, tiny_model_dir
     data = write_chat_data(tmp_path / "chat.jsonl", rows=ROWS)
     settings = dict(max_steps=4, save_steps=100, lora_dropout=0.0)
     offline = loop.train(tiny_config(tiny_model_dir, data, tmp_path / "offline", **settings))
-    streamed = loop.train(tiny_config(tiny_model_dir, data, tmp_path / "streamed", streaming=True,
-                                      packing_buffer=ROWS, **settings))
+    streamed = loop.train(
+        tiny_config(tiny_model_dir, data, tmp_path / "streamed", streaming=True, packing_buffer=ROWS, **settings)
+    )
     assert offline.last_step == streamed.last_step == 4
     sequences = json.loads((tmp_path / "offline" / "run.json").read_text())["sequences"]
     assert sequences >= 4 * 2 * 2  # the 4 steps stay inside the first epoch of the offline run
@@ -56,12 +57,17 @@ def test_sigkill_mid_stream_then_resume_equals_the_uninterrupted_run(tmp_path, t
     loop.train(tiny_config(tiny_model_dir, data, tmp_path / "straight", **STREAM))
     output_dir = tmp_path / "run"
     config_path = write_yaml(tiny_config(tiny_model_dir, data, output_dir, **STREAM), tmp_path / "run.yaml")
-    killed, seen = run_and_signal(config_path, output_dir, lambda out: (out / "checkpoint-3").is_dir()
-                                  and (out / "metrics.jsonl").read_text().count("\n") >= 5,
-                                  signal.SIGKILL, {"SFTKIT_TEST_STEP_DELAY": "0.3"})
+    killed, seen = run_and_signal(
+        config_path,
+        output_dir,
+        lambda out: (out / "checkpoint-3").is_dir() and (out / "metrics.jsonl").read_text().count("\n") >= 5,
+        signal.SIGKILL,
+        {"SFTKIT_TEST_STEP_DELAY": "0.3"},
+    )
     assert killed.returncode == -signal.SIGKILL and "checkpoint-3" in seen["checkpoints"]
     resumed, console_text = resume_in_process(
-        tiny_config(tiny_model_dir, data, output_dir, resume_from_checkpoint=True, **STREAM))
+        tiny_config(tiny_model_dir, data, output_dir, resume_from_checkpoint=True, **STREAM)
+    )
     assert resumed_step(console_text) in (3, 6) and resumed.last_step == 8
     assert_same_run(tmp_path / "straight", output_dir, 8, f"stream resumed after SIGKILL at step {seen['last_step']}")
 
@@ -72,8 +78,16 @@ def test_a_bad_row_met_while_streaming_names_the_file_and_row(workers, tmp_path,
     case = Path(__file__).parent / "bad_inputs" / "too_long_with_truncation_error"
     data = tmp_path / "data.jsonl"
     data.write_text((case / "data.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
-    config = tiny_config(tiny_model_dir, data, tmp_path / "run", streaming=True, truncation="error",
-                         max_seq_length=100, dataset_num_proc=workers, max_steps=2)
+    config = tiny_config(
+        tiny_model_dir,
+        data,
+        tmp_path / "run",
+        streaming=True,
+        truncation="error",
+        max_seq_length=100,
+        dataset_num_proc=workers,
+        max_steps=2,
+    )
     with pytest.raises(DataError) as error:
         loop.train(config)
     for expected in (case / "expected.txt").read_text(encoding="utf-8").splitlines():

@@ -19,14 +19,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sftkit.data.template import IGNORE_INDEX, assistant_spans, render_prompt, resolve_chat_template, tokenize_conversation
+from sftkit.data.template import (
+    IGNORE_INDEX,
+    assistant_spans,
+    render_prompt,
+    resolve_chat_template,
+    tokenize_conversation,
+)
 from tests.test_data_properties import conversations
 from tests.test_template_masking import CONVERSATIONS, TEMPLATES, replies, trained_runs
 
 # What must be generated for a reply after the generation prompt: (earlier turn, last turn).
 GENERATED = {
     "phi3": (lambda c: f"{c}<|end|>", lambda c: f"{c}<|end|>\n</s>"),
-    "harmony": (lambda c: f"<|channel|>final<|message|>{c}<|end|>", lambda c: f"<|channel|>final<|message|>{c}<|return|>"),
+    "harmony": (
+        lambda c: f"<|channel|>final<|message|>{c}<|end|>",
+        lambda c: f"<|channel|>final<|message|>{c}<|return|>",
+    ),
     "think": (lambda c: f"</think>{c.strip()}<|im_end|>", lambda c: f"\n</think>\n{c.strip()}<|im_end|>"),
     "deepseek": (lambda c: f"{c}<｜end▁of▁sentence｜>",) * 2,
     "gemma3": (lambda c: f"{c.strip()}<end_of_turn>",) * 2,
@@ -52,6 +61,7 @@ def assert_generated_text(tokenizer, encoded: dict[str, list[int]], expected: li
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels))
     runs = trained_runs(labels)
     assert len(runs) == len(expected), [tokenizer.decode([ids[p] for p in run]) for run in runs]
+
     def decode(tokens: list[int]) -> str:  # sentencepiece decodes DeepSeek's `▁` as a space
         return tokenizer.decode(tokens).replace("▁", " ").strip()
 
@@ -112,7 +122,9 @@ def test_no_token_of_another_role_is_trained(tokenizer, name):
         assert not any(text in full[start:end] for text in other)
 
 
-PROPERTY_SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY_SETTINGS = settings(
+    max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @PROPERTY_SETTINGS

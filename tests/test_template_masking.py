@@ -50,19 +50,26 @@ def assistant(content: str) -> dict[str, str]:
 CONVERSATIONS = {
     "one_turn": [user("What is 12 plus 30?"), assistant("The answer is 42.")],
     "three_turns": [
-        user("Hello! How can I help you today?"), assistant("Tell me about foxes."),
-        user("What does the fox do?"), assistant("The quick brown fox jumps over the lazy dog."),
-        user("And then?"), assistant("It rests. Then it jumps again!"),
+        user("Hello! How can I help you today?"),
+        assistant("Tell me about foxes."),
+        user("What does the fox do?"),
+        assistant("The quick brown fox jumps over the lazy dog."),
+        user("And then?"),
+        assistant("It rests. Then it jumps again!"),
     ],
     "with_system": [
         system("You answer in one short sentence."),
-        user("What is 2+2?"), assistant("It is 4."),
-        user("And 3+3?"), assistant("Six, of course."),
+        user("What is 2+2?"),
+        assistant("It is 4."),
+        user("And 3+3?"),
+        assistant("Six, of course."),
     ],
     "whitespace_around_content": [
         system("  Be brief.\n"),
-        user("  What is 2+2?  "), assistant("  It is 4.\n"),
-        user("\tAnd 3+3?"), assistant("Six.  \n\n"),
+        user("  What is 2+2?  "),
+        assistant("  It is 4.\n"),
+        user("\tAnd 3+3?"),
+        assistant("Six.  \n\n"),
     ],
     "reply_repeats_the_user": [user("Say: Sure"), assistant("Sure"), user("Again: Sure"), assistant("Sure")],
 }
@@ -206,8 +213,10 @@ def test_without_assistant_only_loss_every_token_is_trained(tokenizer):
 
 
 def test_template_that_rewrites_the_reply_cannot_be_masked(tiny_tokenizer):
-    shouting = ("{% for m in messages %}{{ m['role'] }}: "
-                "{{ m['content'] | upper if m['role'] == 'assistant' else m['content'] }}{{ eos_token }}{% endfor %}")
+    shouting = (
+        "{% for m in messages %}{{ m['role'] }}: "
+        "{{ m['content'] | upper if m['role'] == 'assistant' else m['content'] }}{{ eos_token }}{% endfor %}"
+    )
     with pytest.raises(TemplateError, match="assistant turn 2 does not appear verbatim"):
         tokenize_conversation(CONVERSATIONS["one_turn"], shouting, tiny_tokenizer)
 

@@ -21,9 +21,13 @@ from tests.test_tools_reasoning import REASONED, TOOLS, WEATHER
 def reference(messages, template: str, tokenizer, add_generation_prompt: bool, tools=None) -> str:
     """transformers' own rendering, or the error text when it fails."""
     try:
-        return tokenizer.apply_chat_template([_for_template(message) for message in messages], tools=tools,
-                                             chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            [_for_template(message) for message in messages],
+            tools=tools,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
     except Exception as err:
         return f"error: {err}"
 
@@ -47,25 +51,39 @@ def same_or_both_fail(ours: str, theirs: str) -> None:
 def test_render_writes_what_apply_chat_template_writes(name, llama2_tokenizer):
     template = template_text(name, llama2_tokenizer)
 
-    @settings(max_examples=25, deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=25,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
     @given(messages=conversations())
     def check(messages):
         for prompt in (False, True):
-            same_or_both_fail(rendered(messages, template, llama2_tokenizer, prompt),
-                              reference(messages, template, llama2_tokenizer, prompt))
+            same_or_both_fail(
+                rendered(messages, template, llama2_tokenizer, prompt),
+                reference(messages, template, llama2_tokenizer, prompt),
+            )
 
     check()
     for messages, tools in ((WEATHER, TOOLS), (REASONED, None)):
         for count in range(1, len(messages) + 1):
-            same_or_both_fail(rendered(messages[:count], template, llama2_tokenizer, False, json.dumps(tools)),
-                              reference(messages[:count], template, llama2_tokenizer, False, tools))
+            same_or_both_fail(
+                rendered(messages[:count], template, llama2_tokenizer, False, json.dumps(tools)),
+                reference(messages[:count], template, llama2_tokenizer, False, tools),
+            )
 
 
-@pytest.mark.parametrize("body", ["{{ messages.append(messages[0]) }}", "{{ ''.__class__.__mro__ }}",
-                                  "{{ messages[0].update({'role': 'x'}) }}",
-                                  "{{ messages.index(messages[0]) }}{{ messages.append(messages[0]) }}",
-                                  "{{ messages[0].keys() }}{{ messages[0].pop('role') }}"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "{{ messages.append(messages[0]) }}",
+        "{{ ''.__class__.__mro__ }}",
+        "{{ messages[0].update({'role': 'x'}) }}",
+        "{{ messages.index(messages[0]) }}{{ messages.append(messages[0]) }}",
+        "{{ messages[0].keys() }}{{ messages[0].pop('role') }}",
+    ],
+)
 def test_render_keeps_the_sandbox(body, llama2_tokenizer):
     """Templates are untrusted code: what transformers' sandbox refuses, render refuses too."""
     messages = [{"role": "user", "content": "Hi"}]
@@ -87,13 +105,49 @@ def test_remembered_attribute_check_answers_as_the_sandbox():
     attribute, allowed or refused, on the first access and from memory."""
     sandbox = ImmutableSandboxedEnvironment()
     remembered = _TypeAttributeCheck(sandbox.is_safe_attribute)
-    objects = ["text", {"role": "user"}, [1], (1,), 3, 1.5, True, None, str, len, "".strip, lambda: 0,
-               (x for x in ()), collections.deque(), {1}, _Disguised()]
-    attributes = ["strip", "append", "update", "pop", "keys", "items", "index", "add", "mro", "__class__",
-                  "_private", "__globals__", "__code__", "gi_frame", "gi_code", "func_code", "__self__", "role"]
+    objects = [
+        "text",
+        {"role": "user"},
+        [1],
+        (1,),
+        3,
+        1.5,
+        True,
+        None,
+        str,
+        len,
+        "".strip,
+        lambda: 0,
+        (x for x in ()),
+        collections.deque(),
+        {1},
+        _Disguised(),
+    ]
+    attributes = [
+        "strip",
+        "append",
+        "update",
+        "pop",
+        "keys",
+        "items",
+        "index",
+        "add",
+        "mro",
+        "__class__",
+        "_private",
+        "__globals__",
+        "__code__",
+        "gi_frame",
+        "gi_code",
+        "func_code",
+        "__self__",
+        "role",
+    ]
     for _ in range(2):
         for obj in objects:
             for attribute in attributes:
-                assert remembered(obj, attribute, None) == sandbox.is_safe_attribute(obj, attribute, None), \
-                    (obj, attribute)
+                assert remembered(obj, attribute, None) == sandbox.is_safe_attribute(obj, attribute, None), (
+                    obj,
+                    attribute,
+                )
     assert not any(kind is _Disguised for kind, _ in remembered.known)

@@ -45,8 +45,11 @@ def counted(monkeypatch, reuse_renders: bool, messages, template: str, tokenizer
     with monkeypatch.context() as patch:
         patch.setattr(template_module, "_render", counting_render)
         patch.setattr(template_module, "_generate", counting_generate)
-        patch.setattr(template_module, "assistant_spans",
-                      functools.partial(template_module.assistant_spans, reuse_renders=reuse_renders))
+        patch.setattr(
+            template_module,
+            "assistant_spans",
+            functools.partial(template_module.assistant_spans, reuse_renders=reuse_renders),
+        )
         try:
             encoded = tokenize_conversation(messages, template, tokenizer)
             result = (encoded["input_ids"], encoded["labels"])
@@ -59,8 +62,12 @@ def counted(monkeypatch, reuse_renders: bool, messages, template: str, tokenizer
 def test_reused_renders_give_the_reference_masks(name, llama2_tokenizer, monkeypatch):
     template = template_text(name, llama2_tokenizer)
 
-    @settings(max_examples=60, deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=60,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
     @given(messages=conversations())
     def check(messages):
         reference, reference_renders = counted(monkeypatch, False, messages, template, llama2_tokenizer)

@@ -17,8 +17,14 @@ from tests.conftest import FIXTURES
 def chat_rows(repeat: int = 1) -> datasets.Dataset:
     lines = (FIXTURES / "data" / "chat.jsonl").read_text().splitlines() * repeat
     messages = [json.loads(line)["messages"] for line in lines]
-    return datasets.Dataset.from_dict({"messages": messages, "text": [""] * len(messages),
-                                       "source_row": list(range(len(messages))), "source": ["chat"] * len(messages)})
+    return datasets.Dataset.from_dict(
+        {
+            "messages": messages,
+            "text": [""] * len(messages),
+            "source_row": list(range(len(messages))),
+            "source": ["chat"] * len(messages),
+        }
+    )
 
 
 def test_fingerprint_follows_tokenizer_template_and_options(tiny_tokenizer_dir):
@@ -28,8 +34,9 @@ def test_fingerprint_follows_tokenizer_template_and_options(tiny_tokenizer_dir):
     key = tokenize_fingerprint(rows, tokenizer, options)
     assert tokenize_fingerprint(rows, load_tokenizer(str(tiny_tokenizer_dir)), options) == key  # same on every rank
     assert tokenize_fingerprint(rows, tokenizer, TokenizeOptions(options.template, max_seq_length=512)) != key
-    assert tokenize_fingerprint(rows, tokenizer, TokenizeOptions(resolve_chat_template("zephyr", tokenizer),
-                                                                1024)) != key
+    assert (
+        tokenize_fingerprint(rows, tokenizer, TokenizeOptions(resolve_chat_template("zephyr", tokenizer), 1024)) != key
+    )
     assert tokenize_fingerprint(rows.select(range(3)), tokenizer, options) != key
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
     assert tokenize_fingerprint(rows, tokenizer, options) != key
@@ -44,4 +51,5 @@ def test_two_map_processes_tokenize_like_one(tiny_tokenizer):
     assert one.dataset["input_ids"][:] == two.dataset["input_ids"][:]
     assert one.dataset["labels"][:] == two.dataset["labels"][:]
     assert column(one.dataset, "trained_tokens").tolist() == [
-        sum(label != -100 for label in labels[1:]) for labels in one.dataset["labels"]]
+        sum(label != -100 for label in labels[1:]) for labels in one.dataset["labels"]
+    ]

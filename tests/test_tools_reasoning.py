@@ -17,9 +17,16 @@ from sftkit.data.tokenize import TokenizeOptions, tokenize_dataset, tokenize_row
 from tests.test_template_kinds import assert_generated_text
 from tests.test_template_masking import TEMPLATES
 
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 
 
 def call(name: str, arguments: dict) -> dict:
@@ -37,14 +44,18 @@ WEATHER = [
     {"role": "assistant", "content": "Rome: 24 degrees and sunny."},
 ]
 TRAINED_TOOL_TURNS = {
-    "qwen25": ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
-               "It is 18 degrees and cloudy in Paris.<|im_end|>",
-               '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call><|im_end|>',
-               "Rome: 24 degrees and sunny.<|im_end|>"],
-    "llama31": ['{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>',
-                "It is 18 degrees and cloudy in Paris.<|eot_id|>",
-                '{"name": "get_weather", "parameters": {"city": "Rome"}}<|eot_id|>',
-                "Rome: 24 degrees and sunny.<|eot_id|>"],
+    "qwen25": [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "It is 18 degrees and cloudy in Paris.<|im_end|>",
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call><|im_end|>',
+        "Rome: 24 degrees and sunny.<|im_end|>",
+    ],
+    "llama31": [
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>',
+        "It is 18 degrees and cloudy in Paris.<|eot_id|>",
+        '{"name": "get_weather", "parameters": {"city": "Rome"}}<|eot_id|>',
+        "Rome: 24 degrees and sunny.<|eot_id|>",
+    ],
 }
 
 
@@ -63,8 +74,11 @@ def test_tool_calls_are_trained_and_tool_results_are_not(tokenizer, name):
     full, spans = assistant_spans(WEATHER, template, tokenizer, tools=TOOLS)
     assert "get_weather" in full[: spans[0][0]]  # the tool list is rendered, in the prompt
     assert [full[start:end] for start, end in spans] == TRAINED_TOOL_TURNS[name]
-    row = tokenize_row({"messages": WEATHER, "tools": json.dumps(TOOLS), "text": ""}, tokenizer,
-                       TokenizeOptions(template, max_seq_length=4096))
+    row = tokenize_row(
+        {"messages": WEATHER, "tools": json.dumps(TOOLS), "text": ""},
+        tokenizer,
+        TokenizeOptions(template, max_seq_length=4096),
+    )
     assert_generated_text(tokenizer, row, TRAINED_TOOL_TURNS[name])
     results = [m["content"] for m in WEATHER if m["role"] == "tool"]
     trained_text = tokenizer.decode([label for label in row["labels"] if label != IGNORE_INDEX])
@@ -80,13 +94,22 @@ REASONED = [
 # (trained with reasoning, trained without): past reasoning is not rendered by either template; without
 # reasoning, the reasoning text is masked and everything else the model generates stays trained.
 TRAINED_REASONING = {
-    "think": (["</think>42.<|im_end|>", "Two and two make four.\n</think>\n4.<|im_end|>"],
-              ["</think>42.<|im_end|>", "\n</think>\n4.<|im_end|>"]),
-    "harmony": (["<|channel|>final<|message|>42.<|end|>",
-                 "<|channel|>analysis<|message|>Two and two make four.<|end|><|start|>assistant<|channel|>final"
-                 "<|message|>4.<|return|>"],
-                ["<|channel|>final<|message|>42.<|end|>", "<|channel|>analysis<|message|>",
-                 "<|end|><|start|>assistant<|channel|>final<|message|>4.<|return|>"]),
+    "think": (
+        ["</think>42.<|im_end|>", "Two and two make four.\n</think>\n4.<|im_end|>"],
+        ["</think>42.<|im_end|>", "\n</think>\n4.<|im_end|>"],
+    ),
+    "harmony": (
+        [
+            "<|channel|>final<|message|>42.<|end|>",
+            "<|channel|>analysis<|message|>Two and two make four.<|end|><|start|>assistant<|channel|>final"
+            "<|message|>4.<|return|>",
+        ],
+        [
+            "<|channel|>final<|message|>42.<|end|>",
+            "<|channel|>analysis<|message|>",
+            "<|end|><|start|>assistant<|channel|>final<|message|>4.<|return|>",
+        ],
+    ),
 }
 
 
@@ -97,24 +120,40 @@ def test_reasoning_is_trained_with_the_turn_unless_only_the_answer_is(tokenizer,
     expected = TRAINED_REASONING[name][0 if train_on_reasoning else 1]
     full, spans = assistant_spans(REASONED, template, tokenizer, train_on_reasoning=train_on_reasoning)
     assert [full[start:end] for start, end in spans] == expected
-    row = tokenize_row({"messages": REASONED, "text": ""}, tokenizer,
-                       TokenizeOptions(template, max_seq_length=4096, train_on_reasoning=train_on_reasoning))
+    row = tokenize_row(
+        {"messages": REASONED, "text": ""},
+        tokenizer,
+        TokenizeOptions(template, max_seq_length=4096, train_on_reasoning=train_on_reasoning),
+    )
     assert_generated_text(tokenizer, row, expected)
 
 
 def test_tool_rows_load_from_a_file_and_keep_their_own_arguments(tmp_path, tiny_tokenizer):
     """A JSONL file whose rows call different tools: the Arrow schema is shared by all rows, so the keys of
     one row's arguments must not reach another row's rendering as nulls."""
-    convert = [{"type": "function", "function": {"name": "convert", "parameters": {
-        "type": "object", "properties": {"amount": {"type": "number"}, "unit": {"type": "string"}}}}}]
+    convert = [
+        {
+            "type": "function",
+            "function": {
+                "name": "convert",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"amount": {"type": "number"}, "unit": {"type": "string"}},
+                },
+            },
+        }
+    ]
     rows = [
         {"messages": WEATHER[:4], "tools": TOOLS},
-        {"messages": [{"role": "user", "content": "3 km in miles?"},
-                      {"role": "assistant", "content": None,
-                       "tool_calls": [call("convert", {"amount": 3, "unit": "km"})]},
-                      {"role": "tool", "content": "1.86"},
-                      {"role": "assistant", "content": "About 1.86 miles.", "reasoning_content": "3 * 0.621"}],
-         "tools": convert},
+        {
+            "messages": [
+                {"role": "user", "content": "3 km in miles?"},
+                {"role": "assistant", "content": None, "tool_calls": [call("convert", {"amount": 3, "unit": "km"})]},
+                {"role": "tool", "content": "1.86"},
+                {"role": "assistant", "content": "About 1.86 miles.", "reasoning_content": "3 * 0.621"},
+            ],
+            "tools": convert,
+        },
     ]
     path = tmp_path / "tools.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
@@ -132,20 +171,45 @@ def test_tool_rows_load_from_a_file_and_keep_their_own_arguments(tmp_path, tiny_
     assert "null" not in texts[0] + texts[1]
 
 
-@pytest.mark.parametrize("turns, error", [
-    ([{"role": "user", "content": "Hi"}, {"role": "tool", "content": "x"}],
-     "roles out of order: turn 2 is tool, expected assistant"),
-    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [call("f", {})]},
-      {"role": "user", "content": "Hi"}], "roles out of order: turn 3 is user, expected tool"),
-    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [{"arguments": {}}]}],
-     "tool call 1 of turn 2 has no function name"),
-    ([{"role": "user", "content": "Hi"},
-      {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": "{oops"}]}],
-     "tool call 1 of turn 2: arguments are not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "turns, error",
+    [
+        (
+            [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "x"}],
+            "roles out of order: turn 2 is tool, expected assistant",
+        ),
+        (
+            [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "", "tool_calls": [call("f", {})]},
+                {"role": "user", "content": "Hi"},
+            ],
+            "roles out of order: turn 3 is user, expected tool",
+        ),
+        (
+            [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "", "tool_calls": [{"arguments": {}}]},
+            ],
+            "tool call 1 of turn 2 has no function name",
+        ),
+        (
+            [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": "{oops"}]},
+            ],
+            "tool call 1 of turn 2: arguments are not valid JSON",
+        ),
+    ],
+)
 def test_bad_tool_rows_name_the_row_and_the_turn(tmp_path: Path, turns, error):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "ok"}]})
-                    + "\n" + json.dumps({"messages": turns}) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "ok"}]})
+        + "\n"
+        + json.dumps({"messages": turns})
+        + "\n",
+        encoding="utf-8",
+    )
     with pytest.raises(ValueError, match=rf"bad\.jsonl: row 2: {error}"):
         load_source(DatasetSpec(path=str(path)), None, skip_bad_rows=False)

@@ -17,9 +17,19 @@ pytestmark = pytest.mark.slow
 def finished_run(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("run")
     data = write_chat_data(root / "chat.jsonl", rows=40)
-    config = tiny_config(tiny_model_dir, data, root / "out", max_steps=6, eval_split_ratio=0.2, eval_steps=3,
-                         save_steps=2, save_total_limit=2, sample_steps=3, max_new_tokens=8,
-                         report_to="tensorboard")
+    config = tiny_config(
+        tiny_model_dir,
+        data,
+        root / "out",
+        max_steps=6,
+        eval_split_ratio=0.2,
+        eval_steps=3,
+        save_steps=2,
+        save_total_limit=2,
+        sample_steps=3,
+        max_new_tokens=8,
+        report_to="tensorboard",
+    )
     return loop.train(config), root / "out"
 
 
@@ -31,8 +41,17 @@ def test_run_directory_holds_what_the_docs_promise(finished_run):
     eval_rows = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in eval_rows] == [3, 6]
-    for key in ("epoch", "lr", "grad_norm", "trained_tokens", "tokens", "trained_tokens_per_s", "tokens_per_s",
-                "elapsed_s", "memory_gb"):
+    for key in (
+        "epoch",
+        "lr",
+        "grad_norm",
+        "trained_tokens",
+        "tokens",
+        "trained_tokens_per_s",
+        "tokens_per_s",
+        "elapsed_s",
+        "memory_gb",
+    ):
         assert key in train_rows[0]
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "finished" and run["effective_batch"] == 4 and run["total_steps"] == 6
@@ -71,8 +90,9 @@ def test_full_finetuning_saves_a_loadable_model(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     data = write_chat_data(tmp_path / "chat.jsonl", rows=12)
-    result = loop.train(tiny_config(tiny_model_dir, data, tmp_path / "out", finetuning="full", max_steps=2,
-                                    learning_rate=1e-3))
+    result = loop.train(
+        tiny_config(tiny_model_dir, data, tmp_path / "out", finetuning="full", max_steps=2, learning_rate=1e-3)
+    )
     assert result.final_dir == tmp_path / "out" / "model"
     trained = AutoModelForCausalLM.from_pretrained(result.final_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -111,9 +131,21 @@ def test_non_finite_step_is_skipped_when_allowed(tmp_path, tiny_model_dir, monke
 def test_early_stopping_names_the_best_checkpoint(tmp_path, tiny_model_dir):
     data = write_chat_data(tmp_path / "chat.jsonl", rows=6)
     # a huge LR on three examples: eval loss gets worse, so patience 1 stops the run early
-    result = loop.train(tiny_config(tiny_model_dir, data, tmp_path / "out", max_steps=40, eval_split_ratio=0.34,
-                                    eval_steps=2, early_stopping_patience=1, learning_rate=0.5, save_steps=100,
-                                    per_device_train_batch_size=1, gradient_accumulation_steps=1))
+    result = loop.train(
+        tiny_config(
+            tiny_model_dir,
+            data,
+            tmp_path / "out",
+            max_steps=40,
+            eval_split_ratio=0.34,
+            eval_steps=2,
+            early_stopping_patience=1,
+            learning_rate=0.5,
+            save_steps=100,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=1,
+        )
+    )
     assert result.status == "early_stopped" and result.last_step < 40
     assert result.best_checkpoint and (tmp_path / "out" / result.best_checkpoint / "manifest.json").is_file()
 
@@ -125,9 +157,18 @@ def test_samples_do_not_disturb_training(tmp_path, tiny_model_dir):
 
     data = write_chat_data(tmp_path / "chat.jsonl", rows=24)
     quiet = loop.train(tiny_config(tiny_model_dir, data, tmp_path / "quiet", max_steps=6, lora_dropout=0.2))
-    sampled = loop.train(tiny_config(tiny_model_dir, data, tmp_path / "sampled", max_steps=6, lora_dropout=0.2,
-                                     sample_prompts=["hello how can", "what is the answer"], sample_steps=2,
-                                     max_new_tokens=6))
+    sampled = loop.train(
+        tiny_config(
+            tiny_model_dir,
+            data,
+            tmp_path / "sampled",
+            max_steps=6,
+            lora_dropout=0.2,
+            sample_prompts=["hello how can", "what is the answer"],
+            sample_steps=2,
+            max_new_tokens=6,
+        )
+    )
     assert quiet.status == sampled.status == "finished"
     assert len((tmp_path / "sampled" / "samples.jsonl").read_text().splitlines()) == 6  # steps 2, 4, 6
     assert logged_losses(tmp_path / "quiet") == logged_losses(tmp_path / "sampled")

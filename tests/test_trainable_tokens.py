@@ -30,8 +30,15 @@ def chatml_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     tokenizer.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
     tokenizer.save_pretrained(path)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     return path
 
@@ -49,8 +56,9 @@ def test_auto_picks_the_template_special_tokens(chatml_model_dir):
 
 def test_a_token_list_with_full_finetuning_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="full fine-tuning already trains every token row"):
-        tiny_config(tiny_model_dir, tmp_path / "x.jsonl", tmp_path / "run", finetuning="full",
-                    trainable_tokens=["</s>"])
+        tiny_config(
+            tiny_model_dir, tmp_path / "x.jsonl", tmp_path / "run", finetuning="full", trainable_tokens=["</s>"]
+        )
 
 
 def changed_rows(before: torch.Tensor, after: torch.Tensor) -> list[int]:
@@ -92,8 +100,9 @@ def test_trainable_tokens_resume_exactly_and_merge(chatml_model_dir, tmp_path, m
     base = AutoModelForCausalLM.from_pretrained(chatml_model_dir)
     input_ids = tokenizer("<|im_start|>user\nthe quick fox<|im_end|>", return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=input_ids).logits, adapted(input_ids=input_ids).logits,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            merged(input_ids=input_ids).logits, adapted(input_ids=input_ids).logits, atol=1e-5, rtol=0
+        )
     ids = tokenizer.convert_tokens_to_ids(CHAT_TOKENS)
     assert changed_rows(base.model.embed_tokens.weight, merged.model.embed_tokens.weight) == ids
     assert merged.lm_head.weight is merged.model.embed_tokens.weight
@@ -109,7 +118,8 @@ def test_untied_head_trains_its_own_rows_and_merges(tiny_model_dir, tmp_path):
     weights = final_weights(tmp_path / "run")
     assert sorted(key for key in weights if "trainable_tokens_delta" in key) == [
         "base_model.model.lm_head.token_adapter.trainable_tokens_delta",
-        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta",
+    ]
     merged = AutoModelForCausalLM.from_pretrained(merge_adapter(tmp_path / "run", tmp_path / "merged"))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     ids = sorted(tokenizer.convert_tokens_to_ids(words))
@@ -127,8 +137,10 @@ def test_chunked_loss_sees_the_trained_head_rows(chatml_model_dir):
 
     tokenizer = load_tokenizer(str(chatml_model_dir))
     rows = tuple(tokenizer.convert_tokens_to_ids(CHAT_TOKENS))
-    model = apply_adapters(load_model(str(chatml_model_dir), torch.float32),
-                           AdapterOptions(r=4, alpha=8, dropout=0.0, trainable_token_ids=rows))
+    model = apply_adapters(
+        load_model(str(chatml_model_dir), torch.float32),
+        AdapterOptions(r=4, alpha=8, dropout=0.0, trainable_token_ids=rows),
+    )
     assert chunked_loss_is_exact(model)
     delta = next(p for n, p in model.named_parameters() if "trainable_tokens_delta" in n)
     with torch.no_grad():

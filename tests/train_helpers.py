@@ -11,7 +11,7 @@ from typing import Any
 
 from sftkit.config import SFTConfig, validate_config
 
-WORDS = "the quick brown fox jumps over lazy dog what is plus answer hello how can help you today".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "what", "is", "plus", "answer", "hello", "how", "can", "help", "you", "today"]
 
 
 def write_chat_data(path: Path, rows: int = 48, seed: int = 0) -> Path:
@@ -29,10 +29,24 @@ def write_chat_data(path: Path, rows: int = 48, seed: int = 0) -> Path:
 
 def tiny_config(model_dir: Path, data: Path, output_dir: Path, **overrides: Any) -> SFTConfig:
     values: dict[str, Any] = dict(
-        model_name_or_path=str(model_dir), chat_template="chatml", max_seq_length=256,
-        datasets=[{"path": str(data)}], finetuning="lora", lora_r=4, lora_alpha=8, lora_dropout=0.1,
-        per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=8, learning_rate=5e-3,
-        warmup_steps=2, logging_steps=1, save_steps=3, output_dir=str(output_dir), report_to="none", seed=7,
+        model_name_or_path=str(model_dir),
+        chat_template="chatml",
+        max_seq_length=256,
+        datasets=[{"path": str(data)}],
+        finetuning="lora",
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=8,
+        learning_rate=5e-3,
+        warmup_steps=2,
+        logging_steps=1,
+        save_steps=3,
+        output_dir=str(output_dir),
+        report_to="none",
+        seed=7,
     )
     values.update(overrides)
     return validate_config(values)

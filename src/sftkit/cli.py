@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -20,8 +19,12 @@ from sftkit.train.errors import TrainingError
 # peft asks transformers a deprecated question on every LoRA setup; the user can do nothing about it.
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Supervised fine-tuning of causal language models: plan, train, monitor, report, merge.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Supervised fine-tuning of causal language models: plan, train, monitor, report, merge.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Look at training data before training on it.")
 app.add_typer(data_app, name="data")
 console = Console()
@@ -39,10 +42,17 @@ def _config(path: Path, extra: list[str]) -> SFTConfig:
 
 
 @app.command(context_settings=EXTRA_ARGS)
-def train(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML config"),
-          nproc_per_node: int = typer.Option(
-              1, "--nproc_per_node", min=1, help="Data-parallel processes on this machine (one per GPU), forked "
-              "from this one so they share its libraries: no torchrun needed.")) -> None:
+def train(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="YAML config"),
+    nproc_per_node: int = typer.Option(
+        1,
+        "--nproc_per_node",
+        min=1,
+        help="Data-parallel processes on this machine (one per GPU), forked "
+        "from this one so they share its libraries: no torchrun needed.",
+    ),
+) -> None:
     """Fine-tune: `sftkit train cfg.yaml [--key value ...]` (any config key can be overridden)."""
     from sftkit.train.launch import launch
 
@@ -67,10 +77,14 @@ def data_inspect(
     ctx: typer.Context,
     config: Path = typer.Argument(..., help="YAML config"),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
-    dump: Optional[tuple[int, Path]] = typer.Option(None, help="Write the first N tokenized examples to FILE (JSONL)."),
-    sample_rows: Optional[int] = typer.Option(
-        None, "--sample_rows", min=1, help="Read only the first N rows of each source (with `streaming: true`, "
-        f"where no source is read whole: {STREAMING_SAMPLE_ROWS} unless given)."),
+    dump: tuple[int, Path] | None = typer.Option(None, help="Write the first N tokenized examples to FILE (JSONL)."),
+    sample_rows: int | None = typer.Option(
+        None,
+        "--sample_rows",
+        min=1,
+        help="Read only the first N rows of each source (with `streaming: true`, "
+        f"where no source is read whole: {STREAMING_SAMPLE_ROWS} unless given).",
+    ),
 ) -> None:
     """Rows, formats, token lengths, trained-token fraction, padding vs packing waste, one masked example."""
     from sftkit.data.dataset import DataOptions, prepare_data
@@ -93,10 +107,21 @@ def data_inspect(
         data = prepare_data(DataOptions.from_config(cfg, template, sample_rows), tokenizer)
     except USER_ERRORS as err:
         _fail(err)
-    sample = {"sample": {"rows_per_source": sample_rows, "note": f"figures from the first {sample_rows} rows of each "
-                         "source, not from the whole data"}} if sample_rows is not None else {}
-    stats = {"rendering": describe_rendering(cfg.chat_template, template), **sample,
-             **inspect_data(data, cfg.max_seq_length, cfg.per_device_train_batch_size, progress=not as_json)}
+    sample = (
+        {
+            "sample": {
+                "rows_per_source": sample_rows,
+                "note": f"figures from the first {sample_rows} rows of each source, not from the whole data",
+            }
+        }
+        if sample_rows is not None
+        else {}
+    )
+    stats = {
+        "rendering": describe_rendering(cfg.chat_template, template),
+        **sample,
+        **inspect_data(data, cfg.max_seq_length, cfg.per_device_train_batch_size, progress=not as_json),
+    }
     stats = with_mixture(stats, cfg.mixture_weights)
     if dump is not None:
         written = dump_examples(data, dump[0], dump[1])
@@ -106,8 +131,11 @@ def data_inspect(
         print(json.dumps(stats, indent=2))
         return
     if sample:
-        console.print(f"[bold]Sampled:[/bold] the figures below come from the first {sample_rows} rows of each source, "
-                      "not from the whole data (--sample_rows N reads more)", soft_wrap=True)
+        console.print(
+            f"[bold]Sampled:[/bold] the figures below come from the first {sample_rows} rows of each source, "
+            "not from the whole data (--sample_rows N reads more)",
+            soft_wrap=True,
+        )
     first = data.train.dataset[0]
     print_stats(stats, masked_segments(first["input_ids"], first["labels"], tokenizer), console)
 
@@ -116,8 +144,8 @@ def data_inspect(
 def plan(
     ctx: typer.Context,
     config: Path = typer.Argument(..., help="YAML config"),
-    gpu: Optional[str] = typer.Option(None, help="GPU name, e.g. A100-80GB, H100, RTX4090, L40S."),
-    gpu_memory: Optional[str] = typer.Option(None, help="GPU memory, e.g. 80GiB (instead of --gpu)."),
+    gpu: str | None = typer.Option(None, help="GPU name, e.g. A100-80GB, H100, RTX4090, L40S."),
+    gpu_memory: str | None = typer.Option(None, help="GPU memory, e.g. 80GiB (instead of --gpu)."),
     num_gpus: int = typer.Option(1, help="GPUs the run will use."),
     probe: bool = typer.Option(False, help="Measure throughput with a few real steps on this machine."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
@@ -126,8 +154,15 @@ def plan(
     from sftkit.plan import run_plan
 
     try:
-        run_plan(_config(config, ctx.args), gpu=gpu, gpu_memory=gpu_memory, num_gpus=num_gpus,
-                 probe=probe, as_json=as_json, console=console)
+        run_plan(
+            _config(config, ctx.args),
+            gpu=gpu,
+            gpu_memory=gpu_memory,
+            num_gpus=num_gpus,
+            probe=probe,
+            as_json=as_json,
+            console=console,
+        )
     except USER_ERRORS as err:
         _fail(err)
 
@@ -146,8 +181,8 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory (output_dir o
 @app.command()
 def generate(
     model: Path = typer.Argument(..., help="Run directory, adapter folder or merged model folder."),
-    prompt: Optional[list[str]] = typer.Option(None, help="A user message; repeat for several."),
-    prompts_file: Optional[Path] = typer.Option(None, help="JSONL ({'prompt': ...}) or text, one prompt per line."),
+    prompt: list[str] | None = typer.Option(None, help="A user message; repeat for several."),
+    prompts_file: Path | None = typer.Option(None, help="JSONL ({'prompt': ...}) or text, one prompt per line."),
     max_new_tokens: int = typer.Option(256),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0),
@@ -156,8 +191,15 @@ def generate(
     from sftkit.generate import generate_cli
 
     try:
-        generate_cli(model, prompt or [], prompts_file, max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_p=top_p, console=console)
+        generate_cli(
+            model,
+            prompt or [],
+            prompts_file,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            console=console,
+        )
     except USER_ERRORS as err:
         _fail(err)
 

@@ -27,19 +27,26 @@ class DatasetSpec(BaseModel):
 
     path: str = Field(description="Local file (.json, .jsonl, .parquet, .csv), folder, or hub dataset id.")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
-        "auto", description="Row layout; `auto` detects it from the columns.")
+        "auto", description="Row layout; `auto` detects it from the columns."
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
-        description="Map of the format's column names to yours, e.g. {prompt: question, completion: answer}.")
+        description="Map of the format's column names to yours, e.g. {prompt: question, completion: answer}.",
+    )
     split: str = Field("train", description="Split to read from a hub dataset or folder.")
     name: str | None = Field(None, description="Hub dataset configuration name.")
     label: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
         description="The source's name in metrics: per-source loss for training data (default: the file's stem), "
-        "eval_<label>_loss and eval_<label>_token_accuracy for eval sets.")
+        "eval_<label>_loss and eval_<label>_token_accuracy for eval sets.",
+    )
     weight: float | None = Field(
-        None, gt=0, description="Training data only: this source's share of trained tokens in a mixture (weights are "
-        "normalised; give every source one, or none to concatenate).")
+        None,
+        gt=0,
+        description="Training data only: this source's share of trained tokens in a mixture (weights are "
+        "normalised; give every source one, or none to concatenate).",
+    )
 
 
 class SFTConfig(BaseModel):
@@ -51,68 +58,109 @@ class SFTConfig(BaseModel):
     # --- model ---
     model_name_or_path: str = Field(description="Hub id or local folder of the base causal LM.")
     gguf_file: str | None = Field(
-        None, description="A .gguf file inside model_name_or_path to fine-tune, dequantized (needs the gguf package).")
-    tokenizer_name_or_path: str | None = Field(None, description="Tokenizer to use; default: the model's (or the GGUF file's).")
+        None, description="A .gguf file inside model_name_or_path to fine-tune, dequantized (needs the gguf package)."
+    )
+    tokenizer_name_or_path: str | None = Field(
+        None, description="Tokenizer to use; default: the model's (or the GGUF file's)."
+    )
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off unless you trust it.")
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Dtype the weights are loaded in; `auto`: bf16 with `bf16`, fp16 with `fp16`, else fp32.")
-    attn_implementation: Literal["varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
-                                 "flex_attention"] = Field(
-        "varlen", description="Attention kernel; `varlen`: per-example kernel without a seq² mask (flash-attn or "
-        "torch varlen on CUDA, SDPA per example on CPU). Packed examples never attend to each other on any of them.")
+        "auto", description="Dtype the weights are loaded in; `auto`: bf16 with `bf16`, fp16 with `fp16`, else fp32."
+    )
+    attn_implementation: Literal[
+        "varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"
+    ] = Field(
+        "varlen",
+        description="Attention kernel; `varlen`: per-example kernel without a seq² mask (flash-attn or "
+        "torch varlen on CUDA, SDPA per example on CPU). Packed examples never attend to each other on any of them.",
+    )
 
     # --- adapters ---
-    finetuning: Literal["lora", "qlora", "full"] = Field("lora", description="LoRA adapters, 4-bit QLoRA, or all weights.")
+    finetuning: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="LoRA adapters, 4-bit QLoRA, or all weights."
+    )
     lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     lora_alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     lora_target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt; `all-linear`: every linear layer but the output head.")
+        "all-linear", description="Module names to adapt; `all-linear`: every linear layer but the output head."
+    )
     use_dora: bool = Field(False, description="DoRA: LoRA plus a learned magnitude per output feature (slower step).")
     use_rslora: bool = Field(False, description="rsLoRA: scale the adapter by alpha / sqrt(r) instead of alpha / r.")
     lora_modules_to_save: list[str] | None = Field(
-        None, description="Modules trained in full and saved with the adapter, e.g. [lm_head, embed_tokens].")
+        None, description="Modules trained in full and saved with the adapter, e.g. [lm_head, embed_tokens]."
+    )
     init_lora_weights: bool | str = Field(
-        True, description="Adapter init: true (B = 0), false, gaussian, orthogonal, pissa, pissa_niter_N or olora.")
+        True, description="Adapter init: true (B = 0), false, gaussian, orthogonal, pissa, pissa_niter_N or olora."
+    )
     trainable_tokens: Literal["auto", "none"] | list[str] = Field(
-        "none", description="Tokens whose embedding and output-head rows LoRA trains too; `auto`: the chat template's special tokens.")
+        "none",
+        description="Tokens whose embedding and output-head rows LoRA trains too; `auto`: the chat template's special tokens.",
+    )
 
     # --- data ---
     datasets: list[DatasetSpec] = Field(
-        min_length=1, description="Training data sources: concatenated, or mixed by trained tokens when each has a `weight`.")
+        min_length=1,
+        description="Training data sources: concatenated, or mixed by trained tokens when each has a `weight`.",
+    )
     eval_dataset: DatasetSpec | list[DatasetSpec] | None = Field(
-        None, description="Held-out data for eval loss, token accuracy and sample prompts; a list of entries with "
-                          "a `label` each is evaluated set by set.")
-    eval_split_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of training rows held out for eval when no eval_dataset.")
+        None,
+        description="Held-out data for eval loss, token accuracy and sample prompts; a list of entries with "
+        "a `label` each is evaluated set by set.",
+    )
+    eval_split_ratio: float = Field(
+        0.0, ge=0, lt=1, description="Fraction of training rows held out for eval when no eval_dataset."
+    )
     chat_template: str | None = Field(
-        None, description="Built-in name (llama2, chatml, llama3, zephyr, mistral, plain), a .jinja file, or unset for the "
-        "tokenizer's own (plain when it has none: prompt, completion, EOS).")
+        None,
+        description="Built-in name (llama2, chatml, llama3, zephyr, mistral, plain), a .jinja file, or unset for the "
+        "tokenizer's own (plain when it has none: prompt, completion, EOS).",
+    )
     assistant_only_loss: bool = Field(True, description="Train only on assistant turns and their end-of-turn token.")
     train_on_reasoning: bool = Field(
-        True, description="Train on assistant reasoning (reasoning_content / thinking); false masks the reasoning text, "
-        "training the answer and the rest of the turn.")
-    packing: bool = Field(True, description="Pack whole examples into max_seq_length sequences (no cross-example attention).")
+        True,
+        description="Train on assistant reasoning (reasoning_content / thinking); false masks the reasoning text, "
+        "training the answer and the rest of the turn.",
+    )
+    packing: bool = Field(
+        True, description="Pack whole examples into max_seq_length sequences (no cross-example attention)."
+    )
     system_prompt: str | None = Field(None, description="System message added to conversations that have none.")
     truncation: Literal["truncate_right", "drop", "error"] = Field(
-        "truncate_right", description="What to do with examples longer than max_seq_length.")
-    skip_bad_rows: bool = Field(False, description="Skip rows that fit no format (counted and reported) instead of stopping.")
+        "truncate_right", description="What to do with examples longer than max_seq_length."
+    )
+    skip_bad_rows: bool = Field(
+        False, description="Skip rows that fit no format (counted and reported) instead of stopping."
+    )
     streaming: bool = Field(
-        False, description="Read the datasets as streams: tokenized and packed on the fly, no full pass before "
-        "training; needs max_steps.")
+        False,
+        description="Read the datasets as streams: tokenized and packed on the fly, no full pass before "
+        "training; needs max_steps.",
+    )
     packing_buffer: int = Field(
-        2000, ge=1, description="Streaming and mixtures: examples gathered before they are packed (larger packs "
-        "tighter, holds more in memory).")
+        2000,
+        ge=1,
+        description="Streaming and mixtures: examples gathered before they are packed (larger packs "
+        "tighter, holds more in memory).",
+    )
     on_exhausted: Literal["repeat", "stop"] = Field(
-        "repeat", description="Streaming and mixtures: when a source runs out before max_steps, read it again or stop the run.")
+        "repeat",
+        description="Streaming and mixtures: when a source runs out before max_steps, read it again or stop the run.",
+    )
     dataset_num_proc: int | None = Field(
-        None, ge=1, description="Processes for tokenization (datasets.map); unset: one per CPU core this process may use.")
+        None,
+        ge=1,
+        description="Processes for tokenization (datasets.map); unset: one per CPU core this process may use.",
+    )
 
     # --- schedule and optimizer (HF TrainingArguments names) ---
     learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate.")
     per_device_train_batch_size: int = Field(4, ge=1, description="Sequences per micro-batch per process.")
     per_device_eval_batch_size: int = Field(8, ge=1, description="Sequences per eval batch per process.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    num_train_epochs: float = Field(3.0, ge=0, description="Epochs over the training data (ignored when max_steps > 0).")
+    num_train_epochs: float = Field(
+        3.0, ge=0, description="Epochs over the training data (ignored when max_steps > 0)."
+    )
     max_steps: int = Field(-1, ge=-1, description="Total optimizer steps; overrides num_train_epochs when > 0.")
     max_seq_length: int = Field(2048, ge=8, description="Longest sequence in tokens (packed or padded).")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Fraction of steps of linear warmup.")
@@ -122,19 +170,28 @@ class SFTConfig(BaseModel):
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
-        "cosine", description="Learning-rate schedule after warmup.")
+        "cosine", description="Learning-rate schedule after warmup."
+    )
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of the peak LR.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 disables).")
     bf16: bool = Field(False, description="bfloat16 autocast.")
     fp16: bool = Field(False, description="float16 autocast with loss scaling.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     activation_offloading: bool = Field(
-        False, description="Keep activations saved for backward in pinned host memory (CUDA only; a no-op on CPU).")
-    torch_compile: bool = Field(False, description="Compile each decoder layer with torch.compile (on the first step; one graph for all layers).")
+        False, description="Keep activations saved for backward in pinned host memory (CUDA only; a no-op on CPU)."
+    )
+    torch_compile: bool = Field(
+        False,
+        description="Compile each decoder layer with torch.compile (on the first step; one graph for all layers).",
+    )
     neftune_noise_alpha: float | None = Field(
-        None, gt=0, description="NEFTune: uniform noise of scale alpha / sqrt(seq × hidden) on input embeddings, training only.")
+        None,
+        gt=0,
+        description="NEFTune: uniform noise of scale alpha / sqrt(seq × hidden) on input embeddings, training only.",
+    )
     chunked_loss: bool | Literal["auto"] = Field(
-        "auto", description="Cross-entropy over sequence chunks, never holding all logits; `auto`: on where exact.")
+        "auto", description="Cross-entropy over sequence chunks, never holding all logits; `auto`: on where exact."
+    )
     loss_chunk_size: int = Field(1024, ge=16, description="Tokens per chunk of the chunked loss.")
     max_bad_steps: int = Field(0, ge=0, description="Non-finite steps to skip before stopping the run.")
     seed: int = Field(42, description="Seed for init, data order and dropout.")
@@ -143,25 +200,40 @@ class SFTConfig(BaseModel):
     output_dir: str = Field("runs/sft", description="Run directory: metrics, checkpoints, final weights, report.")
     overwrite_output_dir: bool = Field(False, description="Allow writing into a directory that holds another run.")
     logging_steps: int = Field(10, ge=1, description="Optimizer steps between metric rows.")
-    eval_steps: int | None = Field(None, ge=1, description="Steps between evals; default: logging_steps × 10 when there is eval data.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Steps between evals; default: logging_steps × 10 when there is eval data."
+    )
     save_steps: int = Field(500, ge=1, description="Steps between checkpoints.")
     save_total_limit: int | None = Field(None, ge=1, description="Checkpoints kept (the best is never deleted).")
     resume_from_checkpoint: bool | str | None = Field(
-        None, description="`true`/`latest`: newest valid checkpoint in output_dir; or a checkpoint path.")
-    save_on_interrupt: bool = Field(True, description="On Ctrl-C, save a checkpoint at the current step before "
-                                    "exiting (several processes: after the step all of them are in).")
-    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evals without improvement.")
+        None, description="`true`/`latest`: newest valid checkpoint in output_dir; or a checkpoint path."
+    )
+    save_on_interrupt: bool = Field(
+        True,
+        description="On Ctrl-C, save a checkpoint at the current step before "
+        "exiting (several processes: after the step all of them are in).",
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evals without improvement."
+    )
     metric_for_best_model: str | None = Field(
-        None, description="Eval metric that picks the best checkpoint and early stopping, e.g. eval_gsm8k_loss or "
-                          "eval_token_accuracy (higher is better for accuracy); default: the first eval set's loss.")
-    report_to: Literal["tensorboard", "wandb", "mlflow", "trackio", "none"] | list[
-        Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
-        "tensorboard", description="Metric sinks besides metrics.jsonl (mlflow and trackio store locally unless "
-                                   "their own environment variables point elsewhere).")
+        None,
+        description="Eval metric that picks the best checkpoint and early stopping, e.g. eval_gsm8k_loss or "
+        "eval_token_accuracy (higher is better for accuracy); default: the first eval set's loss.",
+    )
+    report_to: (
+        Literal["tensorboard", "wandb", "mlflow", "trackio", "none"]
+        | list[Literal["tensorboard", "wandb", "mlflow", "trackio"]]
+    ) = Field(
+        "tensorboard",
+        description="Metric sinks besides metrics.jsonl (mlflow and trackio store locally unless "
+        "their own environment variables point elsewhere).",
+    )
 
     # --- monitoring ---
     sample_prompts: list[str] | str | None = Field(
-        None, description="Prompts generated during training (a list or a file); default: a few eval prompts.")
+        None, description="Prompts generated during training (a list or a file); default: a few eval prompts."
+    )
     sample_steps: int | None = Field(None, ge=1, description="Steps between sample generations; default: eval_steps.")
     max_new_tokens: int = Field(128, ge=1, description="Tokens generated per sample.")
 
@@ -171,17 +243,22 @@ class SFTConfig(BaseModel):
             raise ValueError("bf16 and fp16 are both on; choose one (bf16 where the GPU supports it)")
         if self.warmup_ratio and self.warmup_steps:
             raise ValueError(
-                f"warmup_ratio ({self.warmup_ratio}) and warmup_steps ({self.warmup_steps}) are both set; keep one")
+                f"warmup_ratio ({self.warmup_ratio}) and warmup_steps ({self.warmup_steps}) are both set; keep one"
+            )
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("max_steps and num_train_epochs are both zero: nothing to train; set one of them")
         if self.eval_dataset is not None and self.eval_split_ratio > 0:
             raise ValueError("eval_dataset and eval_split_ratio are both set; keep one")
         if isinstance(self.trainable_tokens, list) and self.finetuning == "full":
-            raise ValueError(f"trainable_tokens ({self.trainable_tokens}) with finetuning: full: full fine-tuning already "
-                             "trains every token row; remove trainable_tokens (or set it to auto or none)")
+            raise ValueError(
+                f"trainable_tokens ({self.trainable_tokens}) with finetuning: full: full fine-tuning already "
+                "trains every token row; remove trainable_tokens (or set it to auto or none)"
+            )
         if self.gguf_file and self.finetuning == "qlora":
-            raise ValueError(f"gguf_file ({self.gguf_file}) with finetuning: qlora: a GGUF base is dequantized and "
-                             "cannot be quantized again; use finetuning: lora, or a safetensors base for qlora")
+            raise ValueError(
+                f"gguf_file ({self.gguf_file}) with finetuning: qlora: a GGUF base is dequantized and "
+                "cannot be quantized again; use finetuning: lora, or a safetensors base for qlora"
+            )
         self._check_sources()
         self._check_eval_sets()
         self._check_lora_variant()
@@ -191,22 +268,33 @@ class SFTConfig(BaseModel):
         weighted = [spec.weight is not None for spec in self.datasets]
         if any(weighted) and not all(weighted):
             missing = ", ".join(f"datasets.{i}" for i, has in enumerate(weighted) if not has)
-            raise ValueError(f"{missing} has no weight while others have one; give every training source a weight "
-                             "(its share of trained tokens), or none to concatenate them")
+            raise ValueError(
+                f"{missing} has no weight while others have one; give every training source a weight "
+                "(its share of trained tokens), or none to concatenate them"
+            )
         names = self.source_names
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
-            raise ValueError(f"two training sources are both named {repeated[0]!r}; give them distinct labels "
-                             "(datasets.N.label), which name their per-source metrics")
+            raise ValueError(
+                f"two training sources are both named {repeated[0]!r}; give them distinct labels "
+                "(datasets.N.label), which name their per-source metrics"
+            )
         if (self.streaming or self.is_mixture) and self.max_steps <= 0:
             what = "streaming: true" if self.streaming else "weights on datasets"
             raise ValueError(f"{what} needs max_steps: a stream or a mixture has no epoch to count; set max_steps")
         if self.streaming and self.eval_split_ratio > 0:
-            raise ValueError("eval_split_ratio cannot hold rows out of a stream; set eval_dataset instead "
-                             "(or streaming: false)")
+            raise ValueError(
+                "eval_split_ratio cannot hold rows out of a stream; set eval_dataset instead (or streaming: false)"
+            )
 
     def _check_eval_sets(self) -> None:
-        specs = self.eval_dataset if isinstance(self.eval_dataset, list) else [self.eval_dataset] if self.eval_dataset else []
+        specs = (
+            self.eval_dataset
+            if isinstance(self.eval_dataset, list)
+            else [self.eval_dataset]
+            if self.eval_dataset
+            else []
+        )
         for index, spec in enumerate(specs):
             if spec.weight is not None:
                 raise ValueError(f"eval_dataset weight = {spec.weight}: weights mix training sources only; remove it")
@@ -216,37 +304,53 @@ class SFTConfig(BaseModel):
                 raise ValueError("eval_dataset is an empty list; give at least one entry or remove the key")
             for index, label in enumerate(labels):
                 if label is None:
-                    raise ValueError(f"eval_dataset.{index} has no label; in a list every eval set needs one "
-                                     "(e.g. label: gsm8k), which names its metrics eval_<label>_loss")
+                    raise ValueError(
+                        f"eval_dataset.{index} has no label; in a list every eval set needs one "
+                        "(e.g. label: gsm8k), which names its metrics eval_<label>_loss"
+                    )
             repeated = sorted({label for label in labels if labels.count(label) > 1})
             if repeated:
                 raise ValueError(f"eval_dataset: label {repeated[0]!r} is used twice; each eval set needs its own")
         if self.metric_for_best_model is not None:
             names = self.eval_metric_names
             if not names:
-                raise ValueError(f"metric_for_best_model = {self.metric_for_best_model!r} but there is no eval data; "
-                                 "set eval_dataset or eval_split_ratio, or remove metric_for_best_model")
+                raise ValueError(
+                    f"metric_for_best_model = {self.metric_for_best_model!r} but there is no eval data; "
+                    "set eval_dataset or eval_split_ratio, or remove metric_for_best_model"
+                )
             if self.best_model_metric not in names:
-                raise ValueError(f"metric_for_best_model = {self.metric_for_best_model!r} names no eval set of this "
-                                 f"config; choose one of: {', '.join(names)}")
+                raise ValueError(
+                    f"metric_for_best_model = {self.metric_for_best_model!r} names no eval set of this "
+                    f"config; choose one of: {', '.join(names)}"
+                )
 
     def _check_lora_variant(self) -> None:
         init = self.init_lora_weights
         if isinstance(init, str) and not _LORA_INITS.match(init):
-            raise ValueError(f"init_lora_weights = {init!r} is not supported; use true, false, gaussian, orthogonal, "
-                             "pissa, pissa_niter_N (N iterations of fast SVD) or olora")
-        variant = {"use_dora": self.use_dora, "use_rslora": self.use_rslora,
-                   "lora_modules_to_save": bool(self.lora_modules_to_save), "init_lora_weights": init is not True}
+            raise ValueError(
+                f"init_lora_weights = {init!r} is not supported; use true, false, gaussian, orthogonal, "
+                "pissa, pissa_niter_N (N iterations of fast SVD) or olora"
+            )
+        variant = {
+            "use_dora": self.use_dora,
+            "use_rslora": self.use_rslora,
+            "lora_modules_to_save": bool(self.lora_modules_to_save),
+            "init_lora_weights": init is not True,
+        }
         if self.finetuning == "full" and any(variant.values()):
             keys = ", ".join(k for k, on in variant.items() if on)
             raise ValueError(f"{keys} only apply to LoRA, but finetuning = 'full'; remove them or use finetuning: lora")
         mutates_base = isinstance(init, str) and init.startswith(("pissa", "olora"))
         if mutates_base and self.use_dora:
-            raise ValueError(f"init_lora_weights = {init!r} with use_dora: the trained DoRA adapter cannot be written as "
-                             "an adapter of the original base; choose one of them")
+            raise ValueError(
+                f"init_lora_weights = {init!r} with use_dora: the trained DoRA adapter cannot be written as "
+                "an adapter of the original base; choose one of them"
+            )
         if mutates_base and self.finetuning == "qlora":
-            raise ValueError(f"init_lora_weights = {init!r} with finetuning: qlora would quantize the residual base "
-                             "weights, so the saved adapter would not fit the original base; use lora, or the default init")
+            raise ValueError(
+                f"init_lora_weights = {init!r} with finetuning: qlora would quantize the residual base "
+                "weights, so the saved adapter would not fit the original base; use lora, or the default init"
+            )
 
     # Derived values, never stored: the config stays what the user wrote.
     @property
@@ -361,8 +465,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SF
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         where = str(err).replace('"<unicode string>"', str(path))
-        raise ConfigError(f"{path}: not valid YAML (fix the syntax at the line shown; "
-                          f"nested keys must line up): {where}") from None
+        raise ConfigError(
+            f"{path}: not valid YAML (fix the syntax at the line shown; nested keys must line up): {where}"
+        ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
     if not isinstance(raw, dict):
@@ -394,8 +499,13 @@ def _eval_dataset_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
             e = {**e, "loc": (loc[0], *loc[2:])}
         kept.append(e)
     if dropped and not any(e["loc"][:1] == ("eval_dataset",) for e in kept):  # neither form
-        kept.append({**dropped, "loc": ("eval_dataset",),
-                     "msg": "give one entry ({path: ...}) or a list of entries with a label each"})
+        kept.append(
+            {
+                **dropped,
+                "loc": ("eval_dataset",),
+                "msg": "give one entry ({path: ...}) or a list of entries with a label each",
+            }
+        )
     return kept
 
 
@@ -482,7 +592,11 @@ def _redact(node: Any, key: str = "") -> Any:
         return {k: _redact(v, k) for k, v in node.items()}
     if isinstance(node, list):
         return [_redact(v, key) for v in node]
-    if isinstance(node, str) and (_SECRET_KEY.search(key) and not any(k in key for k in _NOT_SECRET_KEYS) or _SECRET_VALUE.search(_HUB_COMMIT.sub("", node))):
+    if isinstance(node, str) and (
+        (_SECRET_KEY.search(key)
+        and not any(k in key for k in _NOT_SECRET_KEYS))
+        or _SECRET_VALUE.search(_HUB_COMMIT.sub("", node))
+    ):
         return "***redacted***"
     return node
 

@@ -37,8 +37,10 @@ def resolve_weights(path: Path) -> Path:
         return path
     if (path / "metrics.jsonl").is_file():
         raise ModelError(f"{path}: the run has no final weights (adapter/ or model/) yet; wait for it to finish")
-    raise ModelError(f"{path}: holds neither adapter/ nor model/ nor adapter_config.json / config.json; give a run "
-                     "directory, an adapter folder or a model folder")
+    raise ModelError(
+        f"{path}: holds neither adapter/ nor model/ nor adapter_config.json / config.json; give a run "
+        "directory, an adapter folder or a model folder"
+    )
 
 
 def base_dtype(name: str) -> torch.dtype:
@@ -55,12 +57,16 @@ def load_trained(folder: Path, dtype: torch.dtype | None = None) -> tuple[Any, A
     unmerged (a PeftModel); `dtype` None means the weights' own dtype."""
     folder = Path(folder)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelError(f"{folder}: has no tokenizer ({', '.join(TOKENIZER_FILES)}); sftkit saves it beside the "
-                         "weights, so copy the tokenizer files of the base model into this folder")
+        raise ModelError(
+            f"{folder}: has no tokenizer ({', '.join(TOKENIZER_FILES)}); sftkit saves it beside the "
+            "weights, so copy the tokenizer files of the base model into this folder"
+        )
     template_path = folder / TEMPLATE_FILE
     if not template_path.is_file():
-        raise ModelError(f"{folder}: has no {TEMPLATE_FILE}; sftkit saves the training template beside the weights so "
-                         f"inference renders prompts the same way; copy the run's {TEMPLATE_FILE} into this folder")
+        raise ModelError(
+            f"{folder}: has no {TEMPLATE_FILE}; sftkit saves the training template beside the weights so "
+            f"inference renders prompts the same way; copy the run's {TEMPLATE_FILE} into this folder"
+        )
     tokenizer = load_tokenizer(str(folder))
     adapter_config = folder / "adapter_config.json"
     if not adapter_config.is_file():
@@ -72,7 +78,9 @@ def load_trained(folder: Path, dtype: torch.dtype | None = None) -> tuple[Any, A
         try:
             model = load_model(base, dtype or base_dtype(base), vocab_size=len(tokenizer))
         except ModelError as err:
-            raise ModelError(f"{adapter_config}: base model (base_model_name_or_path) cannot be loaded: {err}") from None
+            raise ModelError(
+                f"{adapter_config}: base model (base_model_name_or_path) cannot be loaded: {err}"
+            ) from None
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(folder))
@@ -80,8 +88,15 @@ def load_trained(folder: Path, dtype: torch.dtype | None = None) -> tuple[Any, A
     return model, tokenizer, template_path.read_text(encoding="utf-8")
 
 
-def generate_cli(model: Path, prompts: list[str], prompts_file: Path | None, max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, console: Console | None = None) -> list[dict]:
+def generate_cli(
+    model: Path,
+    prompts: list[str],
+    prompts_file: Path | None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    console: Console | None = None,
+) -> list[dict]:
     """Load, generate a reply to each prompt (single-turn), print them; returns the samples."""
     if prompts_file is not None and not Path(prompts_file).is_file():
         raise FileNotFoundError(f"--prompts-file {prompts_file}: no such file")
@@ -94,8 +109,9 @@ def generate_cli(model: Path, prompts: list[str], prompts_file: Path | None, max
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     loaded, tokenizer, template = load_trained(folder, dtype)
-    samples = generate_samples(loaded.to(device), tokenizer, template, conversations, max_new_tokens,
-                               temperature=temperature, top_p=top_p)
+    samples = generate_samples(
+        loaded.to(device), tokenizer, template, conversations, max_new_tokens, temperature=temperature, top_p=top_p
+    )
     if console is not None:
         console.print(Text(str(folder), style="dim"))
         for sample in samples:

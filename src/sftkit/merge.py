@@ -24,8 +24,10 @@ def merge_adapter(run_dir: Path, out: Path, max_shard_size: str = "5GB", dtype: 
         raise ModelError(f"--dtype {dtype}: unknown; use auto, float32 or bfloat16")
     folder = resolve_weights(run_dir)
     if not (folder / "adapter_config.json").is_file():
-        raise ModelError(f"{folder}: is not a LoRA adapter (no adapter_config.json); a full fine-tune's model/ is "
-                         "already a standalone model, nothing to merge")
+        raise ModelError(
+            f"{folder}: is not a LoRA adapter (no adapter_config.json); a full fine-tune's model/ is "
+            "already a standalone model, nothing to merge"
+        )
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"--out {out}: already holds files; give a new or empty folder")

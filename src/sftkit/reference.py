@@ -31,8 +31,17 @@ def _table(model: type) -> list[str]:
 
 
 def config_reference() -> str:
-    lines = [BEGIN, "", *_table(SFTConfig), "", "Each entry of `datasets` (and `eval_dataset`):", "",
-             *_table(DatasetSpec), "", END]
+    lines = [
+        BEGIN,
+        "",
+        *_table(SFTConfig),
+        "",
+        "Each entry of `datasets` (and `eval_dataset`):",
+        "",
+        *_table(DatasetSpec),
+        "",
+        END,
+    ]
     return "\n".join(lines)
 
 

@@ -33,23 +33,40 @@ class _Shifted:
         return self.function(row, shifted, **kwargs)
 
 
-def map_in_chunks(dataset: datasets.Dataset, function: Callable[..., Any], num_proc: int, desc: str,
-                  new_fingerprint: str | None = None, with_indices: bool = False,
-                  rows_per_process: int | None = None, **map_kwargs: Any) -> datasets.Dataset:
+def map_in_chunks(
+    dataset: datasets.Dataset,
+    function: Callable[..., Any],
+    num_proc: int,
+    desc: str,
+    new_fingerprint: str | None = None,
+    with_indices: bool = False,
+    rows_per_process: int | None = None,
+    **map_kwargs: Any,
+) -> datasets.Dataset:
     """`dataset.map(function, num_proc=..., **map_kwargs)`, the same rows out, in chunks of
     `rows_per_process × num_proc` rows (default `ROWS_PER_PROCESS`) with fresh processes each (one map when it
     fits in one chunk)."""
     processes = num_proc if num_proc > 1 and len(dataset) > SERIAL_BELOW else None
     chunk = (rows_per_process or ROWS_PER_PROCESS) * (processes or 1)
     if processes is None or len(dataset) <= chunk:
-        return dataset.map(function, num_proc=processes, desc=desc, new_fingerprint=new_fingerprint,
-                           with_indices=with_indices, **map_kwargs)
+        return dataset.map(
+            function,
+            num_proc=processes,
+            desc=desc,
+            new_fingerprint=new_fingerprint,
+            with_indices=with_indices,
+            **map_kwargs,
+        )
     starts = range(0, len(dataset), chunk)
     parts = [
         dataset.select(range(start, min(start + chunk, len(dataset)))).map(
-            _Shifted(function, start) if with_indices else function, num_proc=processes,
-            desc=f"{desc} ({number}/{len(starts)})", with_indices=with_indices,
-            new_fingerprint=f"{new_fingerprint}-{start}" if new_fingerprint else None, **map_kwargs)
+            _Shifted(function, start) if with_indices else function,
+            num_proc=processes,
+            desc=f"{desc} ({number}/{len(starts)})",
+            with_indices=with_indices,
+            new_fingerprint=f"{new_fingerprint}-{start}" if new_fingerprint else None,
+            **map_kwargs,
+        )
         for number, start in enumerate(starts, start=1)
     ]
     return datasets.concatenate_datasets(parts)

@@ -40,17 +40,23 @@ def collate(rows: Sequence[Sequence[dict]], pad_token_id: int) -> dict[str, torc
         for s, example in enumerate(row, start=1):
             ids, labels = example["input_ids"], example["labels"]
             n = len(ids)
-            input_ids[r, offset:offset + n] = torch.as_tensor(ids)
-            targets[r, offset:offset + n - 1] = torch.as_tensor(labels[1:])
-            position_ids[r, offset:offset + n] = torch.arange(n)
-            segment_ids[r, offset:offset + n] = s
-            target_sources[r, offset:offset + n - 1] = example.get("source", 0)
+            input_ids[r, offset : offset + n] = torch.as_tensor(ids)
+            targets[r, offset : offset + n - 1] = torch.as_tensor(labels[1:])
+            position_ids[r, offset : offset + n] = torch.arange(n)
+            segment_ids[r, offset : offset + n] = s
+            target_sources[r, offset : offset + n - 1] = example.get("source", 0)
             offset += n
         position_ids[r, offset:] = torch.arange(width - offset)  # padding: its own segment, 0..k
     target_sources.masked_fill_(targets == IGNORE_INDEX, -1)
     boundaries = cu_seqlens([[len(ex["input_ids"]) for ex in row] for row in rows], width)
-    return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "segment_ids": segment_ids,
-            "cu_seqlens": boundaries, "target_sources": target_sources}
+    return {
+        "input_ids": input_ids,
+        "targets": targets,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "cu_seqlens": boundaries,
+        "target_sources": target_sources,
+    }
 
 
 def cu_seqlens(lengths_per_row: Sequence[Sequence[int]], width: int) -> torch.Tensor:

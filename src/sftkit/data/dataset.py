@@ -35,13 +35,22 @@ class DataOptions:
         """Streaming reads the training sources during the run: only the eval sets are prepared here
         (`data inspect` samples the first `sample_rows` of each)."""
         return cls(
-            train_sources=() if config.streaming and sample_rows is None else tuple(config.datasets), eval_sources=tuple(config.eval_sets),
+            train_sources=() if config.streaming and sample_rows is None else tuple(config.datasets),
+            eval_sources=tuple(config.eval_sets),
             eval_split_ratio=config.eval_split_ratio,
-            tokenize=TokenizeOptions(template=template, max_seq_length=config.max_seq_length,
-                                     truncation=config.truncation, assistant_only_loss=config.assistant_only_loss,
-                                     train_on_reasoning=config.train_on_reasoning),
-            system_prompt=config.system_prompt, skip_bad_rows=config.skip_bad_rows,
-            num_proc=config.dataset_num_proc or default_num_proc(), seed=config.seed, sample_rows=sample_rows)
+            tokenize=TokenizeOptions(
+                template=template,
+                max_seq_length=config.max_seq_length,
+                truncation=config.truncation,
+                assistant_only_loss=config.assistant_only_loss,
+                train_on_reasoning=config.train_on_reasoning,
+            ),
+            system_prompt=config.system_prompt,
+            skip_bad_rows=config.skip_bad_rows,
+            num_proc=config.dataset_num_proc or default_num_proc(),
+            seed=config.seed,
+            sample_rows=sample_rows,
+        )
 
 
 @dataclass
@@ -70,10 +79,11 @@ def _load_all(specs: tuple[DatasetSpec, ...], options: DataOptions) -> tuple[dat
     if options.sample_rows is None:
         loaded = [load_source(spec, options.system_prompt, options.skip_bad_rows, options.num_proc) for spec in specs]
     else:
-        loaded = [sample_source(spec, options.system_prompt, options.skip_bad_rows, options.sample_rows) for spec in specs]
+        loaded = [
+            sample_source(spec, options.system_prompt, options.skip_bad_rows, options.sample_rows) for spec in specs
+        ]
     # The source name of every row as one Arrow string array, not a Python list.
-    parts = [s.dataset.add_column("source", pa.repeat(pa.scalar(s.name, pa.string()), len(s.dataset)))
-             for s in loaded]
+    parts = [s.dataset.add_column("source", pa.repeat(pa.scalar(s.name, pa.string()), len(s.dataset))) for s in loaded]
     return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), loaded
 
 
@@ -91,28 +101,39 @@ def prepare_data(options: DataOptions, tokenizer: Any) -> PreparedData:
         if held_out == 0:
             raise DataError(
                 f"eval_split_ratio = {options.eval_split_ratio} of {len(rows)} rows holds out no row; "
-                f"raise eval_split_ratio to at least {1 / len(rows):.2g} or set eval_dataset")
+                f"raise eval_split_ratio to at least {1 / len(rows):.2g} or set eval_dataset"
+            )
         split = rows.train_test_split(test_size=held_out, seed=options.seed, shuffle=True)
         rows, eval_rows[""] = split["train"], split["test"]
     for source in sources:
         require_chat_template(options.tokenize.template, source.format, source.name, tokenizer)
     read_done = time.perf_counter()
-    train = tokenize_dataset(rows, tokenizer, options.tokenize, options.num_proc, "Tokenizing train") if rows is not None else None
+    train = (
+        tokenize_dataset(rows, tokenizer, options.tokenize, options.num_proc, "Tokenizing train")
+        if rows is not None
+        else None
+    )
     if train is not None and len(train.dataset) == 0:
         files = ", ".join(spec.path for spec in options.train_sources)
-        raise DataError(f"{files}: no training example left after filtering ({train.dropped}) with max_seq_length = "
-                        f"{options.tokenize.max_seq_length} and truncation = {options.tokenize.truncation!r}; raise "
-                        "max_seq_length, set `truncation: truncate_right`, or check the assistant turns of your data")
+        raise DataError(
+            f"{files}: no training example left after filtering ({train.dropped}) with max_seq_length = "
+            f"{options.tokenize.max_seq_length} and truncation = {options.tokenize.truncation!r}; raise "
+            "max_seq_length, set `truncation: truncate_right`, or check the assistant turns of your data"
+        )
     evaluations = {}
     for label, held_out_rows in eval_rows.items():
         name = f"eval set {label!r}" if label else "the eval set"
-        evaluations[label] = tokenize_dataset(held_out_rows, tokenizer, options.tokenize, options.num_proc,
-                                              f"Tokenizing {name}")
+        evaluations[label] = tokenize_dataset(
+            held_out_rows, tokenizer, options.tokenize, options.num_proc, f"Tokenizing {name}"
+        )
         if len(evaluations[label].dataset) == 0:
-            raise DataError(f"{name} is empty after filtering ({evaluations[label].dropped}); "
-                            "check eval_dataset / eval_split_ratio and max_seq_length")
+            raise DataError(
+                f"{name} is empty after filtering ({evaluations[label].dropped}); "
+                "check eval_dataset / eval_split_ratio and max_seq_length"
+            )
     first = next(iter(eval_rows.values()), None)
     eval_messages = [m for m in first.select(range(min(len(first), 16)))["messages"] if m] if first else []
     seconds = {"read": read_done - started, "tokenize": time.perf_counter() - read_done}
-    return PreparedData(train=train, eval_sets=evaluations, sources=sources, eval_messages=eval_messages,
-                        seconds=seconds)
+    return PreparedData(
+        train=train, eval_sets=evaluations, sources=sources, eval_messages=eval_messages, seconds=seconds
+    )

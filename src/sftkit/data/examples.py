@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
 from typing import Any
 
 import datasets
@@ -27,8 +26,9 @@ from sftkit.data.template import IGNORE_INDEX
 Example = dict[str, Any]  # input_ids, labels, source (index), source_row (0-based), trained
 
 
-def make_example(input_ids: list[int], labels: list[int], source: int, source_row: int,
-                 trained: int | None = None) -> Example:
+def make_example(
+    input_ids: list[int], labels: list[int], source: int, source_row: int, trained: int | None = None
+) -> Example:
     """One example as the collator and the loop read it."""
     if trained is None:  # the first label is never a target (nothing predicts it), so it does not count
         trained = sum(label != IGNORE_INDEX for label in labels[1:])
@@ -59,19 +59,20 @@ class TrainingExamples:
             sources = pc.index_in(paths, value_set=pa.array(source_paths)).to_numpy(zero_copy_only=False)
         else:
             sources = np.zeros(len(dataset), np.int64)
-        return cls(tokens=dataset.select_columns(["input_ids", "labels"]),
-                   lengths=column(dataset, "length").astype(np.int64),
-                   trained=column(dataset, "trained_tokens").astype(np.int64),
-                   source_rows=column(dataset, "source_row").astype(np.int64),
-                   sources=np.asarray(sources, np.int64))
+        return cls(
+            tokens=dataset.select_columns(["input_ids", "labels"]),
+            lengths=column(dataset, "length").astype(np.int64),
+            trained=column(dataset, "trained_tokens").astype(np.int64),
+            source_rows=column(dataset, "source_row").astype(np.int64),
+            sources=np.asarray(sources, np.int64),
+        )
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def sequences(self, max_seq_length: int, packing: bool, progress: bool = False) -> Packs:
         """The model's rows: balanced packs of whole examples, or one example each."""
-        return (balanced(self.lengths, max_seq_length, progress) if packing
-                else Packs.one_per_example(len(self)))
+        return balanced(self.lengths, max_seq_length, progress) if packing else Packs.one_per_example(len(self))
 
     def read(self, sequences: Packs, sequence_ids: Sequence[int]) -> list[list[Example]]:
         """The examples of some sequences, grouped per sequence, in one Arrow read of just those rows."""
@@ -84,6 +85,13 @@ class TrainingExamples:
     def take(self, ids: np.ndarray) -> list[Example]:
         """Some examples by index, in one Arrow read of just those rows."""
         rows = self.tokens[ids.tolist()]  # {"input_ids": [...], "labels": [...]}, one entry per example
-        return [make_example(tokens, labels, source, row, trained) for tokens, labels, source, row, trained in zip(
-            rows["input_ids"], rows["labels"], self.sources[ids].tolist(), self.source_rows[ids].tolist(),
-            self.trained[ids].tolist())]
+        return [
+            make_example(tokens, labels, source, row, trained)
+            for tokens, labels, source, row, trained in zip(
+                rows["input_ids"],
+                rows["labels"],
+                self.sources[ids].tolist(),
+                self.source_rows[ids].tolist(),
+                self.trained[ids].tolist(),
+            )
+        ]

@@ -45,10 +45,16 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
 }
 ROLE_ALIASES = {
     "system": "system",
-    "user": "user", "human": "user",
-    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "model": "assistant",
-    "bard": "assistant", "bing": "assistant",
-    "tool": "tool", "ipython": "tool",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "tool": "tool",
+    "ipython": "tool",
 }
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -78,8 +84,10 @@ def source_kind(spec: DatasetSpec) -> str:
     if path.is_dir():
         return "folder"
     if spec.path.startswith((".", "/", "~")) or path.suffix.lower() in FILE_BUILDERS:
-        raise DataError(f"{spec.path}: file not found; check `path` under `datasets` (or `eval_dataset`) in your config, "
-                        "relative to the directory you run sftkit from")
+        raise DataError(
+            f"{spec.path}: file not found; check `path` under `datasets` (or `eval_dataset`) in your config, "
+            "relative to the directory you run sftkit from"
+        )
     return "hub"
 
 
@@ -130,7 +138,8 @@ def decode_line(path: Path, line_number: int, line: bytes) -> str:
     except UnicodeDecodeError as err:
         raise DataError(
             f"{path}: line {line_number}: not UTF-8 text (byte {err.object[err.start]:#x} at column {err.start + 1}); "
-            "re-save the file as UTF-8") from None
+            "re-save the file as UTF-8"
+        ) from None
 
 
 def empty_file_error(path: Path) -> DataError:
@@ -149,11 +158,16 @@ def check_json_layout(path: Path, spec: DatasetSpec) -> None:
     if not isinstance(value, dict):
         raise DataError(f"{path}: the top level is a JSON {type(value).__name__}; expected {layout}")
     row_columns = {"messages", "conversations", *spec.columns.values()}
-    nested = [key for key, item in value.items() if key not in row_columns
-              and isinstance(item, list) and item and all(isinstance(row, dict) for row in item)]
+    nested = [
+        key
+        for key, item in value.items()
+        if key not in row_columns and isinstance(item, list) and item and all(isinstance(row, dict) for row in item)
+    ]
     if nested:
-        raise DataError(f"{path}: the rows are nested under the key '{nested[0]}' of one JSON object; expected {layout}: "
-                        f"save the list under '{nested[0]}' as the whole file")
+        raise DataError(
+            f"{path}: the rows are nested under the key '{nested[0]}' of one JSON object; expected {layout}: "
+            f"save the list under '{nested[0]}' as the whole file"
+        )
 
 
 def _explain_load_error(path: Path, err: Exception) -> DataError:
@@ -174,8 +188,10 @@ def _explain_load_error(path: Path, err: Exception) -> DataError:
             for index, item in enumerate(value, start=1):
                 if not isinstance(item, dict):
                     return list_item_error(path, index, item)
-    return DataError(f"{path}: could not read the file ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}); "
-                     "check that every row has the same columns with the same types")
+    return DataError(
+        f"{path}: could not read the file ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}); "
+        "check that every row has the same columns with the same types"
+    )
 
 
 def parse_json_line(path: Path, line_number: int, line: str) -> dict[str, Any]:
@@ -183,11 +199,15 @@ def parse_json_line(path: Path, line_number: int, line: str) -> dict[str, Any]:
     try:
         value = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as bad:
-        raise DataError(f"{path}: line {line_number}: not valid JSON ({bad.msg} at column {bad.colno}); "
-                        "each line must be one JSON object") from None
+        raise DataError(
+            f"{path}: line {line_number}: not valid JSON ({bad.msg} at column {bad.colno}); "
+            "each line must be one JSON object"
+        ) from None
     if not isinstance(value, dict):
-        raise DataError(f"{path}: line {line_number}: expected a JSON object per line, got {type(value).__name__}; "
-                        'write each row as one object, e.g. {"messages": [...]}')
+        raise DataError(
+            f"{path}: line {line_number}: expected a JSON object per line, got {type(value).__name__}; "
+            'write each row as one object, e.g. {"messages": [...]}'
+        )
     return value
 
 
@@ -200,8 +220,10 @@ def parse_json_file(path: Path) -> Any:
 
 
 def list_item_error(path: Path, row_number: int, item: Any) -> DataError:
-    return DataError(f"{path}: row {row_number}: expected a JSON object, got {type(item).__name__}; "
-                     'each item of the list must be one row object, e.g. {"messages": [...]}')
+    return DataError(
+        f"{path}: row {row_number}: expected a JSON object, got {type(item).__name__}; "
+        'each item of the list must be one row object, e.g. {"messages": [...]}'
+    )
 
 
 def starts_with(path: Path, char: str) -> bool:
@@ -214,13 +236,17 @@ def detect_format(columns: list[str], spec: DatasetSpec) -> str:
     unknown = [canonical for canonical in spec.columns if not any(canonical in f for f in FORMAT_FIELDS.values())]
     if unknown:
         fields = sorted({f for fs in FORMAT_FIELDS.values() for f in fs})
-        raise DataError(f"{spec.path}: `columns` maps '{unknown[0]}', which is no format's column; "
-                        f"map one of {fields} to a column of your file")
+        raise DataError(
+            f"{spec.path}: `columns` maps '{unknown[0]}', which is no format's column; "
+            f"map one of {fields} to a column of your file"
+        )
     absent = {canonical: theirs for canonical, theirs in spec.columns.items() if theirs not in columns}
     if absent:
         canonical, theirs = next(iter(absent.items()))
-        raise DataError(f"{spec.path}: `columns` maps {canonical} to '{theirs}', which is not a column of the file "
-                        f"(columns: {sorted(columns)}); fix the mapping in `datasets[].columns`")
+        raise DataError(
+            f"{spec.path}: `columns` maps {canonical} to '{theirs}', which is not a column of the file "
+            f"(columns: {sorted(columns)}); fix the mapping in `datasets[].columns`"
+        )
     mapped = set(spec.columns)
     present = set(columns) | mapped
     if spec.format != "auto":
@@ -228,7 +254,8 @@ def detect_format(columns: list[str], spec: DatasetSpec) -> str:
         if missing:
             raise DataError(
                 f"{spec.path}: format '{spec.format}' needs column(s) {missing}, found {sorted(columns)}; "
-                f"map them with `columns:`, e.g. columns: {{{missing[0]}: <your column>}}")
+                f"map them with `columns:`, e.g. columns: {{{missing[0]}: <your column>}}"
+            )
         return spec.format
     for name in ("messages", "sharegpt", "alpaca", "prompt_completion", "text"):
         if all(f in present for f in REQUIRED_FIELDS[name]):
@@ -236,11 +263,13 @@ def detect_format(columns: list[str], spec: DatasetSpec) -> str:
     raise DataError(
         f"{spec.path}: cannot tell the format from columns {sorted(columns)}; set `format:` "
         "(messages, sharegpt, alpaca, prompt_completion, text) and map your columns with `columns:`, "
-        "e.g. format: prompt_completion, columns: {prompt: question, completion: answer}")
+        "e.g. format: prompt_completion, columns: {prompt: question, completion: answer}"
+    )
 
 
-def row_to_messages(row: dict[str, Any], fmt: str, columns: dict[str, str],
-                    system_prompt: str | None) -> tuple[list[dict[str, str]], str, str, str]:
+def row_to_messages(
+    row: dict[str, Any], fmt: str, columns: dict[str, str], system_prompt: str | None
+) -> tuple[list[dict[str, str]], str, str, str]:
     """One raw row → (messages, tools as JSON text, text, error). `error` is empty when the row is good.
 
     Every message has the keys role, content, tool_calls (JSON text, "" if none) and reasoning_content
@@ -325,8 +354,11 @@ def _read_tool_calls(calls: Any, number: int) -> tuple[str, str]:
     for index, call in enumerate(calls, start=1):
         function = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            return "", f"tool call {index} of turn {number} has no function name; write {{\"type\": \"function\", " \
-                       "\"function\": {\"name\": ..., \"arguments\": {...}}}"
+            return (
+                "",
+                f'tool call {index} of turn {number} has no function name; write {{"type": "function", '
+                '"function": {"name": ..., "arguments": {...}}}',
+            )
         arguments = function.get("arguments") or {}
         if isinstance(arguments, str):
             try:
@@ -334,8 +366,13 @@ def _read_tool_calls(calls: Any, number: int) -> tuple[str, str]:
             except json.JSONDecodeError as err:
                 return "", f"tool call {index} of turn {number}: arguments are not valid JSON ({err.msg})"
         if not isinstance(arguments, dict):
-            return "", f"tool call {index} of turn {number}: arguments must be an object, got {type(arguments).__name__}"
-        normalised.append({"type": "function", "function": {"name": function["name"], "arguments": _without_nulls(arguments)}})
+            return (
+                "",
+                f"tool call {index} of turn {number}: arguments must be an object, got {type(arguments).__name__}",
+            )
+        normalised.append(
+            {"type": "function", "function": {"name": function["name"], "arguments": _without_nulls(arguments)}}
+        )
     return json.dumps(normalised), ""
 
 
@@ -376,7 +413,7 @@ def check_conversation(messages: list[dict[str, str]]) -> str:
     previous: dict[str, str] | None = None
     for index, message in enumerate(body):
         role = message["role"]
-        if previous is None or previous["role"] == "assistant" and not previous.get("tool_calls"):
+        if previous is None or (previous["role"] == "assistant" and not previous.get("tool_calls")):
             expected = ("user",)
         elif previous["role"] == "user":
             expected = ("assistant",)
@@ -386,10 +423,14 @@ def check_conversation(messages: list[dict[str, str]]) -> str:
             expected = ("tool", "assistant")
         if role not in expected:
             if "tool" in (role, *expected):
-                return (f"roles out of order: turn {index + 1} is {role}, expected {' or '.join(expected)} (tool turns "
-                        "follow an assistant turn with tool_calls, and the assistant speaks after them)")
-            return (f"roles out of order: turn {index + 1} is {role}, expected {expected[0]} (user and assistant must "
-                    "alternate, user first)")
+                return (
+                    f"roles out of order: turn {index + 1} is {role}, expected {' or '.join(expected)} (tool turns "
+                    "follow an assistant turn with tool_calls, and the assistant speaks after them)"
+                )
+            return (
+                f"roles out of order: turn {index + 1} is {role}, expected {expected[0]} (user and assistant must "
+                "alternate, user first)"
+            )
         previous = message
     if not any(m["role"] == "assistant" for m in body):
         return "no assistant turn"
@@ -401,12 +442,15 @@ def check_conversation(messages: list[dict[str, str]]) -> str:
 _STRING = datasets.Value("string")
 NORMALISED_FEATURES = {
     "messages": [{"role": _STRING, "content": _STRING, "tool_calls": _STRING, "reasoning_content": _STRING}],
-    "tools": _STRING, "text": _STRING, "source_row": datasets.Value("int64"),
+    "tools": _STRING,
+    "text": _STRING,
+    "source_row": datasets.Value("int64"),
 }
 
 
-def normalise_row(row: dict[str, Any], index: int, fmt: str, columns: dict[str, str],
-                  system_prompt: str | None) -> dict[str, Any]:
+def normalise_row(
+    row: dict[str, Any], index: int, fmt: str, columns: dict[str, str], system_prompt: str | None
+) -> dict[str, Any]:
     """One raw row (row `index` of its source, 0-based) → the canonical row; `error` is empty when it is good."""
     messages, tools, text, error = row_to_messages(row, fmt, columns, system_prompt)
     return {"messages": messages, "tools": tools, "text": text, "error": error, "source_row": index}
@@ -414,8 +458,11 @@ def normalise_row(row: dict[str, Any], index: int, fmt: str, columns: dict[str, 
 
 def bad_row_error(path: str, row_number: int, error: str, more: int = 0) -> DataError:
     """The error for a row that fits no format (`row_number` 1-based); `more`: bad rows after it, when known."""
-    return DataError(f"{path}: row {row_number}: {error}" + (f" ({more} more bad rows)" if more else "")
-                     + "; fix the row, or set `skip_bad_rows: true` to skip such rows (they are counted and reported)")
+    return DataError(
+        f"{path}: row {row_number}: {error}"
+        + (f" ({more} more bad rows)" if more else "")
+        + "; fix the row, or set `skip_bad_rows: true` to skip such rows (they are counted and reported)"
+    )
 
 
 def count_skipped(skipped: dict[str, int], error: str) -> None:
@@ -424,17 +471,22 @@ def count_skipped(skipped: dict[str, int], error: str) -> None:
     skipped[reason] = skipped.get(reason, 0) + 1
 
 
-def load_source(spec: DatasetSpec, system_prompt: str | None, skip_bad_rows: bool,
-                num_proc: int = 1) -> LoadedSource:
+def load_source(spec: DatasetSpec, system_prompt: str | None, skip_bad_rows: bool, num_proc: int = 1) -> LoadedSource:
     """Read one source and normalise it. Bad rows stop the run unless `skip_bad_rows`."""
     raw = read_source(spec)
     if len(raw) == 0:
         raise DataError(f"{spec.path}: the dataset is empty")
     fmt = detect_format(raw.column_names, spec)
     normalise = partial(normalise_row, fmt=fmt, columns=dict(spec.columns), system_prompt=system_prompt)
-    normalised = map_in_chunks(raw, normalise, num_proc, f"Reading {Path(spec.path).name}", with_indices=True,
-                               remove_columns=raw.column_names,
-                               features=datasets.Features({**NORMALISED_FEATURES, "error": datasets.Value("string")}))
+    normalised = map_in_chunks(
+        raw,
+        normalise,
+        num_proc,
+        f"Reading {Path(spec.path).name}",
+        with_indices=True,
+        remove_columns=raw.column_names,
+        features=datasets.Features({**NORMALISED_FEATURES, "error": datasets.Value("string")}),
+    )
     # One Arrow column, checked with Arrow compute: Python strings only for the bad rows' reasons.
     errors = normalised.select_columns(["error"]).with_format("arrow")[:]["error"]
     is_bad = pc.not_equal(errors, "")

@@ -23,12 +23,16 @@ def _length_stats(values: np.ndarray) -> dict[str, float]:
     if not len(values):
         return {"min": 0, "median": 0, "p95": 0, "max": 0, "mean": 0}
     array = np.asarray(values)
-    return {"min": int(array.min()), "median": float(np.median(array)), "p95": float(np.percentile(array, 95)),
-            "max": int(array.max()), "mean": float(array.mean())}
+    return {
+        "min": int(array.min()),
+        "median": float(np.median(array)),
+        "p95": float(np.percentile(array, 95)),
+        "max": int(array.max()),
+        "mean": float(array.mean()),
+    }
 
 
-def data_stats(data: PreparedData, max_seq_length: int, batch_size: int,
-               packs: Packs | None = None) -> dict[str, Any]:
+def data_stats(data: PreparedData, max_seq_length: int, batch_size: int, packs: Packs | None = None) -> dict[str, Any]:
     """Everything `data inspect` prints, as plain JSON-able values. `packs`: the balanced packs when
     the caller already has them (training does), so they are not computed twice."""
     train = data.train.dataset
@@ -70,7 +74,9 @@ def _sources(data: PreparedData) -> list[dict[str, Any]]:
     figures: dict[str, dict[str, Any]] = {}
     if "source" in train.column_names and len(train):
         table = train.select_columns(["source", "length", "trained_tokens"]).with_format("arrow")[:]
-        grouped = table.group_by("source").aggregate([("length", "count"), ("length", "sum"), ("trained_tokens", "sum")])
+        grouped = table.group_by("source").aggregate(
+            [("length", "count"), ("length", "sum"), ("trained_tokens", "sum")]
+        )
         figures = {row["source"]: row for row in grouped.to_pylist()}
     trained_total = sum(row["trained_tokens_sum"] for row in figures.values()) or 1
     rows = []
@@ -78,9 +84,12 @@ def _sources(data: PreparedData) -> list[dict[str, Any]]:
         row = {"path": source.name, "format": source.format, "rows": source.rows_read, "skipped": source.skipped}
         found = figures.pop(source.name, None)  # a path listed twice (train and eval) gets its figures once
         if found:
-            row.update(examples=found["length_count"], tokens=found["length_sum"],
-                       trained_tokens=found["trained_tokens_sum"],
-                       trained_share=found["trained_tokens_sum"] / trained_total)
+            row.update(
+                examples=found["length_count"],
+                tokens=found["length_sum"],
+                trained_tokens=found["trained_tokens_sum"],
+                trained_share=found["trained_tokens_sum"] / trained_total,
+            )
         rows.append(row)
     return rows
 
@@ -117,8 +126,17 @@ def dump_examples(data: PreparedData, count: int, path: Path) -> int:
     rows = data.train.dataset.select(range(min(count, len(data.train.dataset))))
     with path.open("w", encoding="utf-8") as handle:
         for row in rows:
-            handle.write(json.dumps({"source": row["source"], "row": row["source_row"] + 1,
-                                     "input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "source": row["source"],
+                        "row": row["source_row"] + 1,
+                        "input_ids": row["input_ids"],
+                        "labels": row["labels"],
+                    }
+                )
+                + "\n"
+            )
     return len(rows)
 
 
@@ -153,22 +171,30 @@ def print_stats(stats: dict[str, Any], example: list[tuple[str, bool]] | None, c
     for s in stats["sources"]:
         skipped = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "0"
         cells = [Path(s["path"]).name or s["path"], s["format"], str(s["rows"]), skipped]
-        cells += ([f"{s['examples']:,}", f"{s['trained_tokens']:,}", f"{s['trained_share']:.1%}"] if "examples" in s
-                  else ["eval", "", ""])
+        cells += (
+            [f"{s['examples']:,}", f"{s['trained_tokens']:,}", f"{s['trained_share']:.1%}"]
+            if "examples" in s
+            else ["eval", "", ""]
+        )
         if mixture:
             cells += [f"{s['target_share']:.1%}", f"{s['rate']:.2f}"] if "target_share" in s else ["", ""]
         sources.add_row(*cells)
     console.print(sources)
     for s in stats["sources"]:
         if s.get("rate", 0) > 3:
-            console.print(f"[yellow]{escape(s['path'])}: the mixture draws each of its examples about {s['rate']:.1f}× as "
-                          "often as concatenating the sources would; it will repeat sooner (on_exhausted) and may be "
-                          "memorised: watch its loss curve in the report[/yellow]", soft_wrap=True)
+            console.print(
+                f"[yellow]{escape(s['path'])}: the mixture draws each of its examples about {s['rate']:.1f}× as "
+                "often as concatenating the sources would; it will repeat sooner (on_exhausted) and may be "
+                "memorised: watch its loss curve in the report[/yellow]",
+                soft_wrap=True,
+            )
     if "rendering" in stats:
         console.print(Text.assemble(("Rendering: ", "bold"), stats["rendering"]))
 
-    lengths = Table(title=f"Token lengths ({stats['train_examples']} train examples, {stats['eval_examples']} eval)",
-                    title_justify="left")
+    lengths = Table(
+        title=f"Token lengths ({stats['train_examples']} train examples, {stats['eval_examples']} eval)",
+        title_justify="left",
+    )
     for heading in ("", "min", "median", "p95", "max"):
         lengths.add_column(heading, justify="right")
     for name in ("prompt_tokens", "response_tokens", "example_tokens"):
@@ -181,12 +207,18 @@ def print_stats(stats: dict[str, Any], example: list[tuple[str, bool]] | None, c
     summary.add_column("value", justify="right")
     dropped = ", ".join(f"{k}: {v}" for k, v in stats["dropped_examples"].items()) or "0"
     rows = [
-        ("examples over max_seq_length", f"{stats['examples_over_max_seq_length']} (> {stats['max_seq_length']} tokens)"),
+        (
+            "examples over max_seq_length",
+            f"{stats['examples_over_max_seq_length']} (> {stats['max_seq_length']} tokens)",
+        ),
         ("truncated / dropped", f"{stats['truncated_examples']} / {dropped}"),
         ("total tokens", f"{stats['total_tokens']:,}"),
         ("trained tokens", f"{stats['trained_tokens']:,} ({stats['trained_token_fraction']:.1%})"),
         (f"padding waste (batch {stats['batch_size']}, pad to longest)", f"{stats['padding_waste']:.1%}"),
-        (f"packing waste ({stats['packed_sequences']} packs of <= {stats['max_seq_length']})", f"{stats['packing_waste']:.2%}"),
+        (
+            f"packing waste ({stats['packed_sequences']} packs of <= {stats['max_seq_length']})",
+            f"{stats['packing_waste']:.2%}",
+        ),
         ("packing efficiency", f"{stats['packing_efficiency']:.2%} real tokens"),
     ]
     for what, value in rows:
@@ -201,8 +233,10 @@ def print_stats(stats: dict[str, Any], example: list[tuple[str, bool]] | None, c
         for stage, seconds in timings["seconds"].items():
             times.add_row(stage, f"{seconds:.2f} s")
         if timings["tokens_per_s"]:
-            times.add_row("tokenization speed", f"{timings['tokens_per_s']:,.0f} tokens/s "
-                          f"({timings['tokenized_tokens']:,} tokens)")
+            times.add_row(
+                "tokenization speed",
+                f"{timings['tokens_per_s']:,.0f} tokens/s ({timings['tokenized_tokens']:,} tokens)",
+            )
         console.print(times)
 
     if example:

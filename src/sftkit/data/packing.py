@@ -49,7 +49,7 @@ class Packs:
         return len(self.offsets) - 1
 
     def __getitem__(self, sequence: int) -> list[int]:
-        return self.example_ids[self.offsets[sequence]:self.offsets[sequence + 1]].tolist()
+        return self.example_ids[self.offsets[sequence] : self.offsets[sequence + 1]].tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         return (self[s] for s in range(len(self)))
@@ -58,7 +58,7 @@ class Packs:
         """The example ids of several sequences, in order, as one array."""
         if len(sequences) == 0:
             return np.zeros(0, np.int64)
-        return np.concatenate([self.example_ids[self.offsets[s]:self.offsets[s + 1]] for s in sequences])
+        return np.concatenate([self.example_ids[self.offsets[s] : self.offsets[s + 1]] for s in sequences])
 
     def sequence_lengths(self, lengths: np.ndarray) -> np.ndarray:
         """Tokens per sequence, given tokens per example."""
@@ -131,7 +131,7 @@ def _bins_of(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray
                 per_bin = free // length
                 ids = buckets.take(free, min(int(buckets.sizes[free]), -(-left // per_bin)))
             placed = min(left, len(ids) * per_bin)
-            bin_of[position:position + placed] = np.repeat(ids, per_bin)[:placed]
+            bin_of[position : position + placed] = np.repeat(ids, per_bin)[:placed]
             last = placed - (len(ids) - 1) * per_bin  # examples in the last bin of the group
             if last == per_bin:
                 buckets.push(free - per_bin * length, ids)
@@ -146,8 +146,9 @@ def _check_lengths(lengths: Sequence[int] | np.ndarray, capacity: int) -> np.nda
     array = np.asarray(lengths, dtype=np.int64).reshape(-1)
     too_long = np.flatnonzero(array > capacity)
     if len(too_long):
-        raise ValueError(f"{len(too_long)} examples are longer than the pack capacity {capacity} "
-                         f"(first: index {too_long[0]})")
+        raise ValueError(
+            f"{len(too_long)} examples are longer than the pack capacity {capacity} (first: index {too_long[0]})"
+        )
     if len(array) and array.min() < 1:
         raise ValueError(f"example {int(np.argmin(array))} has no tokens; every example needs at least one")
     return array
@@ -210,8 +211,9 @@ def pack_balanced(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return balanced(lengths, capacity).tolist()
 
 
-def packing_efficiency(lengths: Sequence[int] | np.ndarray, packs: Packs | Sequence[Sequence[int]],
-                       batch_size: int) -> float:
+def packing_efficiency(
+    lengths: Sequence[int] | np.ndarray, packs: Packs | Sequence[Sequence[int]], batch_size: int
+) -> float:
     """Fraction of real tokens in the batches the loop builds: `batch_size` packs per micro-batch,
     padded to the longest pack of the micro-batch."""
     if not isinstance(packs, Packs):

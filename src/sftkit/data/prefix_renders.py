@@ -22,7 +22,8 @@ prefixes then cost one rendering of it and two of one message.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from jinja2 import nodes
 
@@ -30,9 +31,24 @@ from jinja2 import nodes
 LOOP_ATTRIBUTES = frozenset({"index", "index0", "first", "previtem"})
 # Constructs the proof does not cover (output captured or emitted elsewhere, templates calling templates,
 # `{% generation %}` blocks, loop controls).
-UNSUPPORTED = (nodes.Macro, nodes.CallBlock, nodes.FilterBlock, nodes.AssignBlock, nodes.Block, nodes.Include,
-               nodes.Import, nodes.FromImport, nodes.Extends, nodes.Scope, nodes.OverlayScope, nodes.With,
-               nodes.EvalContextModifier, nodes.Break, nodes.Continue, nodes.ExprStmt)
+UNSUPPORTED = (
+    nodes.Macro,
+    nodes.CallBlock,
+    nodes.FilterBlock,
+    nodes.AssignBlock,
+    nodes.Block,
+    nodes.Include,
+    nodes.Import,
+    nodes.FromImport,
+    nodes.Extends,
+    nodes.Scope,
+    nodes.OverlayScope,
+    nodes.With,
+    nodes.EvalContextModifier,
+    nodes.Break,
+    nodes.Continue,
+    nodes.ExprStmt,
+)
 
 
 def message_local(tree: nodes.Template) -> bool:
@@ -43,7 +59,7 @@ def message_local(tree: nodes.Template) -> bool:
     if len(loops) != 1:
         return False
     loop = tree.body[loops[0]]
-    prologue, epilogue = tree.body[: loops[0]], tree.body[loops[0] + 1:]
+    prologue, epilogue = tree.body[: loops[0]], tree.body[loops[0] + 1 :]
     if loop.else_ or loop.test is not None or loop.recursive or not isinstance(loop.target, nodes.Name):
         return False
     # The loop's sequence: the messages (from the first or the second), directly or through names that the
@@ -61,24 +77,36 @@ def message_local(tree: nodes.Template) -> bool:
             if not (any(assign is node for node in _walk(prologue, nodes.Assign)) and _is_messages(assign.node)):
                 return False
             allowed.add(id(_messages_name(assign.node)))
-    allowed |= {id(item.node) for item in _walk(tree.body, nodes.Getitem)
-                if _is_name(item.node, "messages") and isinstance(item.arg, nodes.Const) and item.arg.value == 0}
+    allowed |= {
+        id(item.node)
+        for item in _walk(tree.body, nodes.Getitem)
+        if _is_name(item.node, "messages") and isinstance(item.arg, nodes.Const) and item.arg.value == 0
+    }
     # Whether there are messages at all: true for every prefix rendered (k ≥ 1).
     allowed |= {id(test.node) for test in _walk(tree.body, nodes.Not) if _is_name(test.node, "messages")}
     allowed |= {id(branch.test) for branch in _walk(tree.body, nodes.If) if _is_name(branch.test, "messages")}
     if any(_is_name(name, "messages") and id(name) not in allowed for name in _walk(tree.body, nodes.Name)):
         return False
     # `loop` only for what depends on the messages taken so far.
-    allowed_loop = {id(attribute.node) for attribute in _walk(tree.body, nodes.Getattr)
-                    if _is_name(attribute.node, "loop") and attribute.attr in LOOP_ATTRIBUTES}
+    allowed_loop = {
+        id(attribute.node)
+        for attribute in _walk(tree.body, nodes.Getattr)
+        if _is_name(attribute.node, "loop") and attribute.attr in LOOP_ATTRIBUTES
+    }
     if any(_is_name(name, "loop") and id(name) not in allowed_loop for name in _walk(tree.body, nodes.Name)):
         return False
     # What may differ between prefixes, or between the renders with and without the generation prompt.
-    set_by_loop = {loop.target.name} | {name.name for name in _walk(loop.body, nodes.Name) if name.ctx == "store"} \
+    set_by_loop = (
+        {loop.target.name}
+        | {name.name for name in _walk(loop.body, nodes.Name) if name.ctx == "store"}
         | {ref.name for ref in _walk(loop.body, nodes.NSRef)}
+    )
     before_epilogue = {"add_generation_prompt"} | held
-    return (not _reads(prologue, before_epilogue) and not _reads(loop.body, before_epilogue)
-            and not _reads(epilogue, set_by_loop | held))
+    return (
+        not _reads(prologue, before_epilogue)
+        and not _reads(loop.body, before_epilogue)
+        and not _reads(epilogue, set_by_loop | held)
+    )
 
 
 def _walk(roots: list[nodes.Node], kind: type | tuple[type, ...]) -> Iterator[Any]:
@@ -97,9 +125,14 @@ def _is_messages(node: nodes.Node) -> bool:
     """`messages`, `messages[0:]` or `messages[1:]`."""
     if _is_name(node, "messages"):
         return True
-    return (isinstance(node, nodes.Getitem) and _is_name(node.node, "messages") and isinstance(node.arg, nodes.Slice)
-            and node.arg.stop is None and node.arg.step is None
-            and (node.arg.start is None or (isinstance(node.arg.start, nodes.Const) and node.arg.start.value in (0, 1))))
+    return (
+        isinstance(node, nodes.Getitem)
+        and _is_name(node.node, "messages")
+        and isinstance(node.arg, nodes.Slice)
+        and node.arg.stop is None
+        and node.arg.step is None
+        and (node.arg.start is None or (isinstance(node.arg.start, nodes.Const) and node.arg.start.value in (0, 1)))
+    )
 
 
 def _messages_name(node: nodes.Node) -> nodes.Name:
@@ -118,8 +151,12 @@ class PrefixRenders:
     conversation is generated once here, watched (`_Watched`); its first message alone is rendered twice
     when E(g) is first needed."""
 
-    def __init__(self, messages: list[dict[str, Any]], generate: Callable[[list[Any], bool], Iterator[str]],
-                 render: Callable[[list[dict[str, Any]], bool], str]) -> None:
+    def __init__(
+        self,
+        messages: list[dict[str, Any]],
+        generate: Callable[[list[Any], bool], Iterator[str]],
+        render: Callable[[list[dict[str, Any]], bool], str],
+    ) -> None:
         self.messages, self.render = messages, render
         self.cuts: dict[int, int] = {}
         self.written = 0
@@ -161,11 +198,11 @@ class PrefixRenders:
         if self._epilogues is None:
             first = self.full[: self._written_before(1)]
             alone = {g: self.render(self.messages[:1], g) for g in (False, True)}
-            ends = self.full[self.end:]
-            if not all(text.startswith(first) for text in alone.values()) or alone[False][len(first):] != ends:
+            ends = self.full[self.end :]
+            if not all(text.startswith(first) for text in alone.values()) or alone[False][len(first) :] != ends:
                 self._epilogues = {}
             else:
-                self._epilogues = {g: text[len(first):] for g, text in alone.items()}
+                self._epilogues = {g: text[len(first) :] for g, text in alone.items()}
         return self._epilogues.get(add_generation_prompt)
 
 

@@ -142,22 +142,31 @@ class SourceStream:
                     return
             position.shard, position.cursor, position.shard_row = position.shard + 1, None, 0
         if self.rows_yielded == 0:
-            raise DataError(f"{self.spec.path}: no usable rows left after skipping {sum(self.skipped.values())} "
-                            f"bad rows {self.skipped}")
+            raise DataError(
+                f"{self.spec.path}: no usable rows left after skipping {sum(self.skipped.values())} "
+                f"bad rows {self.skipped}"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable: pass number, (shard, cursor) position, rows read, rows skipped."""
-        return {"shards": [shard.name for shard in self._shards], "format": self.format,
-                "position": copy.deepcopy(asdict(self._position)), "rows_read": self.rows_read,
-                "rows_yielded": self.rows_yielded, "skipped": dict(self.skipped)}
+        return {
+            "shards": [shard.name for shard in self._shards],
+            "format": self.format,
+            "position": copy.deepcopy(asdict(self._position)),
+            "rows_read": self.rows_read,
+            "rows_yielded": self.rows_yielded,
+            "skipped": dict(self.skipped),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The next row yielded is the one that would have come next when `state` was saved."""
         shards = [shard.name for shard in self._shards]
         if state["shards"] != shards or state["format"] != self.format:
-            raise DataError(f"{self.spec.path}: the source changed since its position was saved (shards "
-                            f"{state['shards']}, format {state['format']}; now {shards}, {self.format}); resume "
-                            "with the data the run started with, or start a new run")
+            raise DataError(
+                f"{self.spec.path}: the source changed since its position was saved (shards "
+                f"{state['shards']}, format {state['format']}; now {shards}, {self.format}); resume "
+                "with the data the run started with, or start a new run"
+            )
         self._position = Position(**copy.deepcopy(state["position"]))
         self.rows_read, self.rows_yielded = state["rows_read"], state["rows_yielded"]
         self.skipped = dict(state["skipped"])
@@ -184,11 +193,14 @@ def sample_source(spec: DatasetSpec, system_prompt: str | None, skip_bad_rows: b
     stream = SourceStream(spec, spec.path, system_prompt, skip_bad_rows)
     sample = list(stream.rows(limit=rows))
     if not sample:
-        raise DataError(f"{spec.path}: no usable row in the first {stream.rows_read} rows (skipped {stream.skipped}); "
-                        "fix the rows, or read more of them with --sample_rows")
+        raise DataError(
+            f"{spec.path}: no usable row in the first {stream.rows_read} rows (skipped {stream.skipped}); "
+            "fix the rows, or read more of them with --sample_rows"
+        )
     dataset = datasets.Dataset.from_list(sample, features=datasets.Features(NORMALISED_FEATURES))
-    return LoadedSource(name=spec.path, format=stream.format, dataset=dataset, rows_read=stream.rows_read,
-                        skipped=dict(stream.skipped))
+    return LoadedSource(
+        name=spec.path, format=stream.format, dataset=dataset, rows_read=stream.rows_read, skipped=dict(stream.skipped)
+    )
 
 
 def _resolve_shards(spec: DatasetSpec) -> list[Shard]:
@@ -203,8 +215,10 @@ def _resolve_shards(spec: DatasetSpec) -> list[Shard]:
             raise DataError(f"{spec.path}: could not read the folder as a dataset ({err})") from None
         data_files = builder.config.data_files or {}
         if spec.split not in data_files:
-            raise DataError(f"{spec.path}: no '{spec.split}' split in the folder (found {sorted(map(str, data_files))}); "
-                            "set `split:` under `datasets`")
+            raise DataError(
+                f"{spec.path}: no '{spec.split}' split in the folder (found {sorted(map(str, data_files))}); "
+                "set `split:` under `datasets`"
+            )
         files = [Path(file) for file in data_files[spec.split]]
         if builder.name in set(FILE_BUILDERS.values()) and all(f.suffix.lower() in FILE_BUILDERS for f in files):
             return [_file_shard(file, spec) for file in files]
@@ -268,10 +282,13 @@ def _csv_rows(path: Path, cursor: Cursor) -> Iterator[tuple[dict[str, Any], Curs
             if not record:
                 continue
             if len(record) > len(header):
-                raise DataError(f"{path}: line {lines.line_number}: {len(record)} cells, but the header has "
-                                f"{len(header)}; quote cells that contain commas")
-            row = {column: (record[i] if i < len(record) and record[i] != "" else None)
-                   for i, column in enumerate(header)}
+                raise DataError(
+                    f"{path}: line {lines.line_number}: {len(record)} cells, but the header has "
+                    f"{len(header)}; quote cells that contain commas"
+                )
+            row = {
+                column: (record[i] if i < len(record) and record[i] != "" else None) for i, column in enumerate(header)
+            }
             yield row, {"byte": lines.offset, "line": lines.line_number}
 
 

@@ -46,11 +46,12 @@ from __future__ import annotations
 import difflib
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jinja2
 import numpy as np
@@ -86,13 +87,16 @@ def resolve_chat_template(setting: str | None, tokenizer: Any) -> str:
     path = Path(setting)
     if path.suffix == ".jinja" or path.exists():
         if not path.is_file():
-            raise TemplateError(f"chat_template = {setting!r}: file not found; give a path relative to the directory "
-                                f"you run sftkit from, or a built-in name ({', '.join(BUILTIN_TEMPLATES)})")
+            raise TemplateError(
+                f"chat_template = {setting!r}: file not found; give a path relative to the directory "
+                f"you run sftkit from, or a built-in name ({', '.join(BUILTIN_TEMPLATES)})"
+            )
         return path.read_text(encoding="utf-8")
     close = difflib.get_close_matches(setting, BUILTIN_TEMPLATES, n=1)
     raise TemplateError(
         f"chat_template = {setting!r}: not a built-in template ({', '.join(BUILTIN_TEMPLATES)}) nor a .jinja file"
-        + (f"; did you mean '{close[0]}'?" if close else ""))
+        + (f"; did you mean '{close[0]}'?" if close else "")
+    )
 
 
 def _builtin(name: str) -> str:
@@ -120,11 +124,17 @@ def require_chat_template(template: str, data_format: str, where: str, tokenizer
         raise TemplateError(
             f"{where}: {data_format} data needs a chat template, but the tokenizer{f' {name}' if name else ''} "
             f"has no chat template and `chat_template` is not set; set it to one of {', '.join(BUILTIN_TEMPLATES)} "
-            "or to a .jinja file (prompt_completion and alpaca data train without one, as plain text)")
+            "or to a .jinja file (prompt_completion and alpaca data train without one, as plain text)"
+        )
 
 
-def render(messages: list[dict[str, Any]], template: str, tokenizer: Any, add_generation_prompt: bool = False,
-           tools: list[dict] | str | None = None) -> str:
+def render(
+    messages: list[dict[str, Any]],
+    template: str,
+    tokenizer: Any,
+    add_generation_prompt: bool = False,
+    tools: list[dict] | str | None = None,
+) -> str:
     """Render messages to text with the run's template (the tokenizer supplies bos/eos tokens).
 
     Messages may carry `tool_calls` and `reasoning_content` (stored as JSON text / plain text in the
@@ -143,35 +153,41 @@ def render(messages: list[dict[str, Any]], template: str, tokenizer: Any, add_ge
 def _template_inputs(tokenizer: Any, tools: list[dict] | str | None) -> dict[str, Any]:
     """What a template reads besides the messages, as apply_chat_template passes it: the tools, the documents
     (none) and the tokenizer's special tokens. The same for every prefix of a conversation."""
-    return {"tools": _hf_templates._plain_template_data(_parse_tools(tools)), "documents": None,
-            **_hf_templates._plain_template_data(tokenizer.special_tokens_map)}
+    return {
+        "tools": _hf_templates._plain_template_data(_parse_tools(tools)),
+        "documents": None,
+        **_hf_templates._plain_template_data(tokenizer.special_tokens_map),
+    }
 
 
-def _render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
-            inputs: dict[str, Any]) -> str:
+def _render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool, inputs: dict[str, Any]) -> str:
     try:
         if not messages:
             raise ValueError("the conversation has no message")
         return _compiled(template).render(
             messages=list(messages) if isinstance(messages, _TemplateMessages) else _template_messages(messages),
-            add_generation_prompt=add_generation_prompt, **inputs)
+            add_generation_prompt=add_generation_prompt,
+            **inputs,
+        )
     except Exception as err:  # jinja errors and raise_exception() from the template itself
         raise _failed(err) from None
 
 
-def _generate(template: str, messages: list[Any], add_generation_prompt: bool,
-              inputs: dict[str, Any]) -> Iterator[str]:
+def _generate(template: str, messages: list[Any], add_generation_prompt: bool, inputs: dict[str, Any]) -> Iterator[str]:
     """`_render`'s text in the pieces the template writes, for messages already in the template's form."""
     try:
-        yield from _compiled(template).generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **inputs)
+        yield from _compiled(template).generate(
+            messages=messages, add_generation_prompt=add_generation_prompt, **inputs
+        )
     except Exception as err:
         raise _failed(err) from None
 
 
 def _failed(err: Exception) -> TemplateError:
-    return TemplateError(f"the chat template failed on this conversation: {err}; "
-                         "fix the template set by `chat_template`, or the conversation")
+    return TemplateError(
+        f"the chat template failed on this conversation: {err}; "
+        "fix the template set by `chat_template`, or the conversation"
+    )
 
 
 @lru_cache(maxsize=64)
@@ -221,8 +237,16 @@ class _TemplateMessages(list):
 def _template_messages(messages: list[dict[str, Any]]) -> _TemplateMessages:
     """Stored messages as apply_chat_template hands them to the template: plain JSON data, no None values,
     the reasoning under its aliases."""
-    return _TemplateMessages(_hf_templates._alias_reasoning_fields(_hf_templates._plain_template_data(
-        [{key: value for key, value in _for_template(message).items() if value is not None} for message in messages])))
+    return _TemplateMessages(
+        _hf_templates._alias_reasoning_fields(
+            _hf_templates._plain_template_data(
+                [
+                    {key: value for key, value in _for_template(message).items() if value is not None}
+                    for message in messages
+                ]
+            )
+        )
+    )
 
 
 def _for_template(message: dict[str, Any]) -> dict[str, Any]:
@@ -243,17 +267,22 @@ def _parse_tools(tools: list[dict] | str | None) -> list[dict] | None:
     return tools or None
 
 
-def render_prompt(messages: list[dict[str, Any]], template: str, tokenizer: Any,
-                  tools: list[dict] | str | None = None) -> str:
+def render_prompt(
+    messages: list[dict[str, Any]], template: str, tokenizer: Any, tools: list[dict] | str | None = None
+) -> str:
     """The prompt to generate from: the conversation so far plus the assistant header. Used in training
     (samples) and at inference, so both see the very same text."""
     return render(messages, template, tokenizer, add_generation_prompt=True, tools=tools)
 
 
-def assistant_spans(messages: list[dict[str, Any]], template: str, tokenizer: Any,
-                    tools: list[dict] | str | None = None,
-                    train_on_reasoning: bool = True,
-                    reuse_renders: bool = True) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    messages: list[dict[str, Any]],
+    template: str,
+    tokenizer: Any,
+    tools: list[dict] | str | None = None,
+    train_on_reasoning: bool = True,
+    reuse_renders: bool = True,
+) -> tuple[str, list[tuple[int, int]]]:
     """The full rendering and the character spans [start, end) to train on, in order.
 
     Renders the whole conversation once and, per assistant turn, the prompt and the turn-as-last
@@ -264,8 +293,9 @@ def assistant_spans(messages: list[dict[str, Any]], template: str, tokenizer: An
     answer and end-of-turn stay trained), so a turn may give two spans.
     """
     messages = [_for_template(message) for message in messages]
-    renderer = _Renderer(template, tokenizer, _template_inputs(tokenizer, tools), _template_messages(messages),
-                         reuse_renders)
+    renderer = _Renderer(
+        template, tokenizer, _template_inputs(tokenizer, tools), _template_messages(messages), reuse_renders
+    )
     full = renderer(len(messages))
     spans: list[tuple[int, int]] = []
     cursor = 0
@@ -313,8 +343,10 @@ class _Renderer:
         turns = sum(message["role"] == "assistant" for message in self.messages)
         if self.reuse and turns >= 2 and _message_local(self.template):
             self._prefixes = PrefixRenders(
-                self.messages, lambda messages, g: _generate(self.template, messages, g, self.inputs),
-                lambda messages, g: _render(self.template, _TemplateMessages(messages), g, self.inputs))
+                self.messages,
+                lambda messages, g: _generate(self.template, messages, g, self.inputs),
+                lambda messages, g: _render(self.template, _TemplateMessages(messages), g, self.inputs),
+            )
 
     def __call__(self, count: int, add_generation_prompt: bool = False) -> str:
         """The rendering of the first `count` messages."""
@@ -323,15 +355,15 @@ class _Renderer:
             return self._rendered[key]
         text = self._prefixes(count, add_generation_prompt) if self._prefixes is not None else None
         if text is None:
-            text = _render(self.template, _TemplateMessages(self.messages[:count]), add_generation_prompt,
-                           self.inputs)
+            text = _render(self.template, _TemplateMessages(self.messages[:count]), add_generation_prompt, self.inputs)
         if self.reuse:
             self._rendered[key] = text
         return text
 
 
-def _span_after_prompt(full: str, prompt: str, alone: str, messages: list[dict[str, Any]], index: int,
-                       renderer: _Renderer) -> tuple[int, int] | None:
+def _span_after_prompt(
+    full: str, prompt: str, alone: str, messages: list[dict[str, Any]], index: int, renderer: _Renderer
+) -> tuple[int, int] | None:
     """(start, end) of the text generated after `prompt`, or None when the prompt is not the
     start of this turn in the full rendering (a template that moves text between turns).
 
@@ -343,7 +375,7 @@ def _span_after_prompt(full: str, prompt: str, alone: str, messages: list[dict[s
     with the generation prompt.
     """
     content, before = messages[index]["content"].strip(), messages[:index]
-    if full.startswith(alone) and alone.startswith(prompt) and content in alone[len(prompt):]:
+    if full.startswith(alone) and alone.startswith(prompt) and content in alone[len(prompt) :]:
         # Prefix-stable: the turn renders the same as the last message and inside the conversation.
         return len(prompt), len(alone.rstrip())
     start = _common_prefix_length(prompt, full)
@@ -359,42 +391,43 @@ def _span_after_prompt(full: str, prompt: str, alone: str, messages: list[dict[s
     if reply_start < 0:
         return None
     reply_end = reply_start + len(content)
-    ending = alone[in_alone + len(content):].rstrip() if content and in_alone >= 0 else ""
+    ending = alone[in_alone + len(content) :].rstrip() if content and in_alone >= 0 else ""
     if ending and full.startswith(ending, reply_end):
         return start, reply_end + len(ending)
     conversation_so_far = _without_final_eos(renderer(index), renderer.tokenizer) if before else ""
-    generation_prompt = prompt[_common_prefix_length(prompt, conversation_so_far):]
+    generation_prompt = prompt[_common_prefix_length(prompt, conversation_so_far) :]
     # The next turn's header lies before its content.
     following = messages[index + 1]["content"].strip() if index + 1 < len(messages) else ""
     bound = full.find(following, reply_end) if following else -1
     if bound < 0 and generation_prompt:  # no content to look for: stop at the next assistant header
         bound = full.find(generation_prompt, reply_end)
-    ending = _ending_before_next_header(full[reply_end:bound if bound >= 0 else len(full)], generation_prompt)
+    ending = _ending_before_next_header(full[reply_end : bound if bound >= 0 else len(full)], generation_prompt)
     if ending is None:
         ending = _end_of_turn(renderer.template, renderer.tokenizer, full[reply_end:])
     return start, reply_end + len(ending)
 
 
-def _span_by_search(full: str, content: str, cursor: int, index: int, template: str,
-                    tokenizer: Any) -> tuple[int, int]:
+def _span_by_search(full: str, content: str, cursor: int, index: int, template: str, tokenizer: Any) -> tuple[int, int]:
     """Template not prefix-stable (e.g. it moves the system prompt into the last user turn): find the reply
     in the full text after the previous span, and extend it over the end-of-turn the template emits."""
     if not content:
         raise TemplateError(
             f"assistant turn {index + 1} has no text (tool calls only) and the template renders earlier turns "
             "differently once later ones follow, so its span cannot be found; use a template that renders each "
-            "turn the same whatever follows")
+            "turn the same whatever follows"
+        )
     start = full.find(content, cursor)
     # A user turn may quote the reply ("Say: Sure" → "Sure"): take the first copy that the
     # end-of-turn follows, so user text is never trained.
     ended = start
-    while ended >= 0 and not _end_of_turn(template, tokenizer, full[ended + len(content):]):
+    while ended >= 0 and not _end_of_turn(template, tokenizer, full[ended + len(content) :]):
         ended = full.find(content, ended + 1)
     start = ended if ended >= 0 else start
     if start < 0:
         raise TemplateError(
             f"assistant turn {index + 1} does not appear verbatim in the rendered text, so it cannot be "
-            "masked; use a template that renders assistant content as given")
+            "masked; use a template that renders assistant content as given"
+        )
     end = start + len(content)
     end += len(_end_of_turn(template, tokenizer, full[end:]))
     return start, end
@@ -420,7 +453,7 @@ def _ending_before_next_header(following: str, generation_prompt: str) -> str | 
     first = generation_prompt[:1]
     at = following.find(first) if first else -1
     while at >= 0:
-        length = _common_prefix_length(following[at: at + len(generation_prompt)], generation_prompt)
+        length = _common_prefix_length(following[at : at + len(generation_prompt)], generation_prompt)
         if length >= best_length:
             best_length, best_at = length, at
         at = following.find(first, at + 1)
@@ -434,10 +467,12 @@ def end_of_turn(template: str, tokenizer: Any) -> str:
     text = render(probe, template, tokenizer)
     at = text.find("\x00a")
     if at < 0:
-        raise TemplateError("the chat template does not write an assistant reply as given (a user turn, then an "
-                            "assistant turn, lose the reply), so the end of a turn cannot be found; fix the template "
-                            "set by `chat_template`")
-    return text[at + 2:].rstrip()
+        raise TemplateError(
+            "the chat template does not write an assistant reply as given (a user turn, then an "
+            "assistant turn, lose the reply), so the end of a turn cannot be found; fix the template "
+            "set by `chat_template`"
+        )
+    return text[at + 2 :].rstrip()
 
 
 def _end_of_turn(template: str, tokenizer: Any, following: str) -> str:
@@ -449,14 +484,19 @@ def _end_of_turn(template: str, tokenizer: Any, following: str) -> str:
     return following[: len(following) - len(stripped)] + suffix
 
 
-def tokenize_conversation(messages: list[dict[str, Any]], template: str, tokenizer: Any,
-                          assistant_only_loss: bool = True, tools: list[dict] | str | None = None,
-                          train_on_reasoning: bool = True) -> dict[str, list[int]]:
+def tokenize_conversation(
+    messages: list[dict[str, Any]],
+    template: str,
+    tokenizer: Any,
+    assistant_only_loss: bool = True,
+    tools: list[dict] | str | None = None,
+    train_on_reasoning: bool = True,
+) -> dict[str, list[int]]:
     """input_ids and labels (IGNORE_INDEX where masked) for one conversation.
 
-        text    <s>[INST] Hi [/INST] Hello </s>
-        tokens  <s> [ INST ] ▁Hi ▁[ / INST ] ▁Hello ▁ </s>
-        labels  -   - -    - -   -  - -    - ▁Hello ▁ </s>
+    text    <s>[INST] Hi [/INST] Hello </s>
+    tokens  <s> [ INST ] ▁Hi ▁[ / INST ] ▁Hello ▁ </s>
+    labels  -   - -    - -   -  - -    - ▁Hello ▁ </s>
     """
     full, spans = assistant_spans(messages, template, tokenizer, tools, train_on_reasoning)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)

@@ -43,7 +43,9 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any, options: TokenizeOptions) 
     removed and counted by the caller (never silently).
     """
     out = tokenize_batch({name: [value] for name, value in row.items()}, tokenizer, options)
-    return {name: values[0].tolist() if isinstance(values[0], np.ndarray) else values[0] for name, values in out.items()}
+    return {
+        name: values[0].tolist() if isinstance(values[0], np.ndarray) else values[0] for name, values in out.items()
+    }
 
 
 def tokenize_batch(batch: dict[str, list], tokenizer: Any, options: TokenizeOptions) -> dict[str, list]:
@@ -61,8 +63,10 @@ def tokenize_batch(batch: dict[str, list], tokenizer: Any, options: TokenizeOpti
             text, trained = batch["text"][index], None
         texts.append(text)
         spans.append(trained)
-    rows = [_row_figures(ids, offsets, trained, tokenizer, options)
-            for (ids, offsets), trained in zip(_encode(texts, tokenizer), spans)]
+    rows = [
+        _row_figures(ids, offsets, trained, tokenizer, options)
+        for (ids, offsets), trained in zip(_encode(texts, tokenizer), spans)
+    ]
     return {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
 
 
@@ -72,27 +76,42 @@ def _encode(texts: list[str], tokenizer: Any) -> list[tuple[list[int], list[tupl
     tokens matched as transformers would, is asked directly: transformers' conversion of every encoding into
     lists (attention masks included) costs about a tenth of the encode."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if (backend is None or backend.truncation is not None or backend.padding is not None
-            or backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False))):
+    if (
+        backend is None
+        or backend.truncation is not None
+        or backend.padding is not None
+        or backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False))
+    ):
         encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
     return [(encoding.ids, encoding.offsets) for encoding in backend.encode_batch(texts, add_special_tokens=False)]
 
 
-def _conversation_spans(batch: dict[str, list], index: int, tokenizer: Any,
-                        options: TokenizeOptions) -> tuple[str, list[tuple[int, int]]]:
+def _conversation_spans(
+    batch: dict[str, list], index: int, tokenizer: Any, options: TokenizeOptions
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendering of row `index` and its trained spans; a template failure names the row."""
     try:
-        return assistant_spans(batch["messages"][index], options.template, tokenizer,
-                               batch["tools"][index] if "tools" in batch else None, options.train_on_reasoning)
+        return assistant_spans(
+            batch["messages"][index],
+            options.template,
+            tokenizer,
+            batch["tools"][index] if "tools" in batch else None,
+            options.train_on_reasoning,
+        )
     except TemplateError as err:
         source = batch["source"][index] if "source" in batch else "dataset"
         where = f"row {batch['source_row'][index] + 1}: " if "source_row" in batch else ""
         raise TemplateError(f"{source}: {where}{err}") from None
 
 
-def _row_figures(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]] | None,
-                 tokenizer: Any, options: TokenizeOptions) -> dict[str, Any]:
+def _row_figures(
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    spans: list[tuple[int, int]] | None,
+    tokenizer: Any,
+    options: TokenizeOptions,
+) -> dict[str, Any]:
     """Labels, truncation and counts of one tokenized row, tokens and labels as numpy arrays (Arrow takes
     them without a Python int per token). `spans` None: plain text, every token trained, BOS first when the
     tokenizer has one, EOS last."""
@@ -158,7 +177,9 @@ def default_num_proc() -> int:
 
 @dataclass
 class TokenizedData:
-    dataset: datasets.Dataset  # input_ids, labels, length, full_length, prompt/response/trained_tokens, truncated, source
+    dataset: (
+        datasets.Dataset
+    )  # input_ids, labels, length, full_length, prompt/response/trained_tokens, truncated, source
     dropped: dict[str, int]
 
 
@@ -179,20 +200,31 @@ def tokenize_fingerprint(rows: datasets.Dataset, tokenizer: Any, options: Tokeni
     tokens, normalizer, post-processor), which hashes in milliseconds.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    identity = (backend.to_str(), type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id) \
-        if backend is not None else tokenizer
+    identity = (
+        (backend.to_str(), type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id)
+        if backend is not None
+        else tokenizer
+    )
     code = [path.read_text(encoding="utf-8") for path in sorted(Path(__file__).parent.glob("*.py"))]
     return Hasher.hash([rows._fingerprint, identity, asdict(options), code])
 
 
-def tokenize_dataset(rows: datasets.Dataset, tokenizer: Any, options: TokenizeOptions,
-                     num_proc: int = 1, describe: str = "Tokenizing") -> TokenizedData:
+def tokenize_dataset(
+    rows: datasets.Dataset, tokenizer: Any, options: TokenizeOptions, num_proc: int = 1, describe: str = "Tokenizing"
+) -> TokenizedData:
     """Tokenize every row; drop (and count) rows that cannot be trained on; stop on `truncation: error`."""
     tokenized = map_in_chunks(
-        rows, tokenize_batch, num_proc, describe, new_fingerprint=tokenize_fingerprint(rows, tokenizer, options),
-        fn_kwargs={"tokenizer": tokenizer, "options": options}, batched=True,
-        batch_size=MAP_BATCH_SIZE, writer_batch_size=WRITE_BATCH_SIZE,
-        remove_columns=[c for c in ("messages", "tools", "text") if c in rows.column_names])
+        rows,
+        tokenize_batch,
+        num_proc,
+        describe,
+        new_fingerprint=tokenize_fingerprint(rows, tokenizer, options),
+        fn_kwargs={"tokenizer": tokenizer, "options": options},
+        batched=True,
+        batch_size=MAP_BATCH_SIZE,
+        writer_batch_size=WRITE_BATCH_SIZE,
+        remove_columns=[c for c in ("messages", "tools", "text") if c in rows.column_names],
+    )
     # One Arrow column, counted with Arrow compute: no Python string per row.
     reasons = tokenized.select_columns(["drop_reason"]).with_format("arrow")[:]["drop_reason"]
     errors = np.flatnonzero(pc.starts_with(reasons, "error:").to_numpy(zero_copy_only=False))
@@ -201,11 +233,14 @@ def tokenize_dataset(rows: datasets.Dataset, tokenizer: Any, options: TokenizeOp
         raise DataError(
             f"{row.get('source', 'dataset')}: row {row['source_row'] + 1}: "
             f"{row['drop_reason'].removeprefix('error: ')}; "
-            "raise max_seq_length, or set `truncation: truncate_right` or `truncation: drop`")
+            "raise max_seq_length, or set `truncation: truncate_right` or `truncation: drop`"
+        )
     is_kept = pc.equal(reasons, "")
     kept = is_kept.to_numpy(zero_copy_only=False)
-    dropped = {str(item["values"]): int(item["counts"])
-               for item in pc.value_counts(pc.filter(reasons, pc.invert(is_kept))).to_pylist()}
+    dropped = {
+        str(item["values"]): int(item["counts"])
+        for item in pc.value_counts(pc.filter(reasons, pc.invert(is_kept))).to_pylist()
+    }
     if not kept.all():
         tokenized = tokenized.select(np.flatnonzero(kept))
     return TokenizedData(dataset=tokenized.remove_columns("drop_reason"), dropped=dropped)

@@ -49,8 +49,9 @@ class Score:
 
 
 @torch.no_grad()
-def score(model: Any, tokenizer: Any, template: str, problems: list[Problem], batch_size: int = 100,
-          max_new_tokens: int = 32) -> Score:
+def score(
+    model: Any, tokenizer: Any, template: str, problems: list[Problem], batch_size: int = 100, max_new_tokens: int = 32
+) -> Score:
     """Greedy-decode a reply to every problem and compare it, stripped, with the expected answer."""
     stop = end_of_turn(template, tokenizer).strip()
     stop_ids = [tokenizer.eos_token_id, *tokenizer(stop, add_special_tokens=False)["input_ids"][:1]]
@@ -61,18 +62,29 @@ def score(model: Any, tokenizer: Any, template: str, problems: list[Problem], ba
     replies: list[Reply] = []
     try:
         for start in range(0, len(problems), batch_size):
-            batch = problems[start:start + batch_size]
+            batch = problems[start : start + batch_size]
             prompts = [render_prompt(p.messages()[:1], template, tokenizer) for p in batch]
             # The template writes BOS itself, as in training.
             inputs = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                    top_p=None, top_k=None, eos_token_id=stop_ids,
-                                    pad_token_id=tokenizer.pad_token_id, use_cache=True)
-            for problem, ids in zip(batch, output[:, inputs["input_ids"].shape[1]:].tolist()):
+            output = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+            )
+            for problem, ids in zip(batch, output[:, inputs["input_ids"].shape[1] :].tolist()):
                 ended = next((i for i, token in enumerate(ids) if token in stop_ids), len(ids))
                 # A reply that never ends the turn is wrong however it starts.
-                got = tokenizer.decode(ids[:ended], skip_special_tokens=True).strip() if ended < len(ids) else (
-                    tokenizer.decode(ids, skip_special_tokens=True).strip() + " …")
+                got = (
+                    tokenizer.decode(ids[:ended], skip_special_tokens=True).strip()
+                    if ended < len(ids)
+                    else (tokenizer.decode(ids, skip_special_tokens=True).strip() + " …")
+                )
                 replies.append(Reply(problem.prompt(), problem.answer, got))
     finally:
         tokenizer.padding_side = padding_side

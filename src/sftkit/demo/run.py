@@ -46,13 +46,28 @@ class DemoSettings:
     model: ModelSize = field(default_factory=ModelSize)
 
 
-FULL = DemoSettings(pretrain_rows=6000, pretrain_steps=300, pretrain_batch_size=16, sft_rows=2000, sft_steps=80,
-                    eval_rows=64, test_rows=200)
+FULL = DemoSettings(
+    pretrain_rows=6000,
+    pretrain_steps=300,
+    pretrain_batch_size=16,
+    sft_rows=2000,
+    sft_steps=80,
+    eval_rows=64,
+    test_rows=200,
+)
 # --quick: a two-layer model and a fifth of the pre-training. Too little for the base model to learn to
 # copy a number from anywhere in the text (that takes ~200 steps of batch 16 with four layers), so the
 # numbers are mostly wrong, but fine-tuning still visibly teaches the answer format (`right form`).
-QUICK = DemoSettings(pretrain_rows=2000, pretrain_steps=200, pretrain_batch_size=8, sft_rows=500, sft_steps=30,
-                     eval_rows=32, test_rows=100, model=ModelSize(num_hidden_layers=2))
+QUICK = DemoSettings(
+    pretrain_rows=2000,
+    pretrain_steps=200,
+    pretrain_batch_size=8,
+    sft_rows=500,
+    sft_steps=30,
+    eval_rows=32,
+    test_rows=100,
+    model=ModelSize(num_hidden_layers=2),
+)
 
 
 @dataclass(frozen=True)
@@ -100,8 +115,10 @@ def _run(settings: DemoSettings, output_dir: Path, console: Console) -> DemoResu
     console.rule("[bold]2 · A tiny base model, built and pre-trained here")
     pretrain_config, sft_config = demo_configs(output_dir, settings)
     build_base(task, output_dir / "init", settings.model, console)
-    console.print(f"Pre-training on raw text with [bold]sftkit train[/bold] ({settings.pretrain_steps} steps, "
-                  "full fine-tuning): the model learns the conversions, but never sees a question or a chat turn.")
+    console.print(
+        f"Pre-training on raw text with [bold]sftkit train[/bold] ({settings.pretrain_steps} steps, "
+        "full fine-tuning): the model learns the conversions, but never sees a question or a chat turn."
+    )
     from sftkit.train.loop import train
 
     train(pretrain_config, console)
@@ -142,8 +159,12 @@ def _run(settings: DemoSettings, output_dir: Path, console: Console) -> DemoResu
     summary.add_column("what")
     summary.add_column("value")
     summary.add_row("fine-tuning", f"{train_seconds:.0f} s ({sft_config.max_steps} steps, LoRA r={sft_config.lora_r})")
-    summary.add_row("whole demo", f"{sum(seconds.values()):.0f} s ("
-                    + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items()) + ")")
+    summary.add_row(
+        "whole demo",
+        f"{sum(seconds.values()):.0f} s ("
+        + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
+        + ")",
+    )
     summary.add_row("run directory", str(sft_dir))
     summary.add_row("report", str(report))
     console.print(summary)
@@ -154,14 +175,26 @@ def demo_configs(output_dir: Path, settings: DemoSettings) -> tuple[SFTConfig, S
     """The shipped YAML files, pointed at OUTPUT_DIR and sized for `--quick` or the full demo."""
     folder = resources.files("sftkit.demo")
     data = output_dir / "data"
-    pretrain = load_config(Path(str(folder.joinpath("pretrain.yaml"))), {
-        "model_name_or_path": str(output_dir / "init"), "datasets.0.path": str(data / "pretrain.jsonl"),
-        "output_dir": str(output_dir / "pretrain"), "max_steps": settings.pretrain_steps,
-        "per_device_train_batch_size": settings.pretrain_batch_size})
-    sft = load_config(Path(str(folder.joinpath("demo.yaml"))), {
-        "model_name_or_path": str(output_dir / "pretrain" / "model"), "datasets.0.path": str(data / "train.jsonl"),
-        "eval_dataset.path": str(data / "eval.jsonl"), "output_dir": str(output_dir / "sft"),
-        "max_steps": settings.sft_steps})
+    pretrain = load_config(
+        Path(str(folder.joinpath("pretrain.yaml"))),
+        {
+            "model_name_or_path": str(output_dir / "init"),
+            "datasets.0.path": str(data / "pretrain.jsonl"),
+            "output_dir": str(output_dir / "pretrain"),
+            "max_steps": settings.pretrain_steps,
+            "per_device_train_batch_size": settings.pretrain_batch_size,
+        },
+    )
+    sft = load_config(
+        Path(str(folder.joinpath("demo.yaml"))),
+        {
+            "model_name_or_path": str(output_dir / "pretrain" / "model"),
+            "datasets.0.path": str(data / "train.jsonl"),
+            "eval_dataset.path": str(data / "eval.jsonl"),
+            "output_dir": str(output_dir / "sft"),
+            "max_steps": settings.sft_steps,
+        },
+    )
     return pretrain, sft
 
 
@@ -173,23 +206,33 @@ def build_base(task: TaskData, path: Path, size: ModelSize, console: Console) ->
     build_tokenizer(task.pretrain_text + chat + ["user\nassistant\n"] * 100, path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     _, params = build_model(len(tokenizer), path, size)
-    console.print(f"Tokenizer: byte-level BPE, {len(tokenizer)} tokens (35000 = 35 + 000); chat template "
-                  "<|im_start|>role\\n…<|im_end|> (the end of a turn is one token)", highlight=False)
-    console.print(f"Model: Llama, {size.num_hidden_layers} layers, hidden {size.hidden_size}, "
-                  f"{params / 1e6:.2f}M parameters, random weights → {path}")
+    console.print(
+        f"Tokenizer: byte-level BPE, {len(tokenizer)} tokens (35000 = 35 + 000); chat template "
+        "<|im_start|>role\\n…<|im_end|> (the end of a turn is one token)",
+        highlight=False,
+    )
+    console.print(
+        f"Model: Llama, {size.num_hidden_layers} layers, hidden {size.hidden_size}, "
+        f"{params / 1e6:.2f}M parameters, random weights → {path}"
+    )
 
 
 def show_task(task: TaskData, console: Console) -> None:
-    table = Table(title=f"Fine-tuning examples ({len(task.train)} train, {len(task.eval)} eval, "
-                        f"{len(task.test)} held-out test)", title_justify="left")
+    table = Table(
+        title=f"Fine-tuning examples ({len(task.train)} train, {len(task.eval)} eval, {len(task.test)} held-out test)",
+        title_justify="left",
+    )
     table.add_column("user")
     table.add_column("assistant")
     for problem in task.train[:3]:
         table.add_row(problem.prompt(), problem.answer)
     console.print(table)
     facts = task.pretrain_text[0].splitlines()
-    console.print(f"Pre-training text ({len(task.pretrain_text):,} rows of {len(facts)} facts, no questions): "
-                  f"[cyan]{facts[0]}[/cyan]  ·  [cyan]{facts[1]}[/cyan]  ·  …", highlight=False)
+    console.print(
+        f"Pre-training text ({len(task.pretrain_text):,} rows of {len(facts)} facts, no questions): "
+        f"[cyan]{facts[0]}[/cyan]  ·  [cyan]{facts[1]}[/cyan]  ·  …",
+        highlight=False,
+    )
 
 
 def inspect_data(config: SFTConfig, console: Console) -> None:
@@ -202,8 +245,11 @@ def inspect_data(config: SFTConfig, console: Console) -> None:
     template = resolve_chat_template(config.chat_template, tokenizer)
     data = prepare_data(DataOptions.from_config(config, template), tokenizer)
     first = data.train.dataset[0]
-    print_stats(data_stats(data, config.max_seq_length, config.per_device_train_batch_size),
-                masked_segments(first["input_ids"], first["labels"], tokenizer), console)
+    print_stats(
+        data_stats(data, config.max_seq_length, config.per_device_train_batch_size),
+        masked_segments(first["input_ids"], first["labels"], tokenizer),
+        console,
+    )
 
 
 def show_plan(config: SFTConfig, console: Console) -> None:
@@ -230,9 +276,11 @@ def score_adapter(adapter_dir: Path, task: TaskData) -> Score:
 
 
 def show_score(name: str, result: Score, console: Console, rows: int = 4) -> None:
-    table = Table(title=f"{name}: exact match {result.accuracy:.0%}, right form {result.well_formed:.0%} "
-                        f"on {len(result.replies)} held-out questions",
-                  title_justify="left")
+    table = Table(
+        title=f"{name}: exact match {result.accuracy:.0%}, right form {result.well_formed:.0%} "
+        f"on {len(result.replies)} held-out questions",
+        title_justify="left",
+    )
     table.add_column("prompt")
     table.add_column("expected")
     table.add_column("model's reply")

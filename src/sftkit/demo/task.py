@@ -99,8 +99,10 @@ def make_task(seed: int, pretrain_rows: int, train_rows: int, eval_rows: int, te
     """Deterministic splits: no (number, units) pair of test or eval is in the training data or the text."""
     pairs = len(NUMBERS) * len(CONVERSIONS)
     if test_rows + eval_rows > pairs // 2:
-        raise ValueError(f"test_rows + eval_rows = {test_rows + eval_rows} would hold out more than half of the "
-                         f"{pairs} (number, units) pairs; keep it under {pairs // 2}")
+        raise ValueError(
+            f"test_rows + eval_rows = {test_rows + eval_rows} would hold out more than half of the "
+            f"{pairs} (number, units) pairs; keep it under {pairs // 2}"
+        )
     rng = random.Random(seed)
     held_out: set[tuple[int, int]] = set()
 
@@ -125,7 +127,7 @@ def make_task(seed: int, pretrain_rows: int, train_rows: int, eval_rows: int, te
 
     train = seen(train_rows)
     facts = [p.fact(rng.randrange(len(STATEMENTS))) for p in seen(pretrain_rows * FACTS_PER_TEXT_ROW)]
-    text = ["\n".join(facts[i:i + FACTS_PER_TEXT_ROW]) for i in range(0, len(facts), FACTS_PER_TEXT_ROW)]
+    text = ["\n".join(facts[i : i + FACTS_PER_TEXT_ROW]) for i in range(0, len(facts), FACTS_PER_TEXT_ROW)]
     return TaskData(pretrain_text=text, train=train, eval=evaluation, test=test)
 
 

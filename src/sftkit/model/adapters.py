@@ -25,7 +25,6 @@ from torch import nn
 from sftkit.model.load import ModelError
 from sftkit.model.quantize import keep_4bit_layers_trainable
 
-
 # init_lora_weights values that move part of the base weights into the adapter at init.
 BASE_MUTATING_INITS = re.compile(r"^(pissa(_niter_\d+)?|olora)$")
 
@@ -51,8 +50,12 @@ class LoraVariant:
         return isinstance(self.init_lora_weights, str) and bool(BASE_MUTATING_INITS.match(self.init_lora_weights))
 
     def lora_config_kwargs(self) -> dict[str, Any]:
-        return {"use_dora": self.use_dora, "use_rslora": self.use_rslora,
-                "modules_to_save": list(self.modules_to_save) or None, "init_lora_weights": self.init_lora_weights}
+        return {
+            "use_dora": self.use_dora,
+            "use_rslora": self.use_rslora,
+            "modules_to_save": list(self.modules_to_save) or None,
+            "init_lora_weights": self.init_lora_weights,
+        }
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,11 @@ def apply_adapters(model: nn.Module, options: AdapterOptions) -> nn.Module:
         from peft import prepare_model_for_kbit_training
 
         keep_4bit_layers_trainable(model)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=options.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif options.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if options.finetuning == "full":
@@ -97,13 +103,20 @@ def apply_adapters(model: nn.Module, options: AdapterOptions) -> nn.Module:
     known = set(linear_module_names(model))
     unknown = [t for t in targets if t not in known]
     if unknown:
-        raise ModelError(f"lora_target_modules: {unknown} are not linear layers of this model; "
-                         f"its linear layers are {sorted(known)}")
+        raise ModelError(
+            f"lora_target_modules: {unknown} are not linear layers of this model; its linear layers are {sorted(known)}"
+        )
     check_modules_to_save(model, options.variant.modules_to_save)
-    config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                        target_modules=targets, bias="none", task_type="CAUSAL_LM",
-                        **options.variant.lora_config_kwargs(),
-                        trainable_token_indices=token_rows(model, options.trainable_token_ids))
+    config = LoraConfig(
+        r=options.r,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        **options.variant.lora_config_kwargs(),
+        trainable_token_indices=token_rows(model, options.trainable_token_ids),
+    )
     if options.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return get_peft_model(model, config)
@@ -132,8 +145,12 @@ def initial_adapter_state(model: nn.Module, variant: LoraVariant) -> dict[str, t
     return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
 
-def save_adapter(model: nn.Module, directory: Path, initial: dict[str, torch.Tensor] | None,
-                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+def save_adapter(
+    model: nn.Module,
+    directory: Path,
+    initial: dict[str, torch.Tensor] | None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Save the adapter so that original base + adapter == the trained model.
 
     With `initial` (PiSSA/OLoRA), peft rewrites the adapter as the plain rank-2r LoRA ΔW = BA − B0A0;
@@ -153,11 +170,18 @@ def save_adapter(model: nn.Module, directory: Path, initial: dict[str, torch.Ten
         initial_dir = Path(temp) / "initial_adapter"
         config.save_pretrained(initial_dir)
         save_file({k: v.contiguous() for k, v in initial.items()}, str(initial_dir / "adapter_model.safetensors"))
-        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict,
-                              path_initial_model_for_weight_conversion=str(initial_dir))
+        model.save_pretrained(
+            directory,
+            safe_serialization=True,
+            state_dict=state_dict,
+            path_initial_model_for_weight_conversion=str(initial_dir),
+        )
     saved = directory / "adapter_model.safetensors"
-    extra = {k: v.contiguous() for k, v in get_peft_model_state_dict(model, state_dict=state_dict).items()
-             if "lora_" not in k}  # modules_to_save (not low-rank, unchanged by the conversion)
+    extra = {
+        k: v.contiguous()
+        for k, v in get_peft_model_state_dict(model, state_dict=state_dict).items()
+        if "lora_" not in k
+    }  # modules_to_save (not low-rank, unchanged by the conversion)
     if extra:
         save_file({**load_file(str(saved)), **extra}, str(saved), metadata={"format": "pt"})
 

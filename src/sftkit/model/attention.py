@@ -63,8 +63,15 @@ def _window_mask(length: int, window: int, device: torch.device) -> torch.Tensor
     return (offset >= 0) & (offset < window)
 
 
-def sdpa_per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: list[int],
-                     scale: float | None, window: int | None, dropout: float) -> torch.Tensor:
+def sdpa_per_example(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu: list[int],
+    scale: float | None,
+    window: int | None,
+    dropout: float,
+) -> torch.Tensor:
     """Causal SDPA on each span of the flattened tokens; exact, Σ l² scores.
 
     query (tokens, heads, dim); key/value (tokens, kv_heads, dim) → (tokens, heads, dim).
@@ -74,8 +81,9 @@ def sdpa_per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     for start, end in zip(cu[:-1], cu[1:]):
         q, k, v = (x[start:end].transpose(0, 1)[None] for x in (query, key, value))  # (1, heads, l, dim)
         mask = _window_mask(end - start, window, q.device) if window and end - start > window else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
-                                             scale=scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout, scale=scale, enable_gqa=gqa
+        )
         outputs.append(out[0].transpose(0, 1))
     return torch.cat(outputs)
 
@@ -84,6 +92,7 @@ def _flash_attn_varlen() -> Any:
     if importlib.util.find_spec("flash_attn") is None:
         return None
     from flash_attn import flash_attn_varlen_func
+
     return flash_attn_varlen_func
 
 
@@ -100,41 +109,84 @@ def _gpu_kernels_apply(query: torch.Tensor) -> bool:
     return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
 
 
-def varlen_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, longest: int,
-                  scale: float | None, window: int | None, dropout: float) -> torch.Tensor:
+def varlen_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu: torch.Tensor,
+    longest: int,
+    scale: float | None,
+    window: int | None,
+    dropout: float,
+) -> torch.Tensor:
     """One layer's attention over the flattened tokens: query (tokens, heads, dim), key/value
     (tokens, kv_heads, dim) → (tokens, heads, dim), on the best kernel present."""
     left = window - 1 if window else -1  # keys visible behind the query: `window` keys including itself
     if _gpu_kernels_apply(query):
         if (flash := _flash_attn_varlen()) is not None:  # GQA is native in flash-attn
-            return flash(query, key, value, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scale,
-                         causal=True, window_size=(left, 0))
+            return flash(
+                query,
+                key,
+                value,
+                cu,
+                cu,
+                longest,
+                longest,
+                dropout_p=dropout,
+                softmax_scale=scale,
+                causal=True,
+                window_size=(left, 0),
+            )
         if (varlen := _torch_varlen_attn()) is not None and dropout == 0.0:  # (left, 0): causal
-            return varlen(query, key, value, cu, cu, longest, longest, scale=scale, window_size=(left, 0),
-                          enable_gqa=query.shape[1] != key.shape[1])
+            return varlen(
+                query,
+                key,
+                value,
+                cu,
+                cu,
+                longest,
+                longest,
+                scale=scale,
+                window_size=(left, 0),
+                enable_gqa=query.shape[1] != key.shape[1],
+            )
     return sdpa_per_example(query, key, value, cu.tolist(), scale, window, dropout)
 
 
-def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                             sliding_window: int | None = None, softcap: float | None = None,
-                             cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
-                             **kwargs: Any) -> tuple[torch.Tensor, None]:
+def varlen_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: query (batch, heads, seq, dim), key/value (batch, kv_heads, seq, dim)
     → ((batch, seq, heads, dim), None)."""
     if softcap is not None or kwargs.get("s_aux") is not None:
-        raise ValueError("attn_implementation = 'varlen' does not support attention soft-capping or sinks "
-                         "(this model uses them); set attn_implementation: eager")
+        raise ValueError(
+            "attn_implementation = 'varlen' does not support attention soft-capping or sinks "
+            "(this model uses them); set attn_implementation: eager"
+        )
     batch, heads, seq, dim = query.shape
     if cu_seq_lens_q is None:  # no boundaries given: each row is one causal sequence (e.g. a plain forward)
         if key.shape[2] != seq:
-            raise ValueError("attn_implementation = 'varlen' is for training without a KV cache; generation "
-                             "switches the model to sdpa (see sftkit.model.attention.generation_attention)")
+            raise ValueError(
+                "attn_implementation = 'varlen' is for training without a KV cache; generation "
+                "switches the model to sdpa (see sftkit.model.attention.generation_attention)"
+            )
         cu_seq_lens_q = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=query.device)
         max_length_q = seq
     flat = [x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[3]) for x in (query, key, value)]
-    out = varlen_kernel(*flat, cu_seq_lens_q, int(max_length_q), scaling, sliding_window,
-                        dropout if module.training else 0.0)  # (tokens, heads, dim)
+    out = varlen_kernel(
+        *flat, cu_seq_lens_q, int(max_length_q), scaling, sliding_window, dropout if module.training else 0.0
+    )  # (tokens, heads, dim)
     return out.reshape(batch, seq, heads, value.shape[-1]), None
 
 

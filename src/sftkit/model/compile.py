@@ -31,8 +31,10 @@ def compile_decoder_layers(model: nn.Module) -> int:
     """Compile every decoder layer in place (`nn.Module.compile`); returns how many were compiled."""
     layers = decoder_layers(model)
     if not layers:
-        raise ModelError(f"torch_compile: found no decoder layers in {type(model).__name__} "
-                         "(none of the classes its _no_split_modules names); set torch_compile: false")
+        raise ModelError(
+            f"torch_compile: found no decoder layers in {type(model).__name__} "
+            "(none of the classes its _no_split_modules names); set torch_compile: false"
+        )
     model.enable_input_require_grads()
     for layer in layers:
         layer.compile(dynamic=True)

@@ -32,15 +32,19 @@ def _looks_local(name: str) -> bool:
 
 def _check_exists(name: str, what: str) -> None:
     if _looks_local(name) and not Path(name).expanduser().exists():
-        raise ModelError(f"{what} = {name!r}: no such folder; give a local path that exists or a hub id like "
-                         "'meta-llama/Llama-3.1-8B'")
+        raise ModelError(
+            f"{what} = {name!r}: no such folder; give a local path that exists or a hub id like "
+            "'meta-llama/Llama-3.1-8B'"
+        )
 
 
 def _remote_code_error(name: str, err: Exception) -> ModelError | None:
     text = str(err)
     if "trust_remote_code" in text:
-        return ModelError(f"{name}: this model ships its own code, which sftkit does not run unless you set "
-                          "`trust_remote_code: true` (only for models you trust)")
+        return ModelError(
+            f"{name}: this model ships its own code, which sftkit does not run unless you set "
+            "`trust_remote_code: true` (only for models you trust)"
+        )
     return None
 
 
@@ -64,11 +68,14 @@ def _gguf_arguments(folder: str, gguf_file: str | None) -> dict[str, Any]:
     if gguf_file is None:
         return {}
     if importlib.util.find_spec("gguf") is None:
-        raise ModelError(f"gguf_file = {gguf_file!r}: reading GGUF checkpoints needs the `gguf` package; "
-                         "pip install gguf==0.19.0")
+        raise ModelError(
+            f"gguf_file = {gguf_file!r}: reading GGUF checkpoints needs the `gguf` package; pip install gguf==0.19.0"
+        )
     if _looks_local(folder) and not (Path(folder).expanduser() / gguf_file).is_file():
-        raise ModelError(f"gguf_file = {gguf_file!r}: no such file in {folder}; set gguf_file to the name of a "
-                         ".gguf file in the model_name_or_path folder")
+        raise ModelError(
+            f"gguf_file = {gguf_file!r}: no such file in {folder}; set gguf_file to the name of a "
+            ".gguf file in the model_name_or_path folder"
+        )
     return {"gguf_file": gguf_file}
 
 
@@ -84,8 +91,10 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **gguf)
     except Exception as err:
         if Path(name).expanduser().is_dir() and not _has_tokenizer_files(Path(name).expanduser()):
-            raise ModelError(f"{name}: no tokenizer files in this folder (tokenizer.json, tokenizer_config.json, ...); "
-                             "set `tokenizer_name_or_path` to the tokenizer of the base model") from None
+            raise ModelError(
+                f"{name}: no tokenizer files in this folder (tokenizer.json, tokenizer_config.json, ...); "
+                "set `tokenizer_name_or_path` to the tokenizer of the base model"
+            ) from None
         raise _remote_code_error(name, err) or ModelError(f"{name}: could not load the tokenizer: {err}") from None
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"
@@ -123,7 +132,10 @@ def load_model_config(name: str, trust_remote_code: bool = False) -> Any:
 
 
 # attn_implementation → (the module it needs, the package that provides it)
-_FLASH_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"), "flash_attention_3": ("flash_attn_interface", "flash-attn 3 (hopper)")}
+_FLASH_PACKAGES = {
+    "flash_attention_2": ("flash_attn", "flash-attn"),
+    "flash_attention_3": ("flash_attn_interface", "flash-attn 3 (hopper)"),
+}
 
 
 def check_attention(attn_implementation: str) -> None:
@@ -133,23 +145,35 @@ def check_attention(attn_implementation: str) -> None:
     if attn_implementation in _FLASH_PACKAGES:
         module, package = _FLASH_PACKAGES[attn_implementation]
         if importlib.util.find_spec(module) is None:
-            raise ModelError(f"attn_implementation = {attn_implementation!r} but {package} is not installed; "
-                             "install it or use 'varlen' (no extra package)")
+            raise ModelError(
+                f"attn_implementation = {attn_implementation!r} but {package} is not installed; "
+                "install it or use 'varlen' (no extra package)"
+            )
     if attn_implementation == "flex_attention" and not torch.cuda.is_available():
-        raise ModelError("attn_implementation = 'flex_attention' needs a CUDA GPU (torch has no FlexAttention "
-                         "backward on CPU); use 'varlen'")
+        raise ModelError(
+            "attn_implementation = 'flex_attention' needs a CUDA GPU (torch has no FlexAttention "
+            "backward on CPU); use 'varlen'"
+        )
 
 
-def load_model(name: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
-               trust_remote_code: bool = False, quantization_config: Any = None, vocab_size: int | None = None) -> Any:
+def load_model(
+    name: str,
+    dtype: torch.dtype,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    quantization_config: Any = None,
+    vocab_size: int | None = None,
+) -> Any:
     """The base causal LM. Weights are read from safetensors (or a GGUF file, dequantized); the embedding
     grows if the tokenizer did."""
     source = name
     name, gguf_file = split_gguf(source)
     load_model_config(source, trust_remote_code)
     if gguf_file is not None and quantization_config is not None:
-        raise ModelError(f"{source}: a GGUF base cannot be quantized again for QLoRA; use finetuning: lora, or a "
-                         "safetensors base for qlora")
+        raise ModelError(
+            f"{source}: a GGUF base cannot be quantized again for QLoRA; use finetuning: lora, or a "
+            "safetensors base for qlora"
+        )
     gguf = _gguf_arguments(name, gguf_file)
     if gguf:
         from transformers import GgufConfig
@@ -159,12 +183,20 @@ def load_model(name: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
     check_attention(attn_implementation)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
-            use_safetensors=None if gguf else True, quantization_config=quantization_config, **gguf)
+            name,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if gguf else True,
+            quantization_config=quantization_config,
+            **gguf,
+        )
     except Exception as err:
         if "safetensors" in str(err).lower() and ".bin" in str(err):
-            raise ModelError(f"{name}: has no safetensors weights; sftkit does not load pickled .bin weights. "
-                             "Convert them with safetensors' convert script first") from None
+            raise ModelError(
+                f"{name}: has no safetensors weights; sftkit does not load pickled .bin weights. "
+                "Convert them with safetensors' convert script first"
+            ) from None
         raise _remote_code_error(name, err) or ModelError(f"{name}: could not load the model: {err}") from None
     if gguf:
         as_plain_model(model, source)

@@ -20,8 +20,10 @@ from packaging.version import Version
 from sftkit.model.load import ModelError
 
 MIN_CPU_BITSANDBYTES = "0.47.0"  # first release with 4-bit quantisation and matmul on CPU
-CPU_NOTE = ("finetuning = 'qlora' without a GPU: bitsandbytes runs the 4-bit layers on the CPU, where training is "
-            "slow; it is there to try and test the recipe. bench/qlora_vs_lora.py compares it with lora on this machine")
+CPU_NOTE = (
+    "finetuning = 'qlora' without a GPU: bitsandbytes runs the 4-bit layers on the CPU, where training is "
+    "slow; it is there to try and test the recipe. bench/qlora_vs_lora.py compares it with lora on this machine"
+)
 
 
 class _KernelsNotice(logging.Filter):
@@ -49,14 +51,18 @@ def check_qlora_supported(cuda: bool) -> str | None:
     version = bitsandbytes_version()
     needed = "" if cuda else f">={MIN_CPU_BITSANDBYTES}"
     if version is None:
-        raise ModelError(f"finetuning = 'qlora' needs bitsandbytes{needed} (4-bit weights); "
-                         f"pip install 'bitsandbytes{needed or '>=' + MIN_CPU_BITSANDBYTES}', or use finetuning: lora")
+        raise ModelError(
+            f"finetuning = 'qlora' needs bitsandbytes{needed} (4-bit weights); "
+            f"pip install 'bitsandbytes{needed or '>=' + MIN_CPU_BITSANDBYTES}', or use finetuning: lora"
+        )
     if cuda:
         return None
     if Version(version) < Version(MIN_CPU_BITSANDBYTES):
-        raise ModelError(f"finetuning = 'qlora' without a CUDA GPU needs bitsandbytes>={MIN_CPU_BITSANDBYTES} (4-bit "
-                         f"on CPU); bitsandbytes {version} is installed. pip install 'bitsandbytes>={MIN_CPU_BITSANDBYTES}', "
-                         "or use finetuning: lora")
+        raise ModelError(
+            f"finetuning = 'qlora' without a CUDA GPU needs bitsandbytes>={MIN_CPU_BITSANDBYTES} (4-bit "
+            f"on CPU); bitsandbytes {version} is installed. pip install 'bitsandbytes>={MIN_CPU_BITSANDBYTES}', "
+            "or use finetuning: lora"
+        )
     return CPU_NOTE
 
 
@@ -72,8 +78,12 @@ def quantization_config() -> Any:
     """NF4 with double quantisation and bf16 compute, the QLoRA recipe."""
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
 def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:

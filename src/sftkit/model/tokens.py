@@ -21,8 +21,12 @@ from sftkit.model.load import ModelError
 # A conversation to render, then shorter ones for templates that reject a system turn or several turns
 # (the plain rendering of base models takes one prompt and one completion).
 PROBES = (
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+    ],
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}],
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
 )
@@ -37,8 +41,10 @@ def template_special_tokens(template: str, tokenizer: Any) -> list[int]:
         except TemplateError:
             continue
     else:
-        raise ModelError("trainable_tokens = 'auto': the chat template renders none of the probe conversations; "
-                         "list the tokens instead, e.g. trainable_tokens: ['<|im_end|>']")
+        raise ModelError(
+            "trainable_tokens = 'auto': the chat template renders none of the probe conversations; "
+            "list the tokens instead, e.g. trainable_tokens: ['<|im_end|>']"
+        )
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
     rendered = set(tokenizer(text, add_special_tokens=False)["input_ids"])
     return sorted((rendered & special) - {tokenizer.pad_token_id})
@@ -54,6 +60,8 @@ def resolve_trainable_tokens(setting: str | list[str], template: str, tokenizer:
     vocabulary = tokenizer.get_vocab()
     unknown = [token for token in setting if token not in vocabulary]
     if unknown:
-        raise ModelError(f"trainable_tokens: {unknown} are not tokens of this tokenizer (each entry must be one token, "
-                         "written as in its vocabulary, e.g. '<|im_end|>'); fix the list or use `auto`")
+        raise ModelError(
+            f"trainable_tokens: {unknown} are not tokens of this tokenizer (each entry must be one token, "
+            "written as in its vocabulary, e.g. '<|im_end|>'); fix the list or use `auto`"
+        )
     return sorted({vocabulary[token] for token in setting})

@@ -24,9 +24,10 @@ import json
 import math
 import statistics
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 SPIKE_HISTORY = 50  # steps in the running median that spikes are measured against
 SPIKE_MIN_HISTORY = 10  # finite steps seen before a spike can be called
@@ -90,13 +91,16 @@ class Monitor:
 
     # ------------------------------------------------------------------ entry points
 
-    def observe_step(self, step: int, loss: float, grad_norm: float, lr: float, example_ids: list[int]) -> list[Finding]:
+    def observe_step(
+        self, step: int, loss: float, grad_norm: float, lr: float, example_ids: list[int]
+    ) -> list[Finding]:
         """Called after every optimizer step with its loss, pre-clip grad norm, LR and the batch's example ids."""
         candidates = [
             self._non_finite(step, loss, grad_norm, lr, example_ids),
             self._spike(step, "loss_spike", loss, self._history.recent_losses, LOSS_SPIKE_FACTOR, example_ids),
-            self._spike(step, "grad_norm_spike", grad_norm, self._history.recent_grad_norms, GRAD_SPIKE_FACTOR,
-                        example_ids),
+            self._spike(
+                step, "grad_norm_spike", grad_norm, self._history.recent_grad_norms, GRAD_SPIKE_FACTOR, example_ids
+            ),
             self._lr_mismatch(step, lr),
         ]
         if math.isfinite(loss):
@@ -107,7 +111,9 @@ class Monitor:
         candidates += [self._loss_flat(step, lr), self._near_zero(step)]
         return self._emit(candidates)
 
-    def observe_eval(self, step: int, train_loss: float, eval_loss: float, best_checkpoint: str | None) -> list[Finding]:
+    def observe_eval(
+        self, step: int, train_loss: float, eval_loss: float, best_checkpoint: str | None
+    ) -> list[Finding]:
         """Called after every eval with the latest train loss and the best checkpoint so far (if saved)."""
         if best_checkpoint is not None:
             self._history.best_checkpoint = best_checkpoint
@@ -123,7 +129,9 @@ class Monitor:
 
     # ------------------------------------------------------------------ detectors
 
-    def _non_finite(self, step: int, loss: float, grad_norm: float, lr: float, example_ids: list[int]) -> Finding | None:
+    def _non_finite(
+        self, step: int, loss: float, grad_norm: float, lr: float, example_ids: list[int]
+    ) -> Finding | None:
         # fp16 loss scaling overflows the gradients now and then by design: the scaler skips the step
         # and lowers the scale. Only a non-finite loss is a problem there.
         if math.isfinite(loss) and (math.isfinite(grad_norm) or self.settings.precision == "fp16"):
@@ -133,34 +141,61 @@ class Monitor:
             advice = "fp16 overflows above 65504: use bf16 where the GPU supports it; otherwise " + advice
         if self.settings.trained_token_fraction == 0:
             advice = "no token carries loss (0/0): check the assistant mask with `sftkit data inspect`; " + advice
-        return Finding(step, "non_finite", f"{'loss' if not math.isfinite(loss) else 'grad norm'} is not finite",
-                       {"loss": loss, "grad_norm": grad_norm, "lr": lr, "precision": self.settings.precision,
-                        "example_ids": list(example_ids)},
-                       advice + "; `max_bad_steps` lets a run skip a few such steps")
+        return Finding(
+            step,
+            "non_finite",
+            f"{'loss' if not math.isfinite(loss) else 'grad norm'} is not finite",
+            {
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "lr": lr,
+                "precision": self.settings.precision,
+                "example_ids": list(example_ids),
+            },
+            advice + "; `max_bad_steps` lets a run skip a few such steps",
+        )
 
-    def _spike(self, step: int, kind: str, value: float, history: deque, factor: float,
-               example_ids: list[int]) -> Finding | None:
+    def _spike(
+        self, step: int, kind: str, value: float, history: deque, factor: float, example_ids: list[int]
+    ) -> Finding | None:
         if not math.isfinite(value) or len(history) < SPIKE_MIN_HISTORY or step <= self.settings.warmup_steps:
             return None
         median = statistics.median(history)
         if median <= 0 or value <= factor * median:
             return None
         name = "loss" if kind == "loss_spike" else "grad norm"
-        return Finding(step, kind, f"{name} {value:.4g} is {value / median:.1f}x its running median {median:.4g}",
-                       {name.replace(" ", "_"): value, "running_median": median, "window": len(history),
-                        "example_ids": list(example_ids)},
-                       "look at these examples (bad labels, very long or odd rows); if spikes recur, lower the "
-                       "learning rate or max_grad_norm")
+        return Finding(
+            step,
+            kind,
+            f"{name} {value:.4g} is {value / median:.1f}x its running median {median:.4g}",
+            {
+                name.replace(" ", "_"): value,
+                "running_median": median,
+                "window": len(history),
+                "example_ids": list(example_ids),
+            },
+            "look at these examples (bad labels, very long or odd rows); if spikes recur, lower the "
+            "learning rate or max_grad_norm",
+        )
 
     def _lr_mismatch(self, step: int, lr: float) -> Finding | None:
         expected = self.settings.expected_lr(step)
         if math.isclose(lr, expected, rel_tol=LR_TOLERANCE, abs_tol=1e-12 + self.settings.learning_rate * 1e-6):
             return None
-        return Finding(step, "lr_mismatch", f"the learning rate is {lr:.4g} but the schedule asks for {expected:.4g}",
-                       {"lr": lr, "expected_lr": expected, "peak_lr": self.settings.learning_rate,
-                        "warmup_steps": self.settings.warmup_steps, "total_steps": self.settings.total_steps},
-                       "the scheduler is not stepping once per optimizer step, or a resume did not restore it; "
-                       "check lr_scheduler_type, warmup and gradient_accumulation_steps")
+        return Finding(
+            step,
+            "lr_mismatch",
+            f"the learning rate is {lr:.4g} but the schedule asks for {expected:.4g}",
+            {
+                "lr": lr,
+                "expected_lr": expected,
+                "peak_lr": self.settings.learning_rate,
+                "warmup_steps": self.settings.warmup_steps,
+                "total_steps": self.settings.total_steps,
+            },
+            "the scheduler is not stepping once per optimizer step, or a resume did not restore it; "
+            "check lr_scheduler_type, warmup and gradient_accumulation_steps",
+        )
 
     def _loss_flat(self, step: int, lr: float) -> Finding | None:
         window = self.settings.flat_window
@@ -171,17 +206,27 @@ class Monitor:
         if recent < start * (1 - FLAT_MIN_DROP):
             return None
         fraction = self.settings.trained_token_fraction
-        evidence = {"start_loss": start, "recent_loss": recent, "window": window, "lr": lr,
-                    "trained_token_fraction": fraction}
+        evidence = {
+            "start_loss": start,
+            "recent_loss": recent,
+            "window": window,
+            "lr": lr,
+            "trained_token_fraction": fraction,
+        }
         if fraction < LOW_TRAINED_FRACTION:
-            advice = (f"only {fraction:.1%} of tokens carry loss: check the chat template's assistant mask "
-                      "(`sftkit data inspect` shows the trained tokens) and that examples are not truncated "
-                      "before the reply")
+            advice = (
+                f"only {fraction:.1%} of tokens carry loss: check the chat template's assistant mask "
+                "(`sftkit data inspect` shows the trained tokens) and that examples are not truncated "
+                "before the reply"
+            )
         else:
-            advice = (f"the learning rate ({self.settings.learning_rate:g}) may be too low: LoRA usually wants "
-                      "1e-4 to 3e-4, full fine-tuning 1e-5 to 5e-5")
-        return Finding(step, "loss_flat", f"loss has not decreased since the start ({start:.4g} -> {recent:.4g})",
-                       evidence, advice)
+            advice = (
+                f"the learning rate ({self.settings.learning_rate:g}) may be too low: LoRA usually wants "
+                "1e-4 to 3e-4, full fine-tuning 1e-5 to 5e-5"
+            )
+        return Finding(
+            step, "loss_flat", f"loss has not decreased since the start ({start:.4g} -> {recent:.4g})", evidence, advice
+        )
 
     def _near_zero(self, step: int) -> Finding | None:
         losses = self._history.losses
@@ -190,13 +235,20 @@ class Monitor:
         recent = statistics.median(losses[-3:])
         if recent >= NEAR_ZERO_LOSS:
             return None
-        return Finding(step, "train_loss_near_zero",
-                       f"training loss is {recent:.4g} at step {step} of {self.settings.total_steps}: the model "
-                       "is memorising the training data",
-                       {"loss": recent, "first_loss": losses[0], "total_steps": self.settings.total_steps,
-                        "best_checkpoint": self._history.best_checkpoint},
-                       "stop early or train fewer epochs, lower the learning rate, or add more data"
-                       + self._best_checkpoint_hint())
+        return Finding(
+            step,
+            "train_loss_near_zero",
+            f"training loss is {recent:.4g} at step {step} of {self.settings.total_steps}: the model "
+            "is memorising the training data",
+            {
+                "loss": recent,
+                "first_loss": losses[0],
+                "total_steps": self.settings.total_steps,
+                "best_checkpoint": self._history.best_checkpoint,
+            },
+            "stop early or train fewer epochs, lower the learning rate, or add more data"
+            + self._best_checkpoint_hint(),
+        )
 
     def _overfitting(self, step: int) -> Finding | None:
         evals = self._history.evals
@@ -208,33 +260,47 @@ class Monitor:
         rising = (eval_now > best_eval * 1.02 and previous_eval > best_eval) or eval_now > best_eval * 1.10
         if not rising or not train_now < best_train:
             return None
-        return Finding(step, "overfitting",
-                       f"eval loss rose from {best_eval:.4g} (step {best_step}) to {eval_now:.4g} while training "
-                       f"loss fell from {best_train:.4g} to {train_now:.4g}",
-                       {"best_step": best_step, "best_eval_loss": best_eval, "eval_loss": eval_now,
-                        "train_loss_at_best": best_train, "train_loss": train_now,
-                        "best_checkpoint": self._history.best_checkpoint},
-                       "stop here or train fewer epochs, lower the learning rate, or add more data"
-                       + self._best_checkpoint_hint())
+        return Finding(
+            step,
+            "overfitting",
+            f"eval loss rose from {best_eval:.4g} (step {best_step}) to {eval_now:.4g} while training "
+            f"loss fell from {best_train:.4g} to {train_now:.4g}",
+            {
+                "best_step": best_step,
+                "best_eval_loss": best_eval,
+                "eval_loss": eval_now,
+                "train_loss_at_best": best_train,
+                "train_loss": train_now,
+                "best_checkpoint": self._history.best_checkpoint,
+            },
+            "stop here or train fewer epochs, lower the learning rate, or add more data" + self._best_checkpoint_hint(),
+        )
 
     def _no_end_of_turn(self, step: int, samples: list[dict]) -> Finding | None:
         if any(sample["ended"] for sample in samples):
             return None
-        return Finding(step, "no_end_of_turn", f"none of the {len(samples)} samples emitted the end-of-turn token",
-                       {"samples": len(samples), "prompts": [sample["prompt"][:80] for sample in samples]},
-                       "the model has not learned to stop: check that the end-of-turn/EOS token is trained "
-                       "(`sftkit data inspect` shows it in the trained span), that pad != eos, and that "
-                       "generation uses the training template; or raise max_new_tokens if replies are long")
+        return Finding(
+            step,
+            "no_end_of_turn",
+            f"none of the {len(samples)} samples emitted the end-of-turn token",
+            {"samples": len(samples), "prompts": [sample["prompt"][:80] for sample in samples]},
+            "the model has not learned to stop: check that the end-of-turn/EOS token is trained "
+            "(`sftkit data inspect` shows it in the trained span), that pad != eos, and that "
+            "generation uses the training template; or raise max_new_tokens if replies are long",
+        )
 
     def _repetition(self, step: int, samples: list[dict]) -> Finding | None:
         repeating = [sample for sample in samples if is_repetitive(sample["completion"])]
         if len(repeating) * 2 < len(samples):
             return None
-        return Finding(step, "repetition", f"{len(repeating)} of {len(samples)} samples repeat themselves",
-                       {"samples": len(samples), "repeating": len(repeating),
-                        "example": repeating[0]["completion"][:200]},
-                       "degenerate output: check EOS handling and the chat template; more steps or a higher "
-                       "learning rate may be needed if the loss is still high")
+        return Finding(
+            step,
+            "repetition",
+            f"{len(repeating)} of {len(samples)} samples repeat themselves",
+            {"samples": len(samples), "repeating": len(repeating), "example": repeating[0]["completion"][:200]},
+            "degenerate output: check EOS handling and the chat template; more steps or a higher "
+            "learning rate may be needed if the loss is still high",
+        )
 
     # ------------------------------------------------------------------ plumbing
 
@@ -289,5 +355,5 @@ def is_repetitive(text: str, n: int = 3, min_units: int = 12, max_distinct: floa
         units, n = text.strip(), 4
         if len(units) < 3 * min_units:
             return False
-    grams = [tuple(units[i:i + n]) for i in range(len(units) - n + 1)]
+    grams = [tuple(units[i : i + n]) for i in range(len(units) - n + 1)]
     return len(set(grams)) / len(grams) < max_distinct

@@ -29,7 +29,7 @@ class _StopAtText(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         # input_ids (1, prompt + generated so far)
-        text = self.tokenizer.decode(input_ids[0, self.prompt_length:])
+        text = self.tokenizer.decode(input_ids[0, self.prompt_length :])
         return torch.full((input_ids.shape[0],), self.stop in text, dtype=torch.bool, device=input_ids.device)
 
 
@@ -43,8 +43,15 @@ def _stop_token_ids(stop: str, tokenizer: Any) -> list[int]:
 
 
 @torch.no_grad()
-def generate_samples(model: Any, tokenizer: Any, template: str, conversations: list[list[dict]],
-                     max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> list[dict]:
+def generate_samples(
+    model: Any,
+    tokenizer: Any,
+    template: str,
+    conversations: list[list[dict]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> list[dict]:
     """Reply to each conversation (messages up to, not including, the reply to generate).
 
     Returns `{"prompt": last user message, "completion": reply text without the end-of-turn,
@@ -63,16 +70,33 @@ def generate_samples(model: Any, tokenizer: Any, template: str, conversations: l
             for messages in conversations:
                 prompt_text = render_prompt(messages, template, tokenizer)
                 # The template writes BOS itself where it wants one, as in training.
-                input_ids = tokenizer(prompt_text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-                sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-                    "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+                input_ids = tokenizer(prompt_text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(
+                    device
+                )
+                sampling = (
+                    {"do_sample": True, "temperature": temperature, "top_p": top_p}
+                    if temperature > 0
+                    else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+                )
                 output = model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                    eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=stop_ids,
+                    pad_token_id=tokenizer.pad_token_id,
+                    use_cache=True,
                     stopping_criteria=StoppingCriteriaList([_StopAtText(stop, tokenizer, input_ids.shape[1])]),
-                    **sampling)
-                samples.append(_decode(output[0, input_ids.shape[1]:].tolist(), stop, stop_ids, tokenizer,
-                                       prompt=_last_user_message(messages)))
+                    **sampling,
+                )
+                samples.append(
+                    _decode(
+                        output[0, input_ids.shape[1] :].tolist(),
+                        stop,
+                        stop_ids,
+                        tokenizer,
+                        prompt=_last_user_message(messages),
+                    )
+                )
     finally:
         model.train(was_training)
         restore_rng(*states)
@@ -94,8 +118,9 @@ def _last_user_message(messages: list[dict]) -> str:
     return users[-1] if users else ""
 
 
-def load_sample_prompts(setting: list[str] | str | None, eval_conversations: list[list[dict]],
-                        count: int = 4) -> list[list[dict]]:
+def load_sample_prompts(
+    setting: list[str] | str | None, eval_conversations: list[list[dict]], count: int = 4
+) -> list[list[dict]]:
     """The conversations to sample from: the config's `sample_prompts` (a list of user messages, or a
     .jsonl file of `{"prompt": ...}` rows, or a text file with one prompt per line), else the first
     `count` eval conversations cut before their first assistant turn."""
@@ -113,8 +138,10 @@ def _first_assistant(messages: list[dict]) -> int:
 
 def _read_prompts_file(path: Path) -> list[str]:
     if not path.is_file():
-        raise ConfigError(f"sample_prompts = {str(path)!r}: no such file; give a .jsonl/.txt file of prompts, "
-                          "or a YAML list of prompts")
+        raise ConfigError(
+            f"sample_prompts = {str(path)!r}: no such file; give a .jsonl/.txt file of prompts, "
+            "or a YAML list of prompts"
+        )
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.suffix != ".jsonl":
         return lines
@@ -123,8 +150,9 @@ def _read_prompts_file(path: Path) -> list[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}, line {number}: not valid JSON ({err}); write one {{\"prompt\": ...}} "
-                              "object per line") from None
+            raise ConfigError(
+                f'{path}, line {number}: not valid JSON ({err}); write one {{"prompt": ...}} object per line'
+            ) from None
         if isinstance(row, str):
             prompts.append(row)
         elif isinstance(row, dict) and isinstance(row.get("prompt"), str):

@@ -28,12 +28,21 @@ __all__ = ["build_plan", "run_plan"]
 DEFAULT_GPU = KNOWN_GPUS["h100"]
 
 
-QLORA_TIME_NOTE = ("QLoRA dequantises every 4-bit weight in each forward and backward, which costs time on a GPU; "
-                   "bench/qlora_vs_lora.py measures both methods' memory and step time on your machine")
+QLORA_TIME_NOTE = (
+    "QLoRA dequantises every 4-bit weight in each forward and backward, which costs time on a GPU; "
+    "bench/qlora_vs_lora.py measures both methods' memory and step time on your machine"
+)
 
 
-def run_plan(config: SFTConfig, gpu: str | None = None, gpu_memory: str | None = None, num_gpus: int = 1,
-             probe: bool = False, as_json: bool = False, console: Any = None) -> dict[str, Any]:
+def run_plan(
+    config: SFTConfig,
+    gpu: str | None = None,
+    gpu_memory: str | None = None,
+    num_gpus: int = 1,
+    probe: bool = False,
+    as_json: bool = False,
+    console: Any = None,
+) -> dict[str, Any]:
     """Build the plan and print it (rich tables, or JSON with `as_json`); returns the plan."""
     plan = build_plan(config, resolve_gpu(gpu, gpu_memory), num_gpus, probe)
     if as_json:
@@ -58,10 +67,18 @@ def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: boo
 
     # --- batch and schedule
     schedule_inputs = ScheduleInputs(
-        micro_batch=config.per_device_train_batch_size, gradient_accumulation=config.gradient_accumulation_steps,
-        num_gpus=num_gpus, learning_rate=config.learning_rate, finetuning=config.finetuning,
-        scheduler=config.lr_scheduler_type, min_lr_ratio=config.min_lr_ratio, warmup_ratio=config.warmup_ratio or 0.0,
-        warmup_steps=config.warmup_steps or 0, num_train_epochs=config.num_train_epochs, max_steps=config.max_steps)
+        micro_batch=config.per_device_train_batch_size,
+        gradient_accumulation=config.gradient_accumulation_steps,
+        num_gpus=num_gpus,
+        learning_rate=config.learning_rate,
+        finetuning=config.finetuning,
+        scheduler=config.lr_scheduler_type,
+        min_lr_ratio=config.min_lr_ratio,
+        warmup_ratio=config.warmup_ratio or 0.0,
+        warmup_steps=config.warmup_steps or 0,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+    )
     sequences = examples = None
     if "error" not in data and not (config.streaming or config.is_mixture):  # those run max_steps, not epochs
         examples = data["train_examples"]
@@ -76,38 +93,63 @@ def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: boo
 
     def meta_for(finetuning: str) -> MetaModel:
         if finetuning not in metas:
-            adapter = AdapterOptions(finetuning=finetuning, r=config.lora_r, alpha=config.lora_alpha,
-                                     dropout=config.lora_dropout,
-                                     target_modules=targets if isinstance(targets, str) else tuple(targets))
-            metas[finetuning] = MetaModel.build(model_config, weight_dtype, adapter, config.attn_implementation,
-                                                vocab_size)
+            adapter = AdapterOptions(
+                finetuning=finetuning,
+                r=config.lora_r,
+                alpha=config.lora_alpha,
+                dropout=config.lora_dropout,
+                target_modules=targets if isinstance(targets, str) else tuple(targets),
+            )
+            metas[finetuning] = MetaModel.build(
+                model_config, weight_dtype, adapter, config.attn_implementation, vocab_size
+            )
         return metas[finetuning]
 
     meta = meta_for(config.finetuning)
     exact = chunked_loss_is_exact(meta.model)
     chunked = exact if config.chunked_loss == "auto" else config.chunked_loss
     if chunked and not exact:
-        notes.append("chunked_loss: true is refused by training for this model (its logits are not a plain "
-                     "linear head); planned as set, but set chunked_loss: auto")
+        notes.append(
+            "chunked_loss: true is refused by training for this model (its logits are not a plain "
+            "linear head); planned as set, but set chunked_loss: auto"
+        )
     inputs = MemoryInputs(
-        gradient_checkpointing=config.gradient_checkpointing, autocast_dtype=autocast,
-        attn_implementation=config.attn_implementation, micro_batch=config.per_device_train_batch_size,
-        seq_len=config.max_seq_length, chunked_loss=chunked, loss_chunk_size=config.loss_chunk_size,
-        activation_offloading=config.activation_offloading)
+        gradient_checkpointing=config.gradient_checkpointing,
+        autocast_dtype=autocast,
+        attn_implementation=config.attn_implementation,
+        micro_batch=config.per_device_train_batch_size,
+        seq_len=config.max_seq_length,
+        chunked_loss=chunked,
+        loss_chunk_size=config.loss_chunk_size,
+        activation_offloading=config.activation_offloading,
+    )
     estimate = estimate_memory(meta, inputs)
     fits = estimate.total <= gpu.memory_bytes
-    changes = advise(Setting(inputs, config.finetuning, config.gradient_accumulation_steps), estimate.total,
-                     gpu.memory_bytes, meta_for, full_lengths)
-    adapters_trade_off = lora_against_qlora(config.finetuning, estimate.total,
-                                            lambda ft: estimate_memory(meta_for(ft), inputs).total)
+    changes = advise(
+        Setting(inputs, config.finetuning, config.gradient_accumulation_steps),
+        estimate.total,
+        gpu.memory_bytes,
+        meta_for,
+        full_lengths,
+    )
+    adapters_trade_off = lora_against_qlora(
+        config.finetuning, estimate.total, lambda ft: estimate_memory(meta_for(ft), inputs).total
+    )
 
     # --- time
     span = attention_span(full_lengths, config.max_seq_length, config.attn_implementation)
-    flops = flops_per_token(model_config, meta.params.total_params, span, config.finetuning,
-                            config.gradient_checkpointing)
+    flops = flops_per_token(
+        model_config, meta.params.total_params, span, config.finetuning, config.gradient_checkpointing
+    )
     if probe:
-        throughput = probe_throughput(model_config, config.finetuning, weight_dtype, config.max_seq_length,
-                                      config.per_device_train_batch_size, flops)
+        throughput = probe_throughput(
+            model_config,
+            config.finetuning,
+            weight_dtype,
+            config.max_seq_length,
+            config.per_device_train_batch_size,
+            flops,
+        )
     else:
         throughput = default_throughput(gpu, flops, config.finetuning)
     tokens, tokens_note = _tokens_to_train(data, schedule, config.max_seq_length)
@@ -116,37 +158,64 @@ def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: boo
         hours = tokens / (throughput.tokens_per_second * num_gpus) / 3600
 
     return {
-        "model": {"name": config.model_name_or_path, "type": model_config.model_type,
-                  "parameters": meta.params.base_params, "trainable_parameters": meta.params.trainable_params,
-                  "finetuning": config.finetuning, "weight_dtype": str(weight_dtype).removeprefix("torch."),
-                  "attn_implementation": config.attn_implementation, "chunked_loss": inputs.chunked_loss},
+        "model": {
+            "name": config.model_name_or_path,
+            "type": model_config.model_type,
+            "parameters": meta.params.base_params,
+            "trainable_parameters": meta.params.trainable_params,
+            "finetuning": config.finetuning,
+            "weight_dtype": str(weight_dtype).removeprefix("torch."),
+            "attn_implementation": config.attn_implementation,
+            "chunked_loss": inputs.chunked_loss,
+        },
         "data": data,
         "schedule": {
-            "micro_batch": config.per_device_train_batch_size, "gradient_accumulation": config.gradient_accumulation_steps,
-            "num_gpus": num_gpus, "effective_batch": schedule.effective_batch,
-            "sequences_per_epoch": schedule.sequences_per_epoch, "steps_per_epoch": schedule.steps_per_epoch,
-            "total_steps": schedule.total_steps, "epochs": schedule.epochs, "warmup_steps": schedule.warmup_steps,
-            "learning_rate": config.learning_rate, "lr_scheduler_type": config.lr_scheduler_type,
-            "lr_points": schedule.lr_points, "warnings": schedule.warnings},
+            "micro_batch": config.per_device_train_batch_size,
+            "gradient_accumulation": config.gradient_accumulation_steps,
+            "num_gpus": num_gpus,
+            "effective_batch": schedule.effective_batch,
+            "sequences_per_epoch": schedule.sequences_per_epoch,
+            "steps_per_epoch": schedule.steps_per_epoch,
+            "total_steps": schedule.total_steps,
+            "epochs": schedule.epochs,
+            "warmup_steps": schedule.warmup_steps,
+            "learning_rate": config.learning_rate,
+            "lr_scheduler_type": config.lr_scheduler_type,
+            "lr_points": schedule.lr_points,
+            "warnings": schedule.warnings,
+        },
         "memory": {
-            "gpu": gpu.name, "gpu_bytes": gpu.memory_bytes, "parts": estimate.parts, "total_bytes": estimate.total,
+            "gpu": gpu.name,
+            "gpu_bytes": gpu.memory_bytes,
+            "parts": estimate.parts,
+            "total_bytes": estimate.total,
             "held_at_peak": [name for name in estimate.parts if name in estimate.counted],
             "weights_by_dtype": meta.params.weights_by_dtype,
             "loss_bytes": estimate.loss,
             "activations_without_checkpointing": estimate.activations[False],
             "activations_with_checkpointing": estimate.activations[True],
             "gradient_checkpointing": config.gradient_checkpointing,
-            "activation_offloading": config.activation_offloading, "activations_on_host": estimate.host_activations,
-            "micro_batch": config.per_device_train_batch_size, "seq_len": config.max_seq_length},
+            "activation_offloading": config.activation_offloading,
+            "activations_on_host": estimate.host_activations,
+            "micro_batch": config.per_device_train_batch_size,
+            "seq_len": config.max_seq_length,
+        },
         "fits": fits,
         "lora_vs_qlora": adapters_trade_off,
         "changes": [{"change": c.what, "total_bytes": c.total, "fits": c.fits, "note": c.note} for c in changes],
-        "time": {"tokens": tokens, "tokens_note": tokens_note, "flops_per_token": flops, "attention_span": span,
-                 "tokens_per_second_per_gpu": throughput.tokens_per_second if throughput else None,
-                 "throughput_source": throughput.source if throughput else "unknown GPU: give --gpu or --probe",
-                 "hours": hours},
-        "known_gpus": [{"gpu": g.name, "memory_bytes": g.memory_bytes, "fits": estimate.total <= g.memory_bytes}
-                       for g in KNOWN_GPUS.values()],
+        "time": {
+            "tokens": tokens,
+            "tokens_note": tokens_note,
+            "flops_per_token": flops,
+            "attention_span": span,
+            "tokens_per_second_per_gpu": throughput.tokens_per_second if throughput else None,
+            "throughput_source": throughput.source if throughput else "unknown GPU: give --gpu or --probe",
+            "hours": hours,
+        },
+        "known_gpus": [
+            {"gpu": g.name, "memory_bytes": g.memory_bytes, "fits": estimate.total <= g.memory_bytes}
+            for g in KNOWN_GPUS.values()
+        ],
         "notes": notes,
     }
 

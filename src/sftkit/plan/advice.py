@@ -29,8 +29,9 @@ class Setting:
     gradient_accumulation: int
 
 
-def advise(setting: Setting, total: int, gpu_bytes: int, meta_for: Callable[[str], MetaModel],
-           full_lengths: list[int] | None) -> list[Change]:
+def advise(
+    setting: Setting, total: int, gpu_bytes: int, meta_for: Callable[[str], MetaModel], full_lengths: list[int] | None
+) -> list[Change]:
     """`meta_for(finetuning)` builds (or reuses) the meta model of another fine-tuning method;
     `full_lengths`: untruncated example lengths, to count what a shorter max_seq_length truncates."""
 
@@ -62,41 +63,74 @@ def _single_changes(setting: Setting, full_lengths: list[int] | None) -> list[tu
     inputs = setting.inputs
     singles: list[tuple[str, Transform, str]] = []
     if not inputs.gradient_checkpointing:
-        singles.append(("gradient_checkpointing: true",
-                        lambda s: replace(s, inputs=replace(s.inputs, gradient_checkpointing=True)),
-                        "~30% slower steps (layers are recomputed in backward)"))
+        singles.append(
+            (
+                "gradient_checkpointing: true",
+                lambda s: replace(s, inputs=replace(s.inputs, gradient_checkpointing=True)),
+                "~30% slower steps (layers are recomputed in backward)",
+            )
+        )
     if inputs.micro_batch > 1:
-        singles.append(((f"per_device_train_batch_size: {inputs.micro_batch // 2}, "
-                         f"gradient_accumulation_steps: {setting.gradient_accumulation * 2}"),
-                        lambda s: Setting(replace(s.inputs, micro_batch=max(1, s.inputs.micro_batch // 2)),
-                                          s.finetuning, s.gradient_accumulation * 2),
-                        "same effective batch, smaller matmuls"))
+        singles.append(
+            (
+                (
+                    f"per_device_train_batch_size: {inputs.micro_batch // 2}, "
+                    f"gradient_accumulation_steps: {setting.gradient_accumulation * 2}"
+                ),
+                lambda s: Setting(
+                    replace(s.inputs, micro_batch=max(1, s.inputs.micro_batch // 2)),
+                    s.finetuning,
+                    s.gradient_accumulation * 2,
+                ),
+                "same effective batch, smaller matmuls",
+            )
+        )
     if not inputs.chunked_loss:
-        singles.append(("chunked_loss: true", lambda s: replace(s, inputs=replace(s.inputs, chunked_loss=True)),
-                        "same loss, the logits are never held whole"))
+        singles.append(
+            (
+                "chunked_loss: true",
+                lambda s: replace(s, inputs=replace(s.inputs, chunked_loss=True)),
+                "same loss, the logits are never held whole",
+            )
+        )
     if setting.finetuning == "full":
-        singles.append(("finetuning: lora", lambda s: replace(s, finetuning="lora"),
-                        "trains adapters, not all weights"))
+        singles.append(
+            ("finetuning: lora", lambda s: replace(s, finetuning="lora"), "trains adapters, not all weights")
+        )
     if setting.finetuning in ("full", "lora"):
-        singles.append(("finetuning: qlora", lambda s: replace(s, finetuning="qlora"),
-                        "4-bit base weights: slower steps, slightly lower quality"))
+        singles.append(
+            (
+                "finetuning: qlora",
+                lambda s: replace(s, finetuning="qlora"),
+                "4-bit base weights: slower steps, slightly lower quality",
+            )
+        )
     shorter = inputs.seq_len // 2
     if shorter >= 128:
         truncated = sum(n > shorter for n in full_lengths) if full_lengths is not None else None
-        note = (f"truncates {truncated:,} of {len(full_lengths):,} examples" if full_lengths is not None
-                else "how many examples it truncates is unknown (data not read)")
-        singles.append((f"max_seq_length: {shorter}",
-                        lambda s: replace(s, inputs=replace(s.inputs, seq_len=shorter)), note))
+        note = (
+            f"truncates {truncated:,} of {len(full_lengths):,} examples"
+            if full_lengths is not None
+            else "how many examples it truncates is unknown (data not read)"
+        )
+        singles.append(
+            (f"max_seq_length: {shorter}", lambda s: replace(s, inputs=replace(s.inputs, seq_len=shorter)), note)
+        )
     for shards in FSDP_SIZES:
         if shards > inputs.shards:
-            singles.append((f"FSDP across {shards} GPUs",
-                            lambda s, n=shards: replace(s, inputs=replace(s.inputs, shards=n)),
-                            "weights, gradients and optimizer states split across the GPUs"))
+            singles.append(
+                (
+                    f"FSDP across {shards} GPUs",
+                    lambda s, n=shards: replace(s, inputs=replace(s.inputs, shards=n)),
+                    "weights, gradients and optimizer states split across the GPUs",
+                )
+            )
     return singles
 
 
-def _combined(setting: Setting, singles: list[tuple[str, Transform, str]], budget: float,
-              estimate: Callable[[Setting], int]) -> Change:
+def _combined(
+    setting: Setting, singles: list[tuple[str, Transform, str]], budget: float, estimate: Callable[[Setting], int]
+) -> Change:
     """Single-GPU changes applied one after another until the run fits in `budget` bytes; then each
     one that the rest do not need is dropped again."""
     chosen: list[tuple[str, Transform]] = []
@@ -117,8 +151,12 @@ def _combined(setting: Setting, singles: list[tuple[str, Transform, str]], budge
         if apply(fewer) <= budget:
             chosen = fewer
     new_total = apply(chosen)
-    return Change(" + ".join(what for what, _ in chosen), new_total, new_total <= budget / COMFORTABLE,
-                  "together, leaving 10% free" if new_total <= budget else "together")
+    return Change(
+        " + ".join(what for what, _ in chosen),
+        new_total,
+        new_total <= budget / COMFORTABLE,
+        "together, leaving 10% free" if new_total <= budget else "together",
+    )
 
 
 def _roomy(setting: Setting, gpu_bytes: int, estimate: Callable[[Setting], int]) -> list[Change]:
@@ -127,13 +165,20 @@ def _roomy(setting: Setting, gpu_bytes: int, estimate: Callable[[Setting], int])
     if inputs.gradient_checkpointing:
         candidate = replace(setting, inputs=replace(inputs, gradient_checkpointing=False))
         total = estimate(candidate)
-        changes.append(Change("gradient_checkpointing: false", total, total <= gpu_bytes,
-                              "~25% faster steps (no recomputation)"))
+        changes.append(
+            Change("gradient_checkpointing: false", total, total <= gpu_bytes, "~25% faster steps (no recomputation)")
+        )
     if setting.gradient_accumulation > 1:
         accumulation = max(1, setting.gradient_accumulation // 2)
         micro = inputs.micro_batch * setting.gradient_accumulation // accumulation
         candidate = Setting(replace(inputs, micro_batch=micro), setting.finetuning, accumulation)
         total = estimate(candidate)
-        changes.append(Change(f"per_device_train_batch_size: {micro}, gradient_accumulation_steps: {accumulation}",
-                              total, total <= gpu_bytes, "same effective batch, better GPU utilisation"))
+        changes.append(
+            Change(
+                f"per_device_train_batch_size: {micro}, gradient_accumulation_steps: {accumulation}",
+                total,
+                total <= gpu_bytes,
+                "same effective batch, better GPU utilisation",
+            )
+        )
     return [change for change in changes if change.fits]

@@ -18,20 +18,33 @@ class Gpu:
 
 
 # Usable memory as the driver reports it (a "24GB" card shows ~24 GiB less a little; we use the class).
-KNOWN_GPUS: dict[str, Gpu] = {gpu.name.lower(): gpu for gpu in (
-    Gpu("RTX4090", 24 * GIB, 165),
-    Gpu("A10-24GB", 24 * GIB, 125),
-    Gpu("L4", 24 * GIB, 121),
-    Gpu("A100-40GB", 40 * GIB, 312),
-    Gpu("A6000", 48 * GIB, 155),
-    Gpu("L40S", 48 * GIB, 362),
-    Gpu("A100-80GB", 80 * GIB, 312),
-    Gpu("H100", 80 * GIB, 989),
-    Gpu("H200", 141 * GIB, 989),
-)}
-ALIASES = {"4090": "rtx4090", "rtx-4090": "rtx4090", "a10": "a10-24gb", "a100": "a100-80gb", "a100-80g": "a100-80gb",
-           "a100-40g": "a100-40gb", "h100-80gb": "h100", "h100-sxm": "h100", "rtx-a6000": "a6000",
-           "l40s-48gb": "l40s", "h200-141gb": "h200"}
+KNOWN_GPUS: dict[str, Gpu] = {
+    gpu.name.lower(): gpu
+    for gpu in (
+        Gpu("RTX4090", 24 * GIB, 165),
+        Gpu("A10-24GB", 24 * GIB, 125),
+        Gpu("L4", 24 * GIB, 121),
+        Gpu("A100-40GB", 40 * GIB, 312),
+        Gpu("A6000", 48 * GIB, 155),
+        Gpu("L40S", 48 * GIB, 362),
+        Gpu("A100-80GB", 80 * GIB, 312),
+        Gpu("H100", 80 * GIB, 989),
+        Gpu("H200", 141 * GIB, 989),
+    )
+}
+ALIASES = {
+    "4090": "rtx4090",
+    "rtx-4090": "rtx4090",
+    "a10": "a10-24gb",
+    "a100": "a100-80gb",
+    "a100-80g": "a100-80gb",
+    "a100-40g": "a100-40gb",
+    "h100-80gb": "h100",
+    "h100-sxm": "h100",
+    "rtx-a6000": "a6000",
+    "l40s-48gb": "l40s",
+    "h200-141gb": "h200",
+}
 # Model FLOPs utilisation assumed for the default throughput: what a plain PyTorch + HF loop reaches.
 DEFAULT_MFU = 0.35
 QLORA_MFU = 0.25  # dequantising 4-bit weights every matmul costs time

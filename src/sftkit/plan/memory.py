@@ -101,8 +101,14 @@ class MemoryEstimate:
 
 # --------------------------------------------------------------------------- building on meta
 
-def build_meta_model(model_config: Any, weight_dtype: torch.dtype, adapter: AdapterOptions,
-                     attn_implementation: str, vocab_size: int | None = None) -> tuple[nn.Module, set[int]]:
+
+def build_meta_model(
+    model_config: Any,
+    weight_dtype: torch.dtype,
+    adapter: AdapterOptions,
+    attn_implementation: str,
+    vocab_size: int | None = None,
+) -> tuple[nn.Module, set[int]]:
     """The model training would build, on `meta`; and the ids of the weights QLoRA stores in 4 bits.
 
     The mask-free kernels (varlen, flash, flex) are built as sdpa: the parameters are the same, and the
@@ -159,11 +165,13 @@ def parameter_bytes(model: nn.Module, quantized: set[int]) -> ParameterBytes:
         else:
             weights += size
             by_dtype[dtype] = by_dtype.get(dtype, 0) + size
-    return ParameterBytes(total - adapter_params, total, trainable, weights, adapters, gradients, optimizer, by_dtype,
-                          head_trainable)
+    return ParameterBytes(
+        total - adapter_params, total, trainable, weights, adapters, gradients, optimizer, by_dtype, head_trainable
+    )
 
 
 # --------------------------------------------------------------------------- activations
+
 
 class _FusedAttention(torch.autograd.Function):
     """Stands in for the fused sdpa kernels on meta: keeps q, k, v, the output, an fp32 logsumexp per
@@ -175,7 +183,9 @@ class _FusedAttention(torch.autograd.Function):
         logsumexp = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)  # (batch, heads, seq)
         kept = [query, key, value, out, logsumexp]
         if mask is not None:
-            kept.append(mask if mask.dtype == query.dtype else torch.empty(mask.shape, dtype=query.dtype, device="meta"))
+            kept.append(
+                mask if mask.dtype == query.dtype else torch.empty(mask.shape, dtype=query.dtype, device="meta")
+            )
         ctx.save_for_backward(*kept)
         return out
 
@@ -194,8 +204,9 @@ def _meta_friendly_attention(fused: bool) -> Iterator[None]:
 
     functional, find_packed = torch.nn.functional.scaled_dot_product_attention, masking.find_packed_sequence_indices
     if fused:
-        torch.nn.functional.scaled_dot_product_attention = (
-            lambda q, k, v, attn_mask=None, **kwargs: _FusedAttention.apply(q, k, v, attn_mask))
+        torch.nn.functional.scaled_dot_product_attention = lambda q, k, v, attn_mask=None, **kwargs: (
+            _FusedAttention.apply(q, k, v, attn_mask)
+        )
     masking.find_packed_sequence_indices = lambda position_ids: None
     try:
         yield
@@ -226,8 +237,9 @@ def _decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
     raise ValueError(f"no list of {num_layers} decoder layers found in {type(model).__name__}")
 
 
-def trace_activations(model: nn.Module, micro_batch: int, seq_len: int, attn_implementation: str,
-                      autocast_dtype: torch.dtype | None) -> ActivationTrace:
+def trace_activations(
+    model: nn.Module, micro_batch: int, seq_len: int, attn_implementation: str, autocast_dtype: torch.dtype | None
+) -> ActivationTrace:
     """Bytes autograd keeps from one forward of the decoder body (embeddings → final norm) on meta."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = base.base_model  # e.g. LlamaModel: no head, the loss is counted apart
@@ -253,8 +265,11 @@ def trace_activations(model: nn.Module, micro_batch: int, seq_len: int, attn_imp
     def after(module, args, output):
         marks.append(bytes_saved())
 
-    handles = [h for layer in layers for h in (layer.register_forward_pre_hook(before, with_kwargs=True),
-                                               layer.register_forward_hook(after))]
+    handles = [
+        h
+        for layer in layers
+        for h in (layer.register_forward_pre_hook(before, with_kwargs=True), layer.register_forward_hook(after))
+    ]
     input_ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
     # sftkit's batches carry a (batch, 1, seq, seq) block-causal mask for sdpa (boolean) and eager
     # (additive, in the hidden states' dtype); the mask-free kernels read per-example boundaries.
@@ -262,14 +277,17 @@ def trace_activations(model: nn.Module, micro_batch: int, seq_len: int, attn_imp
     if attn_implementation == "sdpa":
         mask = torch.ones(micro_batch, 1, seq_len, seq_len, dtype=torch.bool, device="meta")
     elif attn_implementation == "eager":
-        mask = torch.zeros(micro_batch, 1, seq_len, seq_len, dtype=base.get_input_embeddings().weight.dtype,
-                           device="meta")
+        mask = torch.zeros(
+            micro_batch, 1, seq_len, seq_len, dtype=base.get_input_embeddings().weight.dtype, device="meta"
+        )
     try:
         was_training = model.training
         model.train()
-        with _meta_friendly_attention(fused=attn_implementation != "eager"), \
-                _adapters_in(model, autocast_dtype) as adapters_upcast, \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with (
+            _meta_friendly_attention(fused=attn_implementation != "eager"),
+            _adapters_in(model, autocast_dtype) as adapters_upcast,
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+        ):
             body(input_ids=input_ids, attention_mask=mask, use_cache=False)
         model.train(was_training)
     finally:
@@ -278,11 +296,14 @@ def trace_activations(model: nn.Module, micro_batch: int, seq_len: int, attn_imp
     per_layer = [marks[2 * i + 1] - marks[2 * i] for i in range(len(layers))]
     mask_bytes = mask.numel() * mask.element_size() if mask is not None else 0  # the batch's own mask
     largest = max(t.numel() * t.element_size() for t in saved.values() if t.dim() == 3)  # (batch, seq, features)
-    return ActivationTrace(outside_layers=bytes_saved() - sum(per_layer) + mask_bytes, per_layer=per_layer,
-                           layer_input=layer_input[-1][0], hidden_dtype_bytes=layer_input[-1][1], largest=largest,
-                           adapters_upcast=adapters_upcast)
-
-
+    return ActivationTrace(
+        outside_layers=bytes_saved() - sum(per_layer) + mask_bytes,
+        per_layer=per_layer,
+        layer_input=layer_input[-1][0],
+        hidden_dtype_bytes=layer_input[-1][1],
+        largest=largest,
+        adapters_upcast=adapters_upcast,
+    )
 
 
 def kept_for_backward(trace: ActivationTrace, gradient_checkpointing: bool) -> int:
@@ -311,8 +332,16 @@ def backward_working_set(trace: ActivationTrace, gradient_checkpointing: bool) -
     return recomputed + 2 * trace.largest + 2 * hidden_fp32 + upcast
 
 
-def loss_bytes(tokens: int, vocab: int, hidden: int, logits_dtype_bytes: int, chunked: bool, chunk_size: int,
-               head_trainable: bool, hidden_dtype_bytes: int) -> int:
+def loss_bytes(
+    tokens: int,
+    vocab: int,
+    hidden: int,
+    logits_dtype_bytes: int,
+    chunked: bool,
+    chunk_size: int,
+    head_trainable: bool,
+    hidden_dtype_bytes: int,
+) -> int:
     """Peak of the head + cross-entropy.
 
     Unchunked: the logits (tokens × vocab) in the head's dtype, the fp32 log-softmax that CE keeps,
@@ -332,6 +361,7 @@ def loss_bytes(tokens: int, vocab: int, hidden: int, logits_dtype_bytes: int, ch
 
 # --------------------------------------------------------------------------- the estimate
 
+
 @dataclass
 class MetaModel:
     """A model built once on meta, estimated for as many micro-batch / sequence settings as asked.
@@ -348,20 +378,32 @@ class MetaModel:
     traces: dict[tuple, ActivationTrace] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, model_config: Any, weight_dtype: torch.dtype, adapter: AdapterOptions, attn_implementation: str,
-              vocab_size: int | None = None) -> MetaModel:
+    def build(
+        cls,
+        model_config: Any,
+        weight_dtype: torch.dtype,
+        adapter: AdapterOptions,
+        attn_implementation: str,
+        vocab_size: int | None = None,
+    ) -> MetaModel:
         model, quantized = build_meta_model(model_config, weight_dtype, adapter, attn_implementation, vocab_size)
         return cls(model, quantized, parameter_bytes(model, quantized))
 
-    def activations(self, micro_batch: int, seq_len: int, attn_implementation: str,
-                    autocast_dtype: torch.dtype | None) -> ActivationTrace:
+    def activations(
+        self, micro_batch: int, seq_len: int, attn_implementation: str, autocast_dtype: torch.dtype | None
+    ) -> ActivationTrace:
         key = (seq_len, attn_implementation, autocast_dtype)
         if key not in self.traces:
             self.traces[key] = trace_activations(self.model, 1, seq_len, attn_implementation, autocast_dtype)
         one = self.traces[key]
-        return ActivationTrace(one.outside_layers * micro_batch, [n * micro_batch for n in one.per_layer],
-                               one.layer_input * micro_batch, one.hidden_dtype_bytes, one.largest * micro_batch,
-                               one.adapters_upcast)
+        return ActivationTrace(
+            one.outside_layers * micro_batch,
+            [n * micro_batch for n in one.per_layer],
+            one.layer_input * micro_batch,
+            one.hidden_dtype_bytes,
+            one.largest * micro_batch,
+            one.adapters_upcast,
+        )
 
 
 def estimate_memory(meta: MetaModel, inputs: MemoryInputs, cuda_overhead: bool = True) -> MemoryEstimate:
@@ -372,8 +414,16 @@ def estimate_memory(meta: MetaModel, inputs: MemoryInputs, cuda_overhead: bool =
     head = meta.model.get_output_embeddings()
     vocab, hidden = head.weight.shape
     logits_dtype = inputs.autocast_dtype or head.weight.dtype  # QLoRA's head is fp32 (peft upcasts it)
-    loss = loss_bytes(inputs.micro_batch * inputs.seq_len, vocab, hidden, logits_dtype.itemsize, inputs.chunked_loss,
-                      inputs.loss_chunk_size, params.head_trainable, trace.hidden_dtype_bytes)
+    loss = loss_bytes(
+        inputs.micro_batch * inputs.seq_len,
+        vocab,
+        hidden,
+        logits_dtype.itemsize,
+        inputs.chunked_loss,
+        inputs.loss_chunk_size,
+        params.head_trainable,
+        trace.hidden_dtype_bytes,
+    )
     shards = inputs.shards
     gradients = math.ceil(params.gradients / shards)
     kept = kept_for_backward(trace, checkpointing)
@@ -391,13 +441,21 @@ def estimate_memory(meta: MetaModel, inputs: MemoryInputs, cuda_overhead: bool =
     # while activations are released layer by layer, so the peak is the larger of two moments:
     # the end of forward (activations + loss) and the optimizer step (gradients + AdamW buffers).
     forward_end = parts["activations"] + parts["loss or backward working set"]
-    peak_moment = ("activations", "loss or backward working set") if forward_end >= 2 * gradients else \
-        ("gradients", "AdamW step buffers")
+    peak_moment = (
+        ("activations", "loss or backward working set")
+        if forward_end >= 2 * gradients
+        else ("gradients", "AdamW step buffers")
+    )
     counted = {"weights", "adapters", "optimizer states", *peak_moment}
     if cuda_overhead:
         held = sum(parts[name] for name in counted)
         parts["CUDA context + allocator"] = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * held)
         counted.add("CUDA context + allocator")
-    return MemoryEstimate(parts, counted, params, loss,
-                          {on: kept_for_backward(trace, on) + backward_working_set(trace, on) for on in (False, True)},
-                          kept if inputs.activation_offloading else 0)
+    return MemoryEstimate(
+        parts,
+        counted,
+        params,
+        loss,
+        {on: kept_for_backward(trace, on) + backward_working_set(trace, on) for on in (False, True)},
+        kept if inputs.activation_offloading else 0,
+    )

@@ -25,10 +25,12 @@ def _table(title: str, *columns: str, header: bool = True) -> Table:
 def print_plan(plan: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     model = plan["model"]
-    console.print(f"[bold]{model['name']}[/bold] ({model['type']}): {model['parameters']:,} parameters, "
-                  f"{model['trainable_parameters']:,} trained ({model['finetuning']}, {model['weight_dtype']} weights, "
-                  f"{model['attn_implementation']} attention, chunked loss {'on' if model['chunked_loss'] else 'off'})",
-                  highlight=False)
+    console.print(
+        f"[bold]{model['name']}[/bold] ({model['type']}): {model['parameters']:,} parameters, "
+        f"{model['trainable_parameters']:,} trained ({model['finetuning']}, {model['weight_dtype']} weights, "
+        f"{model['attn_implementation']} attention, chunked loss {'on' if model['chunked_loss'] else 'off'})",
+        highlight=False,
+    )
     for note in plan["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     _print_data(plan["data"], console)
@@ -43,8 +45,11 @@ def print_plan(plan: dict[str, Any], console: Console | None = None) -> None:
 
 def _print_data(data: dict[str, Any], console: Console) -> None:
     if "error" in data:
-        console.print(f"[yellow]Data:[/yellow] {data['error']}; the schedule below uses max_steps only",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"[yellow]Data:[/yellow] {data['error']}; the schedule below uses max_steps only",
+            highlight=False,
+            soft_wrap=True,
+        )
         return
     table = _table("Data", "what", "value", header=False)
     rows = [
@@ -53,8 +58,10 @@ def _print_data(data: dict[str, Any], console: Console) -> None:
         ("trained tokens", f"{data['trained_tokens']:,} ({data['trained_token_fraction']:.1%})"),
         ("examples over max_seq_length", f"{data['examples_over_max_seq_length']:,} (> {data['max_seq_length']})"),
         ("truncated", f"{data['truncated_examples']:,}"),
-        ("example tokens median / p95 / max",
-         f"{data['example_tokens']['median']:.0f} / {data['example_tokens']['p95']:.0f} / {data['example_tokens']['max']}"),
+        (
+            "example tokens median / p95 / max",
+            f"{data['example_tokens']['median']:.0f} / {data['example_tokens']['p95']:.0f} / {data['example_tokens']['max']}",
+        ),
         ("packed sequences", f"{data['packed_sequences']:,}"),
         ("packing efficiency", f"{data['packing_efficiency']:.2%}"),
         ("padding efficiency (no packing)", f"{data['padding_efficiency']:.2%}"),
@@ -66,8 +73,11 @@ def _print_data(data: dict[str, Any], console: Console) -> None:
 
 def _print_schedule(schedule: dict[str, Any], console: Console) -> None:
     table = _table("Batch and schedule", "what", "value", header=False)
-    table.add_row("effective batch", f"{schedule['micro_batch']} micro × {schedule['gradient_accumulation']} GA × "
-                                     f"{schedule['num_gpus']} GPU = {schedule['effective_batch']}")
+    table.add_row(
+        "effective batch",
+        f"{schedule['micro_batch']} micro × {schedule['gradient_accumulation']} GA × "
+        f"{schedule['num_gpus']} GPU = {schedule['effective_batch']}",
+    )
     unknown = "unknown (data not read)"
     spe = schedule["steps_per_epoch"]
     table.add_row("steps per epoch", f"{spe:,} ({schedule['sequences_per_epoch']:,} sequences)" if spe else unknown)
@@ -79,8 +89,12 @@ def _print_schedule(schedule: dict[str, Any], console: Console) -> None:
     if schedule["lr_points"]:
         lr = _table("Learning rate", "step", "progress", "LR", "% of peak")
         for point in schedule["lr_points"]:
-            lr.add_row(f"{point['step']:,}", f"{point['progress']:.0%}", f"{point['lr']:.3g}",
-                       f"{point['fraction_of_peak']:.1%}")
+            lr.add_row(
+                f"{point['step']:,}",
+                f"{point['progress']:.0%}",
+                f"{point['lr']:.3g}",
+                f"{point['fraction_of_peak']:.1%}",
+            )
         console.print(lr)
     for warning in schedule["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
@@ -88,18 +102,24 @@ def _print_schedule(schedule: dict[str, Any], console: Console) -> None:
 
 def _print_memory(plan: dict[str, Any], console: Console) -> None:
     memory = plan["memory"]
-    title = (f"Memory per GPU (micro batch {memory['micro_batch']} × {memory['seq_len']} tokens, "
-             f"gradient checkpointing {'on' if memory['gradient_checkpointing'] else 'off'})")
+    title = (
+        f"Memory per GPU (micro batch {memory['micro_batch']} × {memory['seq_len']} tokens, "
+        f"gradient checkpointing {'on' if memory['gradient_checkpointing'] else 'off'})"
+    )
     table = _table(title, "part", "bytes")
-    table.caption = ("Gradients grow in backward as activations are freed: the peak is the end of forward "
-                     "(activations + loss) or the optimizer step (gradients + AdamW buffers), whichever is larger.")
+    table.caption = (
+        "Gradients grow in backward as activations are freed: the peak is the end of forward "
+        "(activations + loss) or the optimizer step (gradients + AdamW buffers), whichever is larger."
+    )
     for part, value in memory["parts"].items():
         detail = ""
         if part == "weights":
             detail = " (" + ", ".join(f"{k} {_gib(v)}" for k, v in memory["weights_by_dtype"].items()) + ")"
         if part == "activations":
-            detail = (f" (with backward: checkpointing off {_gib(memory['activations_without_checkpointing'])}, "
-                      f"on {_gib(memory['activations_with_checkpointing'])})")
+            detail = (
+                f" (with backward: checkpointing off {_gib(memory['activations_without_checkpointing'])}, "
+                f"on {_gib(memory['activations_with_checkpointing'])})"
+            )
             if memory.get("activation_offloading"):
                 detail = f" (offloaded: {_gib(memory['activations_on_host'])} wait in pinned host memory)"
         if part.startswith("loss"):
@@ -108,35 +128,50 @@ def _print_memory(plan: dict[str, Any], console: Console) -> None:
         table.add_row(part + detail, _gib(value) if held else f"[dim]{_gib(value)}, not at the peak[/dim]")
     verdict = "[red]does not fit[/red]"
     if plan["fits"]:
-        verdict = "[green]fits[/green]" if memory["total_bytes"] <= TIGHT * memory["gpu_bytes"] else \
-            "[yellow]fits, tight (< 10% free)[/yellow]"
-    table.add_row(f"[bold]total vs {memory['gpu']} ({_gib(memory['gpu_bytes'])})[/bold]",
-                  f"[bold]{_gib(memory['total_bytes'])}[/bold] {verdict}")
+        verdict = (
+            "[green]fits[/green]"
+            if memory["total_bytes"] <= TIGHT * memory["gpu_bytes"]
+            else "[yellow]fits, tight (< 10% free)[/yellow]"
+        )
+    table.add_row(
+        f"[bold]total vs {memory['gpu']} ({_gib(memory['gpu_bytes'])})[/bold]",
+        f"[bold]{_gib(memory['total_bytes'])}[/bold] {verdict}",
+    )
     console.print(table)
     trade_off = plan.get("lora_vs_qlora")
     if trade_off:
         saved = 1 - trade_off["qlora_bytes"] / trade_off["lora_bytes"]
-        console.print(f"LoRA {_gib(trade_off['lora_bytes'])} vs QLoRA {_gib(trade_off['qlora_bytes'])} "
-                      f"({saved:.0%} less memory); {trade_off['time']}.", highlight=False)
+        console.print(
+            f"LoRA {_gib(trade_off['lora_bytes'])} vs QLoRA {_gib(trade_off['qlora_bytes'])} "
+            f"({saved:.0%} less memory); {trade_off['time']}.",
+            highlight=False,
+        )
     if plan["changes"]:
         title = "Changes that make it fit" if not plan["fits"] else "Room to spare: changes that go faster"
         changes = _table(title, "change", "new estimate", "fits", "cost")
         for change in plan["changes"]:
-            fits = "no" if not change["fits"] else "yes" if change["total_bytes"] <= TIGHT * memory["gpu_bytes"] else "tight"
-            changes.add_row(change["change"], _gib(change["total_bytes"]), fits,
-                            change["note"])
+            fits = (
+                "no"
+                if not change["fits"]
+                else "yes"
+                if change["total_bytes"] <= TIGHT * memory["gpu_bytes"]
+                else "tight"
+            )
+            changes.add_row(change["change"], _gib(change["total_bytes"]), fits, change["note"])
         console.print(changes)
 
 
 def _print_time(time: dict[str, Any], num_gpus: int, console: Console) -> None:
     table = _table("Estimated time", "what", "value", header=False)
-    table.add_row("tokens to process", f"{time['tokens']:,} ({time['tokens_note']})" if time["tokens"] else
-                  time["tokens_note"])
+    table.add_row(
+        "tokens to process", f"{time['tokens']:,} ({time['tokens_note']})" if time["tokens"] else time["tokens_note"]
+    )
     table.add_row("training FLOPs per token", f"{time['flops_per_token']:.3g}")
     rate = time["tokens_per_second_per_gpu"]
     shown = f"{rate:,.0f}" if rate and rate >= 100 else f"{rate:.3g}"
-    table.add_row("throughput per GPU", f"{shown} tokens/s ({time['throughput_source']})" if rate else
-                  time["throughput_source"])
+    table.add_row(
+        "throughput per GPU", f"{shown} tokens/s ({time['throughput_source']})" if rate else time["throughput_source"]
+    )
     if time["hours"] is not None:
         table.add_row(f"time on {num_gpus} GPU(s)", f"{time['hours']:.2f} h")
     console.print(table)

@@ -67,8 +67,14 @@ def lr_table(inputs: ScheduleInputs, total: int, warmup: int, points: int = 11) 
     for i in range(points):
         step = round(i * (total - 1) / (points - 1))
         fraction = lr_multiplier(step, total, warmup, inputs.scheduler, inputs.min_lr_ratio)
-        rows.append({"step": step + 1, "progress": (step + 1) / total, "lr": inputs.learning_rate * fraction,
-                     "fraction_of_peak": fraction})
+        rows.append(
+            {
+                "step": step + 1,
+                "progress": (step + 1) / total,
+                "lr": inputs.learning_rate * fraction,
+                "fraction_of_peak": fraction,
+            }
+        )
     return rows
 
 
@@ -76,17 +82,25 @@ def schedule_warnings(inputs: ScheduleInputs, plan: SchedulePlan, examples: int 
     warnings = []
     low, high = EFFECTIVE_BATCH_RANGE
     if not low <= plan.effective_batch <= high:
-        warnings.append(f"effective batch {plan.effective_batch} is outside the usual {low}–{high}; "
-                        "change per_device_train_batch_size or gradient_accumulation_steps")
+        warnings.append(
+            f"effective batch {plan.effective_batch} is outside the usual {low}–{high}; "
+            "change per_device_train_batch_size or gradient_accumulation_steps"
+        )
     if plan.total_steps is not None and plan.total_steps < MIN_STEPS:
-        warnings.append(f"only {plan.total_steps} optimizer steps (fewer than ~{MIN_STEPS}): warmup and decay have "
-                        "little room; lower gradient_accumulation_steps or train more epochs")
+        warnings.append(
+            f"only {plan.total_steps} optimizer steps (fewer than ~{MIN_STEPS}): warmup and decay have "
+            "little room; lower gradient_accumulation_steps or train more epochs"
+        )
     usual_low, usual_high, warn_low, warn_high = LR_RANGES[inputs.finetuning]
     if not warn_low <= inputs.learning_rate <= warn_high:
-        warnings.append(f"learning_rate {inputs.learning_rate:g} is far from the usual {usual_low:g}–{usual_high:g} "
-                        f"for {inputs.finetuning}")
+        warnings.append(
+            f"learning_rate {inputs.learning_rate:g} is far from the usual {usual_low:g}–{usual_high:g} "
+            f"for {inputs.finetuning}"
+        )
     epochs = plan.epochs if plan.epochs is not None else (inputs.num_train_epochs if inputs.max_steps <= 0 else None)
     if examples is not None and examples < SMALL_DATASET and epochs is not None and epochs > MAX_EPOCHS_SMALL:
-        warnings.append(f"{epochs:.1f} epochs over {examples:,} examples (< {SMALL_DATASET:,}) risks memorising them; "
-                        f"{MAX_EPOCHS_SMALL} or fewer is usual")
+        warnings.append(
+            f"{epochs:.1f} epochs over {examples:,} examples (< {SMALL_DATASET:,}) risks memorising them; "
+            f"{MAX_EPOCHS_SMALL} or fewer is usual"
+        )
     return warnings

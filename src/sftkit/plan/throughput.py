@@ -41,8 +41,9 @@ def attention_span(lengths: list[int] | None, max_seq_length: int, attn_implemen
     return sum(n * n for n in clipped) / sum(clipped)
 
 
-def flops_per_token(model_config: Any, total_params: int, span: float, finetuning: str,
-                    gradient_checkpointing: bool) -> float:
+def flops_per_token(
+    model_config: Any, total_params: int, span: float, finetuning: str, gradient_checkpointing: bool
+) -> float:
     """`span`: keys per query row (see `attention_span`); the sequence length for one unpacked row."""
     embedding = model_config.vocab_size * model_config.hidden_size
     linear = total_params - embedding  # the input embedding is a lookup, not a matmul
@@ -57,9 +58,11 @@ def default_throughput(gpu: Gpu, flops: float, finetuning: str) -> Throughput | 
     if gpu.bf16_tflops is None:
         return None
     mfu = QLORA_MFU if finetuning == "qlora" else DEFAULT_MFU
-    return Throughput(gpu.bf16_tflops * 1e12 * mfu / flops,
-                      f"rough default: {gpu.name} bf16 peak {gpu.bf16_tflops:g} TFLOP/s × {mfu:.0%} utilisation "
-                      "(measure with --probe)")
+    return Throughput(
+        gpu.bf16_tflops * 1e12 * mfu / flops,
+        f"rough default: {gpu.name} bf16 peak {gpu.bf16_tflops:g} TFLOP/s × {mfu:.0%} utilisation "
+        "(measure with --probe)",
+    )
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,15 @@ class ProbeShape:
     seq_len: int
 
 
-def probe_throughput(model_config: Any, finetuning: str, weight_dtype: torch.dtype, seq_len: int,
-                     micro_batch: int, flops_full: float, steps: int = 3) -> Throughput:
+def probe_throughput(
+    model_config: Any,
+    finetuning: str,
+    weight_dtype: torch.dtype,
+    seq_len: int,
+    micro_batch: int,
+    flops_full: float,
+    steps: int = 3,
+) -> Throughput:
     """Time a few real forward + backward + AdamW steps on this machine, with random weights.
 
     On a GPU the model keeps its shape (if it does not fit, the probe says so); on a CPU it is
@@ -89,8 +99,13 @@ def probe_throughput(model_config: Any, finetuning: str, weight_dtype: torch.dty
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = copy.deepcopy(model_config)
     if device == "cpu":
-        shape = ProbeShape(layers=min(2, config.num_hidden_layers), hidden=min(256, config.hidden_size),
-                           vocab=min(8192, config.vocab_size), micro_batch=1, seq_len=min(128, seq_len))
+        shape = ProbeShape(
+            layers=min(2, config.num_hidden_layers),
+            hidden=min(256, config.hidden_size),
+            vocab=min(8192, config.vocab_size),
+            micro_batch=1,
+            seq_len=min(128, seq_len),
+        )
         scale = shape.hidden / config.hidden_size
         config.num_hidden_layers, config.vocab_size = shape.layers, shape.vocab
         config.hidden_size = shape.hidden
@@ -126,8 +141,13 @@ def probe_throughput(model_config: Any, finetuning: str, weight_dtype: torch.dty
     probe_flops = flops_per_token(config, total_params, shape.seq_len, method, False)
     achieved = probe_flops * tokens / elapsed  # FLOP/s on this machine
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    what = (f"{shape.layers} layers" if shape.hidden is None else
-            f"a {shape.layers}-layer, width-{shape.hidden}, vocab-{shape.vocab} copy")
-    source = (f"measured on {name} ({device}): {what}, {method}, batch {shape.micro_batch} × {shape.seq_len}, "
-              f"{steps} steps, {achieved / 1e9:.1f} GFLOP/s achieved, converted to this model's FLOPs per token")
+    what = (
+        f"{shape.layers} layers"
+        if shape.hidden is None
+        else f"a {shape.layers}-layer, width-{shape.hidden}, vocab-{shape.vocab} copy"
+    )
+    source = (
+        f"measured on {name} ({device}): {what}, {method}, batch {shape.micro_batch} × {shape.seq_len}, "
+        f"{steps} steps, {achieved / 1e9:.1f} GFLOP/s achieved, converted to this model's FLOPs per token"
+    )
     return Throughput(achieved / flops_full, source)

@@ -1,9 +1,9 @@
 """`sftkit report RUN_DIR`: RUN_DIR/report.html and a console summary of a run, finished or not.
 
-    read.py      the run directory, tolerant of a run still writing or one that crashed
-    summary.py   the figures and tables, as text rows shared by page and console
-    plots.py     matplotlib curves as PNG bytes
-    page.py      the self-contained HTML page
+read.py      the run directory, tolerant of a run still writing or one that crashed
+summary.py   the figures and tables, as text rows shared by page and console
+plots.py     matplotlib curves as PNG bytes
+page.py      the self-contained HTML page
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from sftkit.report.page import render_page
 from sftkit.report.plots import all_plots
 from sftkit.report.read import RunRecord, read_run
 
-__all__ = ["build_report", "read_run", "RunRecord"]
-STATUS_STYLE = {"finished": "green", "early_stopped": "green", "running": "blue", "crashed": "red",
-                "stopped": "yellow"}
+__all__ = ["RunRecord", "build_report", "read_run"]
+STATUS_STYLE = {"finished": "green", "early_stopped": "green", "running": "blue", "crashed": "red", "stopped": "yellow"}
 
 
 def build_report(run_dir: Path, console: Console | None = None) -> Path:
@@ -71,13 +70,21 @@ def print_summary(record: RunRecord, console: Console) -> None:
             table.add_column(column, overflow="fold")
         for prompt, rows in samples.items():
             for sample in {id(row): row for row in (rows[0], rows[-1])}.values():
-                table.add_row(Text(_clip(prompt, 60)), str(sample["step"]), "yes" if sample["ended"] else "no",
-                              Text(_clip(sample["completion"], 240)))
+                table.add_row(
+                    Text(_clip(prompt, 60)),
+                    str(sample["step"]),
+                    "yes" if sample["ended"] else "no",
+                    Text(_clip(sample["completion"], 240)),
+                )
         console.print(table)
     checkpoints = summary.checkpoint_rows(record)
     if checkpoints:
-        console.print(Text("checkpoints: " + ", ".join(
-            row["name"] + (f" ({row['note']})" if row["note"] else "") for row in checkpoints)))
+        console.print(
+            Text(
+                "checkpoints: "
+                + ", ".join(row["name"] + (f" ({row['note']})" if row["note"] else "") for row in checkpoints)
+            )
+        )
 
 
 def _pairs(rows: list[tuple[str, str]], title: str | None = None) -> Table:

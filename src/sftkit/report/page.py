@@ -10,7 +10,8 @@ import jinja2
 from sftkit.report import summary
 from sftkit.report.read import RunRecord
 
-PAGE = jinja2.Template("""<!DOCTYPE html>
+PAGE = jinja2.Template(
+    """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>sftkit report · {{ name }}</title>
 <style>
@@ -84,15 +85,24 @@ with the end-of-turn token.</p>
 {% else %}<span class="empty">not recorded</span>{% endif %}</div>{% endfor %}</div>
 <footer>Written by <code>sftkit report</code> at {{ written_at }}.</footer>
 </main></body></html>
-""", autoescape=True, undefined=jinja2.StrictUndefined)
+""",
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+)
 
 
 def render_page(record: RunRecord, plots: dict[str, bytes]) -> str:
     return PAGE.render(
-        name=record.run_dir.resolve().name, run_dir=str(record.run_dir), status=record.status,
+        name=record.run_dir.resolve().name,
+        run_dir=str(record.run_dir),
+        status=record.status,
         model=record.run.get("model_name_or_path") or record.config.get("model_name_or_path"),
-        headline=summary.headline_rows(record), notes=record.notes, findings=record.findings,
+        headline=summary.headline_rows(record),
+        notes=record.notes,
+        findings=record.findings,
         plots=[(title, base64.b64encode(png).decode("ascii")) for title, png in plots.items()],
-        samples=list(summary.samples_by_prompt(record).items()), checkpoints=summary.checkpoint_rows(record),
+        samples=list(summary.samples_by_prompt(record).items()),
+        checkpoints=summary.checkpoint_rows(record),
         facts=summary.fact_sections(record),
-        written_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+        written_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )

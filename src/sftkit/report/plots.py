@@ -11,10 +11,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # no display; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from sftkit.report import summary  # noqa: E402
-from sftkit.report.read import RunRecord, eval_loss_keys  # noqa: E402
+from sftkit.report import summary
+from sftkit.report.read import RunRecord, eval_loss_keys
 
 TRAIN_COLOR, MARK_COLOR = "#1f77b4", "#ff7f0e"
 EVAL_COLORS = ("#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -70,11 +70,25 @@ def _eval_curves(axes: plt.Axes, record: RunRecord, suffix: str) -> None:
         steps, values = _series(record.eval_rows, key)
         if not _has_values(values):
             continue
-        axes.plot(steps, values, color=EVAL_COLORS[index % len(EVAL_COLORS)], marker="o", markersize=4,
-                  linewidth=1.4, label=_eval_label(key, suffix))
+        axes.plot(
+            steps,
+            values,
+            color=EVAL_COLORS[index % len(EVAL_COLORS)],
+            marker="o",
+            markersize=4,
+            linewidth=1.4,
+            label=_eval_label(key, suffix),
+        )
         if best and best[0] == key:
-            axes.scatter([best[1]], [best[2]], s=90, facecolors="none", edgecolors="black", zorder=5,
-                         label=f"best {best[2]:.4g} @ {best[1]} ({key})")
+            axes.scatter(
+                [best[1]],
+                [best[2]],
+                s=90,
+                facecolors="none",
+                edgecolors="black",
+                zorder=5,
+                label=f"best {best[2]:.4g} @ {best[1]} ({key})",
+            )
 
 
 def loss_plot(record: RunRecord) -> bytes:
@@ -119,8 +133,9 @@ def mixture_plot(record: RunRecord) -> bytes | None:
         color = SOURCE_COLORS[index % len(SOURCE_COLORS)]
         axes.plot(steps, shares[name], color=color, linewidth=1.4, label=f"{name} {shares[name][-1]:.1%}")
         if name in targets:
-            axes.axhline(targets[name], color=color, linestyle="--", linewidth=1,
-                         label=f"{name} target {targets[name]:.1%}")
+            axes.axhline(
+                targets[name], color=color, linestyle="--", linewidth=1, label=f"{name} target {targets[name]:.1%}"
+            )
     axes.set_ylim(0, 1)
     axes.legend(fontsize=8, ncol=2)
     return _png(figure)
@@ -157,8 +172,9 @@ def grad_norm_plot(record: RunRecord) -> bytes | None:
     return _png(figure)
 
 
-def metric_plot(record: RunRecord, title: str, ylabel: str, keys: dict[str, str], log_scale: bool = False,
-                from_zero: bool = False) -> bytes | None:
+def metric_plot(
+    record: RunRecord, title: str, ylabel: str, keys: dict[str, str], log_scale: bool = False, from_zero: bool = False
+) -> bytes | None:
     """One small plot of train-row metrics (`keys` maps metric to legend label); None when none were logged.
     `from_zero` keeps 0 on the axis, so a flat throughput or memory curve does not look noisy."""
     curves = {label: _series(record.train_rows, key) for key, label in keys.items()}
@@ -190,8 +206,13 @@ def all_plots(record: RunRecord) -> dict[str, bytes]:
         "Token accuracy": accuracy_plot(record),
         "Learning rate": metric_plot(record, "Learning rate", "lr", {"lr": "lr"}),
         "Gradient norm": grad_norm_plot(record),
-        "Clipped steps": metric_plot(record, "Steps clipped by max_grad_norm (share per logged window)",
-                                     "share of steps", {"clipped_fraction": "clipped"}, from_zero=True),
+        "Clipped steps": metric_plot(
+            record,
+            "Steps clipped by max_grad_norm (share per logged window)",
+            "share of steps",
+            {"clipped_fraction": "clipped"},
+            from_zero=True,
+        ),
         "Throughput": metric_plot(record, "Throughput", "tokens / s", throughput, from_zero=True),
         "Memory": metric_plot(record, "Peak memory", "GiB", {"memory_gb": "peak memory"}, from_zero=True),
     }

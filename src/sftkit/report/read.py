@@ -51,14 +51,18 @@ def read_run(run_dir: Path) -> RunRecord:
     notes: list[str] = []
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
-        raise FileNotFoundError(f"{run_dir}: has no metrics.jsonl, so it is not a run directory or the run has not "
-                                "started; give the output_dir of a `sftkit train` run")
+        raise FileNotFoundError(
+            f"{run_dir}: has no metrics.jsonl, so it is not a run directory or the run has not "
+            "started; give the output_dir of a `sftkit train` run"
+        )
     metrics = _read_jsonl(metrics_path, notes)
     train_rows = _by_step([row for row in metrics if "loss" in row])
     eval_rows = _by_step([row for row in metrics if eval_loss_keys([row])])
     if not train_rows and not eval_rows:
-        raise FileNotFoundError(f"{metrics_path}: no metric rows yet; the run logs one every `logging_steps` "
-                                "optimizer steps, so try again once it has logged")
+        raise FileNotFoundError(
+            f"{metrics_path}: no metric rows yet; the run logs one every `logging_steps` "
+            "optimizer steps, so try again once it has logged"
+        )
     return RunRecord(
         run_dir=run_dir,
         config=_read_mapping(run_dir / "config.yaml", notes),
@@ -66,13 +70,19 @@ def read_run(run_dir: Path) -> RunRecord:
         data_stats=_read_mapping(run_dir / "data_stats.json", notes),
         train_rows=train_rows,
         eval_rows=eval_rows,
-        samples=[{"prompt": "", "completion": "", "ended": False, **row}
-                 for row in _read_jsonl(run_dir / "samples.jsonl", notes, required=False)],
-        findings=[{"kind": "?", "message": "", "advice": "", "evidence": {}, **row}
-                  for row in _read_jsonl(run_dir / "diagnosis.jsonl", notes, required=False)],
-        checkpoints=[Checkpoint(path.name, step_of(path), (path / MANIFEST).is_file())
-                     for path in checkpoint_dirs(run_dir)],
-        notes=notes)
+        samples=[
+            {"prompt": "", "completion": "", "ended": False, **row}
+            for row in _read_jsonl(run_dir / "samples.jsonl", notes, required=False)
+        ],
+        findings=[
+            {"kind": "?", "message": "", "advice": "", "evidence": {}, **row}
+            for row in _read_jsonl(run_dir / "diagnosis.jsonl", notes, required=False)
+        ],
+        checkpoints=[
+            Checkpoint(path.name, step_of(path), (path / MANIFEST).is_file()) for path in checkpoint_dirs(run_dir)
+        ],
+        notes=notes,
+    )
 
 
 def eval_loss_keys(rows: list[dict[str, Any]]) -> list[str]:
@@ -116,8 +126,10 @@ def _read_jsonl(path: Path, notes: list[str], required: bool = True) -> list[dic
         else:
             bad.append(number)
     if bad:
-        notes.append(f"{path.name}: skipped {len(bad)} unreadable line(s) ({', '.join(map(str, bad[:5]))}); "
-                     "a line cut short by a crash or a run still writing")
+        notes.append(
+            f"{path.name}: skipped {len(bad)} unreadable line(s) ({', '.join(map(str, bad[:5]))}); "
+            "a line cut short by a crash or a run still writing"
+        )
     return rows
 
 

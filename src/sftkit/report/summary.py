@@ -9,19 +9,52 @@ from typing import Any
 from sftkit.config import eval_loss_key, greater_is_better
 from sftkit.report.read import RunRecord, eval_loss_keys
 
-CONFIG_KEYS = ("model_name_or_path", "finetuning", "lora_r", "lora_alpha", "lora_target_modules", "learning_rate",
-               "lr_scheduler_type", "warmup_ratio", "warmup_steps", "num_train_epochs", "max_steps",
-               "per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "packing",
-               "assistant_only_loss", "chat_template", "bf16", "fp16", "gradient_checkpointing", "max_grad_norm",
-               "metric_for_best_model", "seed")
+CONFIG_KEYS = (
+    "model_name_or_path",
+    "finetuning",
+    "lora_r",
+    "lora_alpha",
+    "lora_target_modules",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "warmup_steps",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_seq_length",
+    "packing",
+    "assistant_only_loss",
+    "chat_template",
+    "bf16",
+    "fp16",
+    "gradient_checkpointing",
+    "max_grad_norm",
+    "metric_for_best_model",
+    "seed",
+)
 LORA_ONLY = ("lora_r", "lora_alpha", "lora_target_modules")
-DATA_KEYS = {"train_examples": "train examples", "eval_examples": "eval examples", "total_tokens": "tokens",
-             "trained_tokens": "trained tokens", "trained_token_fraction": "trained token fraction",
-             "truncated_examples": "truncated examples", "skipped_rows": "skipped rows",
-             "packing_efficiency": "packing efficiency", "packed_sequences": "packed sequences"}
-RUN_KEYS = {"world_size": "processes", "effective_batch": "effective batch (sequences)",
-            "steps_per_epoch": "steps per epoch", "total_steps": "total steps", "warmup_steps": "warmup steps",
-            "trainable_params": "trainable parameters", "total_params": "total parameters"}
+DATA_KEYS = {
+    "train_examples": "train examples",
+    "eval_examples": "eval examples",
+    "total_tokens": "tokens",
+    "trained_tokens": "trained tokens",
+    "trained_token_fraction": "trained token fraction",
+    "truncated_examples": "truncated examples",
+    "skipped_rows": "skipped rows",
+    "packing_efficiency": "packing efficiency",
+    "packed_sequences": "packed sequences",
+}
+RUN_KEYS = {
+    "world_size": "processes",
+    "effective_batch": "effective batch (sequences)",
+    "steps_per_epoch": "steps per epoch",
+    "total_steps": "total steps",
+    "warmup_steps": "warmup steps",
+    "trainable_params": "trainable parameters",
+    "total_params": "total parameters",
+}
 
 
 def fmt(value: Any, key: str = "") -> str:
@@ -67,8 +100,9 @@ def data_rows(record: RunRecord) -> list[tuple[str, str]]:
     rows = [(label, fmt(stats[key], key)) for key, label in DATA_KEYS.items() if key in stats]
     lengths = stats.get("example_tokens")
     if isinstance(lengths, dict):
-        rows.append(("example tokens (median/p95/max)",
-                     " / ".join(fmt(lengths.get(k)) for k in ("median", "p95", "max"))))
+        rows.append(
+            ("example tokens (median/p95/max)", " / ".join(fmt(lengths.get(k)) for k in ("median", "p95", "max")))
+        )
     return rows
 
 
@@ -77,8 +111,11 @@ def schedule_rows(record: RunRecord) -> list[tuple[str, str]]:
 
 
 def fact_sections(record: RunRecord) -> list[tuple[str, list[tuple[str, str]]]]:
-    sections = [("Config", config_rows(record)), ("Data", data_rows(record)),
-                ("Batch and schedule", schedule_rows(record))]
+    sections = [
+        ("Config", config_rows(record)),
+        ("Data", data_rows(record)),
+        ("Batch and schedule", schedule_rows(record)),
+    ]
     sources = source_rows(record)
     return sections + [("Training sources", sources)] if sources else sections
 
@@ -99,8 +136,11 @@ def target_shares(record: RunRecord) -> dict[str, float] | None:
     """Each source's target share of trained tokens (run.json's `source_weights`, normalised); None
     when the sources were concatenated rather than mixed."""
     names, weights = source_names(record), record.run.get("source_weights")
-    if (not isinstance(weights, list) or len(weights) != len(names)
-            or not all(isinstance(weight, (int, float)) and weight > 0 for weight in weights)):
+    if (
+        not isinstance(weights, list)
+        or len(weights) != len(names)
+        or not all(isinstance(weight, (int, float)) and weight > 0 for weight in weights)
+    ):
         return None
     return {name: weight / sum(weights) for name, weight in zip(names, weights)}
 
@@ -163,10 +203,18 @@ def headline_rows(record: RunRecord) -> list[tuple[str, str]]:
     if accuracy is not None:
         eval_key = eval_loss_key(best[0] if best else "eval_loss").removesuffix("_loss")
         eval_accuracy = _last(record.eval_rows, f"{eval_key}_token_accuracy")
-        rows.append(("last token accuracy", f"train {accuracy:.1%}" + (
-            f" · {_words(eval_key)} {eval_accuracy:.1%}" if eval_accuracy is not None else "")))
-    per_device = [row["tokens_per_s_per_device"] for row in record.train_rows
-                  if isinstance(row.get("tokens_per_s_per_device"), (int, float))]
+        rows.append(
+            (
+                "last token accuracy",
+                f"train {accuracy:.1%}"
+                + (f" · {_words(eval_key)} {eval_accuracy:.1%}" if eval_accuracy is not None else ""),
+            )
+        )
+    per_device = [
+        row["tokens_per_s_per_device"]
+        for row in record.train_rows
+        if isinstance(row.get("tokens_per_s_per_device"), (int, float))
+    ]
     if per_device:
         rows.append(("tokens/s per device (median)", f"{statistics.median(per_device):,.0f}"))
     share = clipped_share(record)
@@ -182,8 +230,11 @@ def best_eval(record: RunRecord) -> tuple[str, int, float] | None:
     """(metric, step, value) of the best eval by the run's metric_for_best_model (default: the first eval loss)."""
     keys = eval_loss_keys(record.eval_rows)
     metric = record.run.get("metric_for_best_model") or (keys[0] if keys else None)
-    evals = [(row["step"], float(row[metric])) for row in record.eval_rows
-             if isinstance(row.get(metric), (int, float)) and math.isfinite(row[metric])]
+    evals = [
+        (row["step"], float(row[metric]))
+        for row in record.eval_rows
+        if isinstance(row.get(metric), (int, float)) and math.isfinite(row[metric])
+    ]
     if not evals:
         return None
     step, value = (max if greater_is_better(metric) else min)(evals, key=lambda pair: pair[1])
@@ -206,7 +257,9 @@ def checkpoint_rows(record: RunRecord) -> list[dict[str, str]]:
         marks = []
         if checkpoint.name == best_name:
             metric = record.run.get("metric_for_best_model") or "eval_loss"
-            marks.append(f"best {_words(metric)} {fmt(record.run.get('best_metric', record.run.get('best_eval_loss')))}")
+            marks.append(
+                f"best {_words(metric)} {fmt(record.run.get('best_metric', record.run.get('best_eval_loss')))}"
+            )
         if not checkpoint.complete:
             marks.append("incomplete: no manifest.json")
         rows.append({"name": checkpoint.name, "step": fmt(checkpoint.step), "note": "; ".join(marks)})

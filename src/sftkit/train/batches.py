@@ -59,16 +59,17 @@ class BatchPlan:
         if epoch not in self._epochs:
             self._epochs.clear()  # one epoch at a time: steps walk forward
             count = len(self.sequences)
-            self._epochs[epoch] = (np.random.default_rng(self.seed + epoch).permutation(count) if self.shuffle
-                                   else np.arange(count))
+            self._epochs[epoch] = (
+                np.random.default_rng(self.seed + epoch).permutation(count) if self.shuffle else np.arange(count)
+            )
         return self._epochs[epoch]
 
     def step_micro_batches(self, step: int) -> list[list[int]]:
         """All micro-batches of optimizer step `step` (0-based), across every process, in order."""
         epoch, index = divmod(step, self.steps_per_epoch)
         size, per_step = self.micro_batch_size, self.accumulation * self.world_size
-        order = self.epoch_order(epoch)[index * per_step * size:(index + 1) * per_step * size]
-        return [order[i:i + size].tolist() for i in range(0, len(order), size)]
+        order = self.epoch_order(epoch)[index * per_step * size : (index + 1) * per_step * size]
+        return [order[i : i + size].tolist() for i in range(0, len(order), size)]
 
     def epoch_of(self, step: int) -> float:
         return step / self.steps_per_epoch

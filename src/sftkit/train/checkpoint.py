@@ -86,10 +86,18 @@ def write_process_state(directory: Path, rank: int) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / f"rng_torch_{rank}.safetensors"))
 
 
-def write_main_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, trainer_state: dict[str, Any], finetuning: str,
-                     config_yaml: str, template: str, sharded: bool = False,
-                     data_state: tuple[dict, dict[str, torch.Tensor]] | None = None) -> None:
+def write_main_state(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    finetuning: str,
+    config_yaml: str,
+    template: str,
+    sharded: bool = False,
+    data_state: tuple[dict, dict[str, torch.Tensor]] | None = None,
+) -> None:
     """Everything but the RNG; weights and optimizer only when not sharded (FSDP/DeepSpeed write
     theirs through `accelerator.save_state` into `sharded_state/`)."""
     if not sharded:
@@ -114,8 +122,11 @@ def load_data_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
 
 def finalize(directory: Path, output_dir: Path, step: int) -> Path:
     """Write the manifest last, then rename the directory into place (atomic on one filesystem)."""
-    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(directory.rglob("*")) if p.is_file()}
+    files = {
+        str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
     (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
     final = output_dir / f"checkpoint-{step}"
     if final.exists():
@@ -131,7 +142,7 @@ def prune(output_dir: Path, limit: int | None, keep: set[Path]) -> list[Path]:
     existing = checkpoint_dirs(output_dir)
     removable = [p for p in existing if p.resolve() not in {k.resolve() for k in keep}]
     excess = len(existing) - limit
-    removed = removable[:max(0, excess)]
+    removed = removable[: max(0, excess)]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
@@ -154,7 +165,9 @@ def validate(path: Path, fingerprint: dict[str, Any], world_size: int) -> dict[s
         if not file.is_file():
             raise CheckpointError(f"{file}: missing (the manifest lists it)")
         if file.stat().st_size != meta["size"]:
-            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, expected {meta['size']}; the file is truncated or was changed")
+            raise CheckpointError(
+                f"{file}: {file.stat().st_size} bytes, expected {meta['size']}; the file is truncated or was changed"
+            )
         if _sha256(file) != meta["sha256"]:
             raise CheckpointError(f"{file}: content does not match its SHA-256 in the manifest; the file is damaged")
     sharded = any(name.startswith("sharded_state/") for name in manifest["files"])
@@ -163,20 +176,29 @@ def validate(path: Path, fingerprint: dict[str, Any], world_size: int) -> dict[s
             raise CheckpointError(f"{path / name}: missing from the checkpoint")
     for rank in range(world_size):
         if f"rng_state_{rank}.json" not in manifest["files"]:
-            raise CheckpointError(f"{path / f'rng_state_{rank}.json'}: missing; the checkpoint was written by "
-                                  f"a run with fewer processes than {world_size}")
+            raise CheckpointError(
+                f"{path / f'rng_state_{rank}.json'}: missing; the checkpoint was written by "
+                f"a run with fewer processes than {world_size}"
+            )
     state = json.loads((path / "trainer_state.json").read_text())
     previous = state.get("fingerprint", {})
-    changed = [f"{key}: checkpoint has {previous.get(key)!r}, this run has {value!r}"
-               for key, value in fingerprint.items() if previous.get(key) != value]
+    changed = [
+        f"{key}: checkpoint has {previous.get(key)!r}, this run has {value!r}"
+        for key, value in fingerprint.items()
+        if previous.get(key) != value
+    ]
     if changed:
-        raise CheckpointError(f"{path / 'trainer_state.json'}: the checkpoint is from a different run ("
-                              + "; ".join(changed) + "); resume with the same settings or start a new output_dir")
+        raise CheckpointError(
+            f"{path / 'trainer_state.json'}: the checkpoint is from a different run ("
+            + "; ".join(changed)
+            + "); resume with the same settings or start a new output_dir"
+        )
     return state
 
 
-def find_resume_checkpoint(output_dir: Path, setting: bool | str, fingerprint: dict[str, Any],
-                           world_size: int, warn: Any = print) -> tuple[Path, dict[str, Any]] | None:
+def find_resume_checkpoint(
+    output_dir: Path, setting: bool | str, fingerprint: dict[str, Any], world_size: int, warn: Any = print
+) -> tuple[Path, dict[str, Any]] | None:
     """`true`: the newest checkpoint, refused if damaged; `latest`: the newest intact one; a path: that one."""
     if isinstance(setting, str) and setting not in ("latest", "true"):
         path = Path(setting)
@@ -196,8 +218,10 @@ def find_resume_checkpoint(output_dir: Path, setting: bool | str, fingerprint: d
     try:
         return candidates[-1], validate(candidates[-1], fingerprint, world_size)
     except CheckpointError as err:
-        raise CheckpointError(f"{err}. Set `resume_from_checkpoint: latest` to fall back to the newest intact "
-                              "checkpoint, or delete this one") from None
+        raise CheckpointError(
+            f"{err}. Set `resume_from_checkpoint: latest` to fall back to the newest intact "
+            "checkpoint, or delete this one"
+        ) from None
 
 
 def load_weights(model: torch.nn.Module, path: Path, finetuning: str) -> None:
@@ -211,11 +235,20 @@ def load_weights(model: torch.nn.Module, path: Path, finetuning: str) -> None:
         result = set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
-            raise CheckpointError(f"{path / 'adapter_model.safetensors'}: does not fit this model ({unexpected[:3]} ...)")
+            raise CheckpointError(
+                f"{path / 'adapter_model.safetensors'}: does not fit this model ({unexpected[:3]} ...)"
+            )
 
 
-def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               finetuning: str, rank: int, accelerator: Any = None) -> None:
+def load_state(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    finetuning: str,
+    rank: int,
+    accelerator: Any = None,
+) -> None:
     """Restore weights, optimizer, scheduler and this process's RNG from a validated checkpoint."""
     if (path / "sharded_state").is_dir():
         accelerator.load_state(str(path / "sharded_state"))
@@ -232,9 +265,18 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     restore_rng(plain, tensors)
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, model: torch.nn.Module,
-                    optimizer: Any, scheduler: Any, trainer_state: dict[str, Any], config: Any,
-                    template: str, data_state: tuple[dict, dict[str, torch.Tensor]] | None = None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    config: Any,
+    template: str,
+    data_state: tuple[dict, dict[str, torch.Tensor]] | None = None,
+) -> Path:
     """Every process writes its RNG state, the main process the rest; then one atomic rename."""
     import yaml
 
@@ -250,9 +292,18 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, model
         if is_sharded(accelerator):  # FSDP/DeepSpeed: every process writes its shard
             accelerator.save_state(str(temp / "sharded_state"))
         if accelerator.is_main_process:
-            write_main_state(temp, model, optimizer, scheduler, trainer_state, config.finetuning,
-                                  yaml.safe_dump(redacted(config), sort_keys=False), template,
-                                  sharded=is_sharded(accelerator), data_state=data_state)
+            write_main_state(
+                temp,
+                model,
+                optimizer,
+                scheduler,
+                trainer_state,
+                config.finetuning,
+                yaml.safe_dump(redacted(config), sort_keys=False),
+                template,
+                sharded=is_sharded(accelerator),
+                data_state=data_state,
+            )
         accelerator.wait_for_everyone()
         final = finalize(temp, output_dir, step) if accelerator.is_main_process else output_dir / f"checkpoint-{step}"
         accelerator.wait_for_everyone()
@@ -263,4 +314,5 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, model
         raise CheckpointWriteError(
             f"could not write checkpoint-{step} in {output_dir}: {err.strerror or err}. "
             f"Earlier checkpoints are intact ({', '.join(previous) or 'none yet'}); free disk space or fix "
-            "permissions, then resume with `--resume_from_checkpoint true`") from None
+            "permissions, then resume with `--resume_from_checkpoint true`"
+        ) from None

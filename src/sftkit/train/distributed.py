@@ -21,8 +21,11 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 def fsdp_requested_on_cpu() -> bool:
     """`accelerate launch` with an FSDP config, several processes and no CUDA."""
-    return (not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-            and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    return (
+        not torch.cuda.is_available()
+        and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    )
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:

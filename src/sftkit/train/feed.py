@@ -55,8 +55,10 @@ class Step:
 def _mine(group: list, rank: int, world: int, read: Callable[[Any], list[list[Example]]]) -> list:
     """This process's share of a step's micro-batches, read; an empty slot becomes the first
     micro-batch, not counted, so every process runs the same number of backward passes."""
-    return [(read(micro), True) if micro is not None else (read(group[0]), False)
-            for micro in rank_share(group, rank, world)]
+    return [
+        (read(micro), True) if micro is not None else (read(group[0]), False)
+        for micro in rank_share(group, rank, world)
+    ]
 
 
 class Feed(Protocol):
@@ -87,12 +89,17 @@ class PlannedFeed:
         group = self.plan.step_micro_batches(index)
         ids = self.sequences.examples_of([s for micro in group for s in micro])
         examples = self.examples
-        return Step(micro_batches=_mine(group, self.rank, self.plan.world_size,
-                                        lambda micro: examples.read(self.sequences, micro)),
-                    trained=int(examples.trained[ids].sum()), tokens=int(examples.lengths[ids].sum()),
-                    source_trained=np.bincount(examples.sources[ids], weights=examples.trained[ids],
-                                               minlength=len(self.sources)).astype(np.int64),
-                    rows=sorted((examples.source_rows[ids] + 1).tolist()))
+        return Step(
+            micro_batches=_mine(
+                group, self.rank, self.plan.world_size, lambda micro: examples.read(self.sequences, micro)
+            ),
+            trained=int(examples.trained[ids].sum()),
+            tokens=int(examples.lengths[ids].sum()),
+            source_trained=np.bincount(
+                examples.sources[ids], weights=examples.trained[ids], minlength=len(self.sources)
+            ).astype(np.int64),
+            rows=sorted((examples.source_rows[ids] + 1).tolist()),
+        )
 
     def epoch_of(self, step: int) -> float:
         return self.plan.epoch_of(step)
@@ -160,14 +167,17 @@ class OnlineFeed:
         taken, self.queue = self.queue[:needed], self.queue[needed:]
         self.next_step += 1
         size = options.micro_batch_size
-        group = [taken[i:i + size] for i in range(0, len(taken), size)]
+        group = [taken[i : i + size] for i in range(0, len(taken), size)]
         examples = [example for sequence in taken for example in sequence]
         trained = np.array([example["trained"] for example in examples], np.int64)
         sources = np.array([example["source"] for example in examples], np.int64)
-        return Step(micro_batches=_mine(group, options.rank, options.world_size, lambda micro: micro),
-                    trained=int(trained.sum()), tokens=sum(len(example["input_ids"]) for example in examples),
-                    source_trained=np.bincount(sources, weights=trained, minlength=len(self.sources)).astype(np.int64),
-                    rows=sorted(example["source_row"] + 1 for example in examples))
+        return Step(
+            micro_batches=_mine(group, options.rank, options.world_size, lambda micro: micro),
+            trained=int(trained.sum()),
+            tokens=sum(len(example["input_ids"]) for example in examples),
+            source_trained=np.bincount(sources, weights=trained, minlength=len(self.sources)).astype(np.int64),
+            rows=sorted(example["source_row"] + 1 for example in examples),
+        )
 
     def prime(self) -> None:
         """Fill the queue now (the first buffer), e.g. to report on the examples before training."""
@@ -183,13 +193,17 @@ class OnlineFeed:
             example = source.next()
             if example is None:
                 if self.options.on_exhausted == "stop":
-                    self.tell(f"{source.name} ran out after {source.passes + 1} pass(es); the run stops when the "
-                              "examples already read are trained on (on_exhausted: stop)")
+                    self.tell(
+                        f"{source.name} ran out after {source.passes + 1} pass(es); the run stops when the "
+                        "examples already read are trained on (on_exhausted: stop)"
+                    )
                     self.ended = True
                     break
                 if not source.given:  # a whole pass without an example: repeating would loop forever
-                    raise DataError(f"{source.name}: no example to train on (every row was dropped); check the data "
-                                    "and max_seq_length")
+                    raise DataError(
+                        f"{source.name}: no example to train on (every row was dropped); check the data "
+                        "and max_seq_length"
+                    )
                 source.restart()
                 self.tell(f"{source.name} ran out; reading it again, pass {source.passes + 1} (on_exhausted: repeat)")
                 continue
@@ -228,10 +242,15 @@ class OnlineFeed:
 
     def _capture(self) -> dict:
         """The state by reference (examples are never changed once made): cheap enough for every step."""
-        return {"sources": [source.state() for source in self.sources_in], "queue": list(self.queue),
-                "mixer": self.mixer.state_dict(), "emitted": list(self.emitted), "refills": self.refills,
-                "ended": self.ended,
-                "next_step": self.next_step}
+        return {
+            "sources": [source.state() for source in self.sources_in],
+            "queue": list(self.queue),
+            "mixer": self.mixer.state_dict(),
+            "emitted": list(self.emitted),
+            "refills": self.refills,
+            "ended": self.ended,
+            "next_step": self.next_step,
+        }
 
     def _serialise(self, captured: dict) -> tuple[dict, dict[str, torch.Tensor]]:
         """(JSON-able positions, tensors of every example held: the queue and the sources' read-ahead)."""
@@ -248,8 +267,10 @@ class OnlineFeed:
 
     def load_state(self, saved: tuple[dict, dict[str, torch.Tensor]] | None) -> None:
         if saved is None:
-            raise DataError("the checkpoint holds no data position (it was written by a run that did not stream or "
-                            "mix its data); resume with the same data settings, or start a new output_dir")
+            raise DataError(
+                "the checkpoint holds no data position (it was written by a run that did not stream or "
+                "mix its data); resume with the same data settings, or start a new output_dir"
+            )
         state, tensors = saved
         if state["names"] != self.sources:
             raise DataError(f"the checkpoint's data sources {state['names']} are not this run's {self.sources}")
@@ -300,11 +321,13 @@ def examples_to_tensors(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
     """Examples as flat int64 tensors plus lengths: safetensors holds them exactly, without pickle."""
     lengths = [len(example["input_ids"]) for example in examples]
     flat = lambda key: [value for example in examples for value in example[key]]  # noqa: E731
-    return {"input_ids": torch.tensor(flat("input_ids"), dtype=torch.int64),
-            "labels": torch.tensor(flat("labels"), dtype=torch.int64),
-            "lengths": torch.tensor(lengths, dtype=torch.int64),
-            "source": torch.tensor([example["source"] for example in examples], dtype=torch.int64),
-            "source_row": torch.tensor([example["source_row"] for example in examples], dtype=torch.int64)}
+    return {
+        "input_ids": torch.tensor(flat("input_ids"), dtype=torch.int64),
+        "labels": torch.tensor(flat("labels"), dtype=torch.int64),
+        "lengths": torch.tensor(lengths, dtype=torch.int64),
+        "source": torch.tensor([example["source"] for example in examples], dtype=torch.int64),
+        "source_row": torch.tensor([example["source_row"] for example in examples], dtype=torch.int64),
+    }
 
 
 def examples_from_tensors(tensors: dict[str, torch.Tensor]) -> list[Example]:
@@ -313,5 +336,7 @@ def examples_from_tensors(tensors: dict[str, torch.Tensor]) -> list[Example]:
     ends = tensors["lengths"].cumsum(0).tolist()
     starts = [0, *ends[:-1]]
     ids, labels = tensors["input_ids"].tolist(), tensors["labels"].tolist()
-    return [make_example(ids[s:e], labels[s:e], int(source), int(row))
-            for s, e, source, row in zip(starts, ends, tensors["source"].tolist(), tensors["source_row"].tolist())]
+    return [
+        make_example(ids[s:e], labels[s:e], int(source), int(row))
+        for s, e, source, row in zip(starts, ends, tensors["source"].tolist(), tensors["source_row"].tolist())
+    ]

@@ -41,7 +41,9 @@ def chunked_loss_is_exact(model: nn.Module) -> bool:
     linear = head.token_adapter.base_layer if hasattr(head, "token_adapter") else head
     config = lm.config
     return (
-        type(linear) is nn.Linear and linear.bias is None and hasattr(lm, lm.base_model_prefix)
+        type(linear) is nn.Linear
+        and linear.bias is None
+        and hasattr(lm, lm.base_model_prefix)
         and not any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
     )
 
@@ -56,8 +58,9 @@ class CausalLMLoss(nn.Module):
     every caller that wants the loss alone stays a plain `loss = loss_model(**batch)`.
     """
 
-    def __init__(self, model: nn.Module, attn_implementation: str, chunked: bool, chunk_size: int = 1024,
-                 sources: int = 1):
+    def __init__(
+        self, model: nn.Module, attn_implementation: str, chunked: bool, chunk_size: int = 1024, sources: int = 1
+    ):
         super().__init__()
         self.model = model
         self.attn_implementation = attn_implementation
@@ -80,15 +83,25 @@ class CausalLMLoss(nn.Module):
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         return {"attention_mask": mask}
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor,
-                segment_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                target_sources: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        position_ids: torch.Tensor,
+        segment_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        target_sources: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Summed cross-entropy over the trained targets of the batch (a 0-d fp32 tensor).
 
         `target_sources` (batch, seq): the source index of each target, -1 where none (see `collate`).
         """
-        inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False,
-                  **self.attention_inputs(segment_ids, cu_seqlens)}
+        inputs = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "use_cache": False,
+            **self.attention_inputs(segment_ids, cu_seqlens),
+        }
         if not self.chunked:
             logits = self.model(**inputs).logits  # (batch, seq, vocab)
             self.correct = correct_predictions(logits, targets)
@@ -98,6 +111,7 @@ class CausalLMLoss(nn.Module):
             lm = causal_lm(self.model)
             hidden = getattr(lm, lm.base_model_prefix)(**inputs).last_hidden_state  # (batch, seq, hidden)
             loss, self.correct, token_losses = chunked_cross_entropy(
-                hidden, head_weight(lm.get_output_embeddings()), targets, self.chunk_size)
+                hidden, head_weight(lm.get_output_embeddings()), targets, self.chunk_size
+            )
         self.source_loss = None if target_sources is None else sum_by_source(token_losses, target_sources, self.sources)
         return loss

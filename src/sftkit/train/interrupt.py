@@ -42,7 +42,8 @@ class StopRequests:
             self._previous = signal.signal(signal.SIGINT, self._mark)
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         if self.lockstep:
             signal.signal(signal.SIGINT, self._previous)

@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from sftkit.config import ConfigError, SFTConfig
 from sftkit.train.errors import TrainingError
@@ -36,8 +36,10 @@ def launch(config: SFTConfig, nproc_per_node: int, train: Callable[[SFTConfig], 
         train(config)
         return
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("--nproc_per_node: this process was already started by a launcher (torchrun or "
-                          "accelerate launch); use one or the other")
+        raise ConfigError(
+            "--nproc_per_node: this process was already started by a launcher (torchrun or "
+            "accelerate launch); use one or the other"
+        )
     # A CUDA check before the fork asks NVML, which leaves no CUDA state for the forked processes to trip on.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     import torch
@@ -46,16 +48,26 @@ def launch(config: SFTConfig, nproc_per_node: int, train: Callable[[SFTConfig], 
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if torch.cuda.is_initialized():
-        raise TrainingError("--nproc_per_node: CUDA was initialised before the processes were forked, and a forked "
-                            "process cannot use it; launch with torchrun instead")
+        raise TrainingError(
+            "--nproc_per_node: CUDA was initialised before the processes were forked, and a forked "
+            "process cannot use it; launch with torchrun instead"
+        )
 
     for shared in ("datasets", "transformers.modeling_utils", "sftkit.train.loop"):  # what every process imports
         importlib.import_module(shared)
     gc.freeze()
     # As `torchrun --standalone`: one node, a rendezvous on a free local port, no restarts.
-    launch_config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc_per_node, run_id=str(uuid.uuid4()),
-                                 rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                                 monitor_interval=0.1, start_method="fork")
+    launch_config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc_per_node,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="fork",
+    )
     agent_log = logging.getLogger("torch.distributed.elastic")
     level = agent_log.level
     agent_log.setLevel(logging.CRITICAL)  # a failure is reported below, once
@@ -64,11 +76,14 @@ def launch(config: SFTConfig, nproc_per_node: int, train: Callable[[SFTConfig], 
     except ChildFailedError as err:
         rank, failure = min(err.failures.items())
         crash = _traceback(failure.message) if failure.exitcode != 2 else ""
-        raise TrainingError(f"training process {rank} stopped (exit code {failure.exitcode})"
-                            + (f":\n{crash}" if crash else "; its error is printed above")) from None
+        raise TrainingError(
+            f"training process {rank} stopped (exit code {failure.exitcode})"
+            + (f":\n{crash}" if crash else "; its error is printed above")
+        ) from None
     except SignalException as err:  # Ctrl-C or a kill: the agent passed it on to the processes, as torchrun does
-        raise TrainingError(f"stopped by {err.sigval.name}; resume from the newest checkpoint with "
-                            "`--resume_from_checkpoint true`") from None
+        raise TrainingError(
+            f"stopped by {err.sigval.name}; resume from the newest checkpoint with `--resume_from_checkpoint true`"
+        ) from None
     finally:
         agent_log.setLevel(level)
 

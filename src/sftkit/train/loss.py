@@ -36,14 +36,16 @@ from sftkit.data.template import IGNORE_INDEX
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum of token losses; logits (..., vocab) upcast to fp32 like the reference implementations."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(tokens,) fp32 loss of each position, 0 where the target is ignored; its sum is `cross_entropy_sum`."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="none")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
 
 
 def sum_by_source(token_losses: torch.Tensor, target_sources: torch.Tensor, sources: int) -> torch.Tensor:
@@ -55,7 +57,8 @@ def sum_by_source(token_losses: torch.Tensor, target_sources: torch.Tensor, sour
     positions = target_sources.reshape(-1)
     counted = positions >= 0
     return torch.zeros(sources, dtype=torch.float32, device=token_losses.device).index_add_(
-        0, positions[counted], token_losses.detach().float()[counted])
+        0, positions[counted], token_losses.detach().float()[counted]
+    )
 
 
 def correct_predictions(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -71,8 +74,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                with_grad: bool):
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int, with_grad: bool
+    ):
         # hidden (tokens, hidden), weight (vocab, hidden), targets (tokens,)
         # `needs_input_grad` is also True under torch.no_grad(), hence the explicit `with_grad`.
         need_hidden = with_grad and ctx.needs_input_grad[0]
@@ -89,8 +93,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, trained.shape[0], chunk_size):
             chunk = slice(start, start + chunk_size)
             # A function call per chunk, so the chunk's (chunk, vocab) buffer is freed before the next is made.
-            losses, right = _chunk_loss_and_grads(trained_hidden[chunk], weight, trained_targets[chunk], trained[chunk],
-                                                  grad_hidden, grad_weight)
+            losses, right = _chunk_loss_and_grads(
+                trained_hidden[chunk], weight, trained_targets[chunk], trained[chunk], grad_hidden, grad_weight
+            )
             total += losses.sum()
             correct += right
             token_losses[trained[chunk]] = losses
@@ -100,8 +105,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return total, correct, token_losses
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor, _grad_correct: torch.Tensor | None,
-                 _grad_token_losses: torch.Tensor | None):
+    def backward(
+        ctx, grad_output: torch.Tensor, _grad_correct: torch.Tensor | None, _grad_token_losses: torch.Tensor | None
+    ):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
@@ -110,9 +116,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-def _chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
-                          grad_hidden: torch.Tensor | None,
-                          grad_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_loss_and_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    rows: torch.Tensor,
+    grad_hidden: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of each of one chunk's trained tokens (chunk,) and their argmax hits; adds the chunk's
     gradients into grad_hidden[rows] and grad_weight.
 
@@ -139,8 +150,9 @@ def _chunk_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return losses, correct
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (batch, seq, hidden), weight (vocab, hidden), targets (batch, seq) → (summed CE, argmax hits,
     (batch × seq,) loss of each position).
 
@@ -149,11 +161,13 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     without the (batch × seq, vocab) logits.
     Gradients are computed during forward, so call it once per backward.
     """
-    return ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                     chunk_size, torch.is_grad_enabled())
+    return ChunkedCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_size, torch.is_grad_enabled()
+    )
 
 
-def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              chunk_size: int = 1024) -> torch.Tensor:
+def chunked_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
     """The summed CE of `chunked_cross_entropy` alone."""
     return chunked_cross_entropy(hidden, weight, targets, chunk_size)[0]

@@ -70,8 +70,9 @@ def empty_window() -> dict[str, float]:
     return {"loss_sum": 0.0, "trained": 0, "correct": 0, "tokens": 0, "steps": 0, "clipped": 0, "time": time.time()}
 
 
-def accumulate(window: dict[str, float], loss_sum: float, trained: int, tokens: int, correct: int,
-               clipped: bool) -> None:
+def accumulate(
+    window: dict[str, float], loss_sum: float, trained: int, tokens: int, correct: int, clipped: bool
+) -> None:
     """Add one optimizer step: its summed loss and argmax hits over `trained` targets, and whether
     `max_grad_norm` scaled its gradients down."""
     window["loss_sum"] += loss_sum
@@ -97,20 +98,33 @@ def source_figures(window: dict[str, Any], names: list[str]) -> dict[str, dict[s
     """
     trained = window.get("source_trained") or [0] * len(names)
     losses = window.get("source_loss_sum") or [0.0] * len(names)
-    return {"source_trained_tokens": {name: int(count) for name, count in zip(names, trained)},
-            "source_loss": {name: loss / count for name, loss, count in zip(names, losses, trained) if count}}
+    return {
+        "source_trained_tokens": {name: int(count) for name, count in zip(names, trained)},
+        "source_loss": {name: loss / count for name, loss, count in zip(names, losses, trained) if count},
+    }
 
 
-def window_row(window: dict[str, float], step: int, epoch: float, lr: float, grad_norm: float,
-               elapsed: float, devices: int) -> dict[str, Any]:
+def window_row(
+    window: dict[str, float], step: int, epoch: float, lr: float, grad_norm: float, elapsed: float, devices: int
+) -> dict[str, Any]:
     """One metrics row. Loss and token accuracy are means over the window's trained tokens (not means
     of per-step means), so they do not depend on how the steps' tokens are split into micro-batches."""
     seconds = max(time.time() - window["time"], 1e-9)
     trained, steps = max(window["trained"], 1), max(window["steps"], 1)
-    return {"step": step, "epoch": round(epoch, 4), "loss": window["loss_sum"] / trained,
-            "token_accuracy": window["correct"] / trained, "lr": lr, "grad_norm": grad_norm,
-            "clipped_steps": window["clipped"], "clipped_fraction": window["clipped"] / steps,
-            "trained_tokens": window["trained"], "tokens": window["tokens"],
-            "trained_tokens_per_s": window["trained"] / seconds, "tokens_per_s": window["tokens"] / seconds,
-            "tokens_per_s_per_device": window["tokens"] / seconds / devices,
-            "elapsed_s": round(elapsed, 2), "memory_gb": round(memory_gb(), 3)}
+    return {
+        "step": step,
+        "epoch": round(epoch, 4),
+        "loss": window["loss_sum"] / trained,
+        "token_accuracy": window["correct"] / trained,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "clipped_steps": window["clipped"],
+        "clipped_fraction": window["clipped"] / steps,
+        "trained_tokens": window["trained"],
+        "tokens": window["tokens"],
+        "trained_tokens_per_s": window["trained"] / seconds,
+        "tokens_per_s": window["tokens"] / seconds,
+        "tokens_per_s_per_device": window["tokens"] / seconds / devices,
+        "elapsed_s": round(elapsed, 2),
+        "memory_gb": round(memory_gb(), 3),
+    }

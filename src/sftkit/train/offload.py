@@ -21,14 +21,17 @@ says so once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-MESSAGE_WITHOUT_CUDA = ("activation_offloading: no CUDA device, so activations are in host memory already; "
-                        "the setting has no effect on this machine")
+MESSAGE_WITHOUT_CUDA = (
+    "activation_offloading: no CUDA device, so activations are in host memory already; "
+    "the setting has no effect on this machine"
+)
 _told = False
 
 
@@ -41,8 +44,12 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(self.pack, self.unpack)
 
     def pack(self, tensor: torch.Tensor) -> Any:
-        if (not tensor.is_cuda or not tensor.is_contiguous() or _is_parameter(tensor)
-                or tensor.numel() * tensor.element_size() < self.min_bytes):
+        if (
+            not tensor.is_cuda
+            or not tensor.is_contiguous()
+            or _is_parameter(tensor)
+            or tensor.numel() * tensor.element_size() < self.min_bytes
+        ):
             return tensor
         compute = torch.cuda.current_stream()
         self.stream.wait_stream(compute)  # the tensor is fully written before it is copied
@@ -62,7 +69,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
 
 
 class _Offloaded:
-    __slots__ = ("host", "device", "copied")
+    __slots__ = ("copied", "device", "host")
 
     def __init__(self, host: torch.Tensor, device: torch.device, copied: Any) -> None:
         self.host, self.device, self.copied = host, device, copied

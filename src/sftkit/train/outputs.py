@@ -22,15 +22,23 @@ RUN_FILES = ("metrics.jsonl", "samples.jsonl", "diagnosis.jsonl", "run.json", "d
 def prepare_output_dir(output_dir: Path, config: SFTConfig) -> None:
     """Refuse to mix two runs in one directory unless the user resumes or overwrites."""
     holds_run = any((output_dir / name).exists() for name in ("run.json", "metrics.jsonl")) or any(
-        output_dir.glob("checkpoint-*"))
+        output_dir.glob("checkpoint-*")
+    )
     if holds_run and not config.resume_from_checkpoint:
         if not config.overwrite_output_dir:
-            raise ModelError(f"output_dir {output_dir} already holds a run; set `resume_from_checkpoint: true` to "
-                             "continue it, `overwrite_output_dir: true` to replace it, or choose another output_dir")
+            raise ModelError(
+                f"output_dir {output_dir} already holds a run; set `resume_from_checkpoint: true` to "
+                "continue it, `overwrite_output_dir: true` to replace it, or choose another output_dir"
+            )
         for name in RUN_FILES:
             (output_dir / name).unlink(missing_ok=True)
-        for path in [*output_dir.glob("checkpoint-*"), *output_dir.glob(".tmp-checkpoint-*"),
-                     output_dir / "adapter", output_dir / "model", output_dir / "tensorboard"]:
+        for path in [
+            *output_dir.glob("checkpoint-*"),
+            *output_dir.glob(".tmp-checkpoint-*"),
+            output_dir / "adapter",
+            output_dir / "model",
+            output_dir / "tensorboard",
+        ]:
             shutil.rmtree(path, ignore_errors=True)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -38,12 +46,19 @@ def prepare_output_dir(output_dir: Path, config: SFTConfig) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise ModelError(f"output_dir {output_dir}: cannot write there ({err.strerror}); choose a writable directory") from None
+        raise ModelError(
+            f"output_dir {output_dir}: cannot write there ({err.strerror}); choose a writable directory"
+        ) from None
 
 
-def save_final(model: torch.nn.Module, tokenizer: Any, template: str, final_dir: Path,
-               state_dict: dict[str, torch.Tensor] | None = None,
-               initial_adapter: dict[str, torch.Tensor] | None = None) -> None:
+def save_final(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    template: str,
+    final_dir: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    initial_adapter: dict[str, torch.Tensor] | None = None,
+) -> None:
     """The final weights with the tokenizer whose chat template is the one trained with; an adapter is
     written against the original base even when its init changed the base (see `save_adapter`)."""
     if final_dir.exists():
@@ -64,7 +79,9 @@ def write_run_info(output_dir: Path, info: dict[str, Any], main: bool) -> None:
         temp.replace(output_dir / "run.json")
 
 
-def log_samples(output_dir: Path, writer: MetricsWriter | None, step: int, samples: list[dict], console: Console) -> None:
+def log_samples(
+    output_dir: Path, writer: MetricsWriter | None, step: int, samples: list[dict], console: Console
+) -> None:
     with (output_dir / "samples.jsonl").open("a", encoding="utf-8") as handle:
         for sample in samples:
             handle.write(json.dumps({"step": step, **sample}) + "\n")
@@ -73,5 +90,8 @@ def log_samples(output_dir: Path, writer: MetricsWriter | None, step: int, sampl
         writer.text("samples", text, step)
     first = samples[0] if samples else None
     if first:
-        console.print(f"[dim]sample @ {step}:[/dim] {escape(repr(first['prompt'][:60]))} → "
-                      f"{escape(repr(first['completion'][:120]))}", highlight=False)
+        console.print(
+            f"[dim]sample @ {step}:[/dim] {escape(repr(first['prompt'][:60]))} → "
+            f"{escape(repr(first['completion'][:120]))}",
+            highlight=False,
+        )

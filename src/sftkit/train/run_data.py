@@ -1,8 +1,8 @@
 """The data side of a run, set up from the config: eval sets, and the feed the loop draws steps from.
 
-    concatenated sources           → PlannedFeed (tokenized up front; order = f(seed, step))
-    weighted sources (a mixture)   → OnlineFeed over the tokenized Arrow sources
-    streaming: true                → OnlineFeed over streams, tokenized on the fly (only eval sets up front)
+concatenated sources           → PlannedFeed (tokenized up front; order = f(seed, step))
+weighted sources (a mixture)   → OnlineFeed over the tokenized Arrow sources
+streaming: true                → OnlineFeed over streams, tokenized on the fly (only eval sets up front)
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def exchange_for(world: int) -> Exchange:
     return exchange
 
 
-def load_run_data(config: SFTConfig, tokenizer: Any, template: str, accelerator: Any,
-                  tell: Callable[[str], None]) -> RunData:
+def load_run_data(
+    config: SFTConfig, tokenizer: Any, template: str, accelerator: Any, tell: Callable[[str], None]
+) -> RunData:
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     data_options = DataOptions.from_config(config, template)
     with accelerator.main_process_first():  # tokenize once; the other processes read the cache
@@ -69,16 +70,29 @@ def load_run_data(config: SFTConfig, tokenizer: Any, template: str, accelerator:
     if not config.streaming and not config.is_mixture:
         examples = TrainingExamples.from_dataset(prepared.train.dataset, paths)
         sequences = examples.sequences(config.max_seq_length, config.packing, progress=main)
-        plan = BatchPlan(sequences, config.per_device_train_batch_size, config.gradient_accumulation_steps, world,
-                         config.seed)
-        return RunData(PlannedFeed(examples, sequences, plan, rank, names), prepared,
-                       plan.total_steps(config.num_train_epochs, config.max_steps), plan.steps_per_epoch, len(sequences),
-                       {})
+        plan = BatchPlan(
+            sequences, config.per_device_train_batch_size, config.gradient_accumulation_steps, world, config.seed
+        )
+        return RunData(
+            PlannedFeed(examples, sequences, plan, rank, names),
+            prepared,
+            plan.total_steps(config.num_train_epochs, config.max_steps),
+            plan.steps_per_epoch,
+            len(sequences),
+            {},
+        )
     options = OnlineOptions(
-        capacity=config.max_seq_length, packing=config.packing, buffer=config.packing_buffer,
-        micro_batch_size=config.per_device_train_batch_size, accumulation=config.gradient_accumulation_steps,
-        world_size=world, rank=rank, seed=config.seed, on_exhausted=config.on_exhausted,
-        weights=tuple(spec.weight for spec in config.datasets) if config.is_mixture else None)
+        capacity=config.max_seq_length,
+        packing=config.packing,
+        buffer=config.packing_buffer,
+        micro_batch_size=config.per_device_train_batch_size,
+        accumulation=config.gradient_accumulation_steps,
+        world_size=world,
+        rank=rank,
+        seed=config.seed,
+        on_exhausted=config.on_exhausted,
+        weights=tuple(spec.weight for spec in config.datasets) if config.is_mixture else None,
+    )
     if config.streaming:
         from sftkit.data.stream import SourceStream
 
@@ -89,12 +103,23 @@ def load_run_data(config: SFTConfig, tokenizer: Any, template: str, accelerator:
         for index, (spec, name) in enumerate(zip(config.datasets, names)):
             stream = SourceStream(spec, name, config.system_prompt, config.skip_bad_rows)
             require_chat_template(template, stream.format, spec.path, tokenizer)
-            sources.append(StreamSource(stream, index, RowTokenizer(tokenizer, data_options.tokenize, spec.path),
-                                        exchange_for(world), rank, world, workers))
+            sources.append(
+                StreamSource(
+                    stream,
+                    index,
+                    RowTokenizer(tokenizer, data_options.tokenize, spec.path),
+                    exchange_for(world),
+                    rank,
+                    world,
+                    workers,
+                )
+            )
     else:
         examples = TrainingExamples.from_dataset(prepared.train.dataset, paths)
-        sources = [ArrowSource(examples, np.flatnonzero(examples.sources == index), index, name, config.seed)
-                   for index, name in enumerate(names)]
+        sources = [
+            ArrowSource(examples, np.flatnonzero(examples.sources == index), index, name, config.seed)
+            for index, name in enumerate(names)
+        ]
     return RunData(OnlineFeed(sources, options, tell), prepared, config.max_steps, None, None, config.mixture_weights)
 
 
@@ -106,6 +131,13 @@ def sampled_stats(feed: OnlineFeed, batch_size: int) -> dict[str, Any]:
     total = int(lengths.sum())
     sequence_lengths = [sum(len(example["input_ids"]) for example in sequence) for sequence in feed.queue]
     efficiency = padding_efficiency(sequence_lengths, batch_size)  # micro-batches in the queue's order
-    return {"streaming": True, "sampled_examples": len(lengths),
-            "total_tokens": total, "trained_tokens": trained, "trained_token_fraction": trained / total if total else 0.0,
-            "packed_sequences": len(feed.queue), "packing_efficiency": efficiency, "packing_waste": 1 - efficiency}
+    return {
+        "streaming": True,
+        "sampled_examples": len(lengths),
+        "total_tokens": total,
+        "trained_tokens": trained,
+        "trained_token_fraction": trained / total if total else 0.0,
+        "packed_sequences": len(feed.queue),
+        "packing_efficiency": efficiency,
+        "packing_waste": 1 - efficiency,
+    }

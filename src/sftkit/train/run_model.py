@@ -1,7 +1,7 @@
 """The model side of a run, set up from the config: base weights, adapters and what rides on them.
 
-    load (dtype, attention, 4-bit for QLoRA) → adapters (LoRA variant, trainable token rows)
-      → NEFTune noise → compiled decoder layers → which loss path is exact
+load (dtype, attention, 4-bit for QLoRA) → adapters (LoRA variant, trainable token rows)
+  → NEFTune noise → compiled decoder layers → which loss path is exact
 """
 
 from __future__ import annotations
@@ -32,19 +32,37 @@ class RunModel:
 
 
 def load_run_model(config: SFTConfig, tokenizer: Any, template: str) -> RunModel:
-    model = load_model(config.model_source, resolve_dtype(config.torch_dtype, config.bf16, config.fp16),
-                       config.attn_implementation, config.trust_remote_code,
-                       quantization_config() if config.finetuning == "qlora" else None, vocab_size=len(tokenizer))
-    variant = LoraVariant(config.use_dora, config.use_rslora, tuple(config.lora_modules_to_save or ()),
-                          config.init_lora_weights)
+    model = load_model(
+        config.model_source,
+        resolve_dtype(config.torch_dtype, config.bf16, config.fp16),
+        config.attn_implementation,
+        config.trust_remote_code,
+        quantization_config() if config.finetuning == "qlora" else None,
+        vocab_size=len(tokenizer),
+    )
+    variant = LoraVariant(
+        config.use_dora, config.use_rslora, tuple(config.lora_modules_to_save or ()), config.init_lora_weights
+    )
     # full fine-tuning trains every token row already: `auto` has nothing to add there
-    token_ids = () if config.finetuning == "full" else tuple(
-        resolve_trainable_tokens(config.trainable_tokens, template, tokenizer))
+    token_ids = (
+        ()
+        if config.finetuning == "full"
+        else tuple(resolve_trainable_tokens(config.trainable_tokens, template, tokenizer))
+    )
     targets = config.lora_target_modules
-    model = apply_adapters(model, AdapterOptions(
-        config.finetuning, config.lora_r, config.lora_alpha, config.lora_dropout,
-        tuple(targets) if isinstance(targets, list) else targets,
-        config.gradient_checkpointing, variant=variant, trainable_token_ids=token_ids))
+    model = apply_adapters(
+        model,
+        AdapterOptions(
+            config.finetuning,
+            config.lora_r,
+            config.lora_alpha,
+            config.lora_dropout,
+            tuple(targets) if isinstance(targets, list) else targets,
+            config.gradient_checkpointing,
+            variant=variant,
+            trainable_token_ids=token_ids,
+        ),
+    )
     initial_adapter = initial_adapter_state(model, variant)
     if config.neftune_noise_alpha:
         add_neftune_noise(model, config.neftune_noise_alpha)  # active in train mode only
@@ -52,6 +70,8 @@ def load_run_model(config: SFTConfig, tokenizer: Any, template: str) -> RunModel
         compile_decoder_layers(model)  # compiled on the first step's forward
     chunked = chunked_loss_is_exact(model) if config.chunked_loss == "auto" else config.chunked_loss
     if chunked and not chunked_loss_is_exact(model):
-        raise ModelError("chunked_loss = true, but this model's logits are not a plain linear head "
-                         "(bias, scaling or soft-capping); set chunked_loss: auto")
+        raise ModelError(
+            "chunked_loss = true, but this model's logits are not a plain linear head "
+            "(bias, scaling or soft-capping); set chunked_loss: auto"
+        )
     return RunModel(model, initial_adapter, token_ids, *parameter_counts(model), chunked)

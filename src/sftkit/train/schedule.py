@@ -1,8 +1,8 @@
 """Learning-rate schedules: linear warmup, then cosine (with a floor), linear decay or constant.
 
-    warmup   lr_t = lr_max * t / W                                  for t < W
-    cosine   lr_t = lr_min + ½(lr_max − lr_min)(1 + cos(π p)),  p = (t − W) / (T − W),  lr_min = ratio·lr_max
-    linear   lr_t = lr_max * (1 − p)
+warmup   lr_t = lr_max * t / W                                  for t < W
+cosine   lr_t = lr_min + ½(lr_max − lr_min)(1 + cos(π p)),  p = (t − W) / (T − W),  lr_min = ratio·lr_max
+linear   lr_t = lr_max * (1 − p)
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ def lr_multiplier(step: int, total_steps: int, warmup: int, kind: str, min_lr_ra
     return min_lr_ratio + 0.5 * (1.0 - min_lr_ratio) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int, kind: str,
-                    min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup: int, kind: str, min_lr_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
     if kind not in SCHEDULES:
         raise ValueError(f"lr_scheduler_type = {kind!r}: use one of {SCHEDULES}")
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, total_steps, warmup, kind, min_lr_ratio))
+        optimizer, lambda step: lr_multiplier(step, total_steps, warmup, kind, min_lr_ratio)
+    )

@@ -39,8 +39,10 @@ def check_installed(sinks: list[str]) -> None:
     for sink in sinks:
         if sink in OPTIONAL and importlib.util.find_spec(OPTIONAL[sink][0]) is None:
             module, extra = OPTIONAL[sink]
-            raise ConfigError(f"report_to includes '{sink}' but {module} is not installed; "
-                              f"pip install 'sftkit[{extra}]', or remove '{sink}' from report_to")
+            raise ConfigError(
+                f"report_to includes '{sink}' but {module} is not installed; "
+                f"pip install 'sftkit[{extra}]', or remove '{sink}' from report_to"
+            )
 
 
 def flat_scalars(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -107,8 +109,9 @@ def wandb_sink(output_dir: Path, run_name: str, config: dict[str, Any]) -> RunOb
 def trackio_sink(output_dir: Path, run_name: str, config: dict[str, Any]) -> RunObjectSink:
     import trackio
 
-    return RunObjectSink(trackio.init(project=os.environ.get("TRACKIO_PROJECT", "sftkit"), name=run_name,
-                                      config=config))
+    return RunObjectSink(
+        trackio.init(project=os.environ.get("TRACKIO_PROJECT", "sftkit"), name=run_name, config=config)
+    )
 
 
 class MlflowSink:
@@ -139,8 +142,9 @@ class MlflowSink:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), now, step)
-                                                    for key, value in scalars.items()])
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(key, float(value), now, step) for key, value in scalars.items()]
+        )
 
     def text(self, tag: str, text: str, step: int) -> None:
         self.client.log_text(self.run_id, text, f"{tag}/step-{step}.md")

@@ -39,8 +39,9 @@ class ArrowSource:
     Reads `chunk` rows at a time; its position is a count, so resuming costs nothing.
     """
 
-    def __init__(self, examples: TrainingExamples, ids: np.ndarray, index: int, name: str, seed: int,
-                 chunk: int = 256) -> None:
+    def __init__(
+        self, examples: TrainingExamples, ids: np.ndarray, index: int, name: str, seed: int, chunk: int = 256
+    ) -> None:
         self.examples, self.ids, self.index, self.name, self.seed, self.chunk = examples, ids, index, name, seed, chunk
         self.passes, self.given = 0, 0
         self._order = self._pass_order()
@@ -51,7 +52,7 @@ class ArrowSource:
 
     def next(self) -> Example | None:
         if not self._ahead:
-            wanted = self._order[self.given:self.given + self.chunk]
+            wanted = self._order[self.given : self.given + self.chunk]
             if not len(wanted):
                 return None
             self._ahead = self.examples.take(wanted)
@@ -86,13 +87,23 @@ def encode_rows(tokenize: Callable[[list[dict]], dict[str, list]], rows: list[di
     except (DataError, ValueError) as err:
         return {"error": str(err)}
     out = []
-    for row, ids, labels, reason, trained in zip(rows, encoded["input_ids"], encoded["labels"],
-                                                 encoded["drop_reason"], encoded["trained_tokens"]):
+    for row, ids, labels, reason, trained in zip(
+        rows, encoded["input_ids"], encoded["labels"], encoded["drop_reason"], encoded["trained_tokens"]
+    ):
         if reason.startswith("error:"):
-            return {"error": f"{path}: row {row['source_row'] + 1}: {reason.removeprefix('error: ')}; "
-                             "raise max_seq_length, or set `truncation: truncate_right` or `truncation: drop`"}
-        out.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "drop_reason": reason,
-                    "source_row": row["source_row"], "trained": trained})
+            return {
+                "error": f"{path}: row {row['source_row'] + 1}: {reason.removeprefix('error: ')}; "
+                "raise max_seq_length, or set `truncation: truncate_right` or `truncation: drop`"
+            }
+        out.append(
+            {
+                "input_ids": ids.tolist(),
+                "labels": labels.tolist(),
+                "drop_reason": reason,
+                "source_row": row["source_row"],
+                "trained": trained,
+            }
+        )
     return {"rows": out}
 
 
@@ -121,8 +132,17 @@ class StreamSource:
     the chunk being handed out; chunks still in the pool are read again on resume.
     """
 
-    def __init__(self, stream: Any, index: int, tokenize: Callable[[list[dict]], dict[str, list]], exchange: Exchange,
-                 rank: int = 0, world: int = 1, workers: int = 1, chunk: int = 64) -> None:
+    def __init__(
+        self,
+        stream: Any,
+        index: int,
+        tokenize: Callable[[list[dict]], dict[str, list]],
+        exchange: Exchange,
+        rank: int = 0,
+        world: int = 1,
+        workers: int = 1,
+        chunk: int = 64,
+    ) -> None:
         self.stream, self.index, self.name = stream, index, stream.name
         self.tokenize, self.exchange, self.rank, self.world, self.chunk = tokenize, exchange, rank, world, chunk
         self.workers, self.depth = workers, max(2, 2 * workers)
@@ -149,8 +169,15 @@ class StreamSource:
                 if encoded["drop_reason"]:
                     self.dropped[encoded["drop_reason"]] = self.dropped.get(encoded["drop_reason"], 0) + 1
                 else:
-                    self._ahead.append(make_example(encoded["input_ids"], encoded["labels"], self.index,
-                                                    encoded["source_row"], encoded["trained"]))
+                    self._ahead.append(
+                        make_example(
+                            encoded["input_ids"],
+                            encoded["labels"],
+                            self.index,
+                            encoded["source_row"],
+                            encoded["trained"],
+                        )
+                    )
         self.given += 1
         return self._ahead.pop(0)
 
@@ -162,13 +189,14 @@ class StreamSource:
             if not rows:
                 self._pass_read = True
                 break
-            mine = rows[self.rank::self.world]
+            mine = rows[self.rank :: self.world]
             if self.workers > 1:
                 if self._pool is None:  # forked as `datasets.map` does: the tokenizer and libraries are shared
                     # pages, where a spawned process would import torch and the rest again (~0.4 GiB each)
                     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
                     self._pool = multiprocessing.get_context(method).Pool(
-                        self.workers, initializer=_start_worker, initargs=(self.tokenize,))
+                        self.workers, initializer=_start_worker, initargs=(self.tokenize,)
+                    )
                 result: Any = self._pool.apply_async(_encode_in_worker, (mine, self.stream.path))
             else:
                 result = encode_rows(self.tokenize, mine, self.stream.path)
@@ -181,8 +209,9 @@ class StreamSource:
 
     def state(self) -> tuple[dict, list[Example]]:
         position = self._pending[0][0] if self._pending else self.stream.state_dict()
-        return {"passes": self.passes, "given": self.given, "stream": position, "dropped": dict(self.dropped)}, \
-            list(self._ahead)
+        return {"passes": self.passes, "given": self.given, "stream": position, "dropped": dict(self.dropped)}, list(
+            self._ahead
+        )
 
     def load(self, state: dict, ahead: list[Example]) -> None:
         self.stream.load_state_dict(state["stream"])
