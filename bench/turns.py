@@ -63,6 +63,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
 
+    from sftkit.data import hf_chat
     from sftkit.data import template as template_module
     from sftkit.data.tokenize import TokenizeOptions
 
@@ -75,11 +76,11 @@ def main() -> None:
     for name in args.templates:
         text = template_module.resolve_chat_template(name, tokenizer)
         options = TokenizeOptions(template=text, max_seq_length=1_000_000)
-        local = template_module._message_local(text)
+        local = hf_chat.prefix_reuse(text)
         for turns in args.turns:
             batch = {"messages": conversations(turns)}
             fast = best_seconds(batch, tokenizer, options)
-            with mock.patch.object(template_module, "_message_local", lambda _: False):
+            with mock.patch.object(hf_chat, "prefix_reuse", lambda _: False):
                 slow = best_seconds(batch, tokenizer, options)
             print(
                 f"{name:10} {turns:>5} {len(batch['messages']):>5} {local!s:>13} {fast:>9.2f} {slow:>14.2f} "

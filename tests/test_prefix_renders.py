@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from sftkit.data import template as template_module
+from sftkit.data.hf_chat import renders_message_local
 from sftkit.data.prefix_renders import PrefixRenders
 from sftkit.data.template import (
     TemplateError,
     _generate,
-    _message_local,
     _render,
     _template_inputs,
     _template_messages,
@@ -67,9 +67,9 @@ REFUSED = {
 
 def test_the_template_shapes_are_told_apart():
     for name, template in ACCEPTED.items():
-        assert _message_local(template), name
+        assert renders_message_local(template), name
     for name, template in REFUSED.items():
-        assert not _message_local(template), name
+        assert not renders_message_local(template), name
 
 
 @pytest.mark.parametrize("name", [*ACCEPTED, *sorted(MESSAGE_LOCAL)])

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from sftkit.data.template import BUILTIN_TEMPLATES, TemplateError, _for_template, _TypeAttributeCheck, render
+from sftkit.data.hf_chat import TypeAttributeCheck
+from sftkit.data.template import BUILTIN_TEMPLATES, TemplateError, _for_template, render
 from tests.test_data_properties import conversations
 from tests.test_template_render_reuse import FIXTURES, template_text
 from tests.test_tools_reasoning import REASONED, TOOLS, WEATHER
@@ -104,7 +105,7 @@ def test_remembered_attribute_check_answers_as_the_sandbox():
     """The attribute check, remembered by (type, attribute), gives jinja2's answer for every object and
     attribute, allowed or refused, on the first access and from memory."""
     sandbox = ImmutableSandboxedEnvironment()
-    remembered = _TypeAttributeCheck(sandbox.is_safe_attribute)
+    remembered = TypeAttributeCheck(sandbox.is_safe_attribute)
     objects = [
         "text",
         {"role": "user"},

@@ -37,8 +37,9 @@ When the template renders each message on its own (ChatML, Llama-2 and 3, Mistra
 prefix_renders.py proves it from the template's syntax tree), every prefix comes from one rendering of the
 conversation and two of its first message instead: linear in the conversation's length, not quadratic. The
 messages and the other template inputs are converted once per conversation, and each render calls the
-compiled template directly, its sandbox's attribute checks remembered by type (`_compiled`). Labels come
-from one tokenization of the full rendering: O(tokens × log spans).
+compiled template directly, its sandbox's attribute checks remembered by type (hf_chat.py; on a transformers
+without the private functions that takes, renders go through its public renderer and every prefix is rendered).
+Labels come from one tokenization of the full rendering: O(tokens × log spans).
 """
 
 from __future__ import annotations
@@ -46,19 +47,17 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
-from transformers.utils import chat_template_utils as _hf_templates
 
+from sftkit.data import hf_chat
 from sftkit.data.formats import DataError
-from sftkit.data.prefix_renders import PrefixRenders, message_local
+from sftkit.data.prefix_renders import PrefixRenders
 
 IGNORE_INDEX = -100
 BUILTIN_TEMPLATES = ("llama2", "chatml", "llama3", "zephyr", "mistral")
@@ -141,11 +140,9 @@ def render(
     dataset); they reach the template as the structures hub templates expect, the reasoning under both
     names templates read (`reasoning_content`, `thinking`).
 
-    The text is `tokenizer.apply_chat_template(..., tokenize=False)`'s: the same compiled template in
-    transformers' sandboxed environment (compiled once per template), given the same inputs (plain JSON
-    data, the reasoning under its aliases, the tokenizer's special tokens). Calling the compiled template
-    directly skips apply_chat_template's per-call work around it, about half a render's cost on short
-    templates; `tests/test_template_render.py` holds the two to the same text.
+    The text is `tokenizer.apply_chat_template(..., tokenize=False)`'s: the same template in transformers'
+    sandboxed environment, given the same inputs, called directly where this transformers allows it
+    (hf_chat.py); `tests/test_template_render.py` holds the two to the same text.
     """
     return _render(template, messages, add_generation_prompt, _template_inputs(tokenizer, tools))
 
@@ -153,22 +150,15 @@ def render(
 def _template_inputs(tokenizer: Any, tools: list[dict] | str | None) -> dict[str, Any]:
     """What a template reads besides the messages, as apply_chat_template passes it: the tools, the documents
     (none) and the tokenizer's special tokens. The same for every prefix of a conversation."""
-    return {
-        "tools": _hf_templates._plain_template_data(_parse_tools(tools)),
-        "documents": None,
-        **_hf_templates._plain_template_data(tokenizer.special_tokens_map),
-    }
+    return hf_chat.template_inputs(tokenizer.special_tokens_map, _parse_tools(tools))
 
 
 def _render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool, inputs: dict[str, Any]) -> str:
     try:
         if not messages:
             raise ValueError("the conversation has no message")
-        return _compiled(template).render(
-            messages=list(messages) if isinstance(messages, _TemplateMessages) else _template_messages(messages),
-            add_generation_prompt=add_generation_prompt,
-            **inputs,
-        )
+        converted = list(messages) if isinstance(messages, _TemplateMessages) else _template_messages(messages)
+        return hf_chat.render(template, converted, add_generation_prompt, inputs)
     except Exception as err:  # jinja errors and raise_exception() from the template itself
         raise _failed(err) from None
 
@@ -176,9 +166,7 @@ def _render(template: str, messages: list[dict[str, Any]], add_generation_prompt
 def _generate(template: str, messages: list[Any], add_generation_prompt: bool, inputs: dict[str, Any]) -> Iterator[str]:
     """`_render`'s text in the pieces the template writes, for messages already in the template's form."""
     try:
-        yield from _compiled(template).generate(
-            messages=messages, add_generation_prompt=add_generation_prompt, **inputs
-        )
+        yield from hf_chat.generate(template, messages, add_generation_prompt, inputs)
     except Exception as err:
         raise _failed(err) from None
 
@@ -190,45 +178,6 @@ def _failed(err: Exception) -> TemplateError:
     )
 
 
-@lru_cache(maxsize=64)
-def _message_local(template: str) -> bool:
-    """Whether every prefix of a conversation can be taken from one rendering (prefix_renders.py)."""
-    return message_local(_compiled(template).environment.parse(template))
-
-
-@lru_cache(maxsize=64)
-def _compiled(template: str) -> jinja2.Template:
-    """transformers' compiled template (its sandbox, filters and globals), in an overlay of its environment whose
-    attribute check is remembered by (type, attribute).
-
-    The sandbox checks every attribute a template reads (`content.strip`, `loop.index0`), and that check is most
-    of a render's cost. jinja2's `is_safe_attribute` depends only on the attribute's name and on `isinstance`
-    tests of the object, that is on its type: remembering it by type gives the same answer, once per type and
-    attribute instead of once per access (`_TypeAttributeCheck`). Everything else stays transformers'."""
-    environment = _hf_templates._compile_jinja_template(template).environment.overlay()
-    environment.is_safe_attribute = _TypeAttributeCheck(environment.is_safe_attribute)
-    return environment.from_string(template)
-
-
-@dataclass
-class _TypeAttributeCheck:
-    """A sandbox's `is_safe_attribute`, remembered by (type, attribute name). An object whose `__class__` is
-    not its type (a proxy) is checked every time, as `isinstance` may then answer for it alone."""
-
-    check: Callable[[Any, str, Any], bool]
-    known: dict[tuple[type, str], bool] = field(default_factory=dict)
-
-    def __call__(self, obj: Any, attr: str, value: Any) -> bool:
-        kind = type(obj)
-        if obj.__class__ is not kind:
-            return self.check(obj, attr, value)
-        key = (kind, attr)
-        safe = self.known.get(key)
-        if safe is None:
-            safe = self.known[key] = self.check(obj, attr, value)
-        return safe
-
-
 class _TemplateMessages(list):
     """Messages already in the template's input form (`_template_messages`): `render` takes them as they are,
     so the prefixes of one conversation are converted once, not once per render."""
@@ -238,13 +187,8 @@ def _template_messages(messages: list[dict[str, Any]]) -> _TemplateMessages:
     """Stored messages as apply_chat_template hands them to the template: plain JSON data, no None values,
     the reasoning under its aliases."""
     return _TemplateMessages(
-        _hf_templates._alias_reasoning_fields(
-            _hf_templates._plain_template_data(
-                [
-                    {key: value for key, value in _for_template(message).items() if value is not None}
-                    for message in messages
-                ]
-            )
+        hf_chat.template_messages(
+            [{key: value for key, value in _for_template(message).items() if value is not None} for message in messages]
         )
     )
 
@@ -341,7 +285,7 @@ class _Renderer:
         # From two assistant turns on, one rendering of the conversation and two of its first message
         # (PrefixRenders) cost less than rendering each turn's prefixes.
         turns = sum(message["role"] == "assistant" for message in self.messages)
-        if self.reuse and turns >= 2 and _message_local(self.template):
+        if self.reuse and turns >= 2 and hf_chat.prefix_reuse(self.template):
             self._prefixes = PrefixRenders(
                 self.messages,
                 lambda messages, g: _generate(self.template, messages, g, self.inputs),
