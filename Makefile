@@ -3,14 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The lower bounds of pyproject.toml's ranges, in a virtualenv of their own.
+MIN_VENV ?= .venv-min
 
-.PHONY: demo test bench gpu-check install clean
+.PHONY: demo test test-min bench gpu-check install clean
 
-$(STAMP): pyproject.toml
+# The exact versions CI tests (constraints/lock.txt); pyproject.toml itself gives ranges.
+$(STAMP): pyproject.toml constraints/lock.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -c constraints/lock.txt -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,8 +23,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15
 
+# The oldest version of every dependency (constraints/min.txt), then the fast tests.
+test-min:
+	test -d $(MIN_VENV) || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install -q -c constraints/min.txt -e ".[test]"
+	$(MIN_VENV)/bin/python -m pytest -q -m "not slow and not cuda" --durations=5
+
 bench: $(STAMP)
-	$(BIN)/pip install -q -e ".[test,bench]"
+	$(BIN)/pip install -q -c constraints/lock.txt -e ".[test,bench]"
 	$(BIN)/python bench/vs_trl.py
 	$(BIN)/python bench/loss_memory.py
 	$(BIN)/python bench/plan_accuracy.py
@@ -34,4 +42,4 @@ gpu-check: $(STAMP)
 	$(BIN)/python bench/gpu_check.py $(if $(DRY),--dry)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(MIN_VENV) runs
