@@ -35,11 +35,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/loss_memory.py
 	$(BIN)/python bench/plan_accuracy.py
 
-# On a CUDA machine: the `cuda` tests, bench/vs_trl.py --gpu, bench/attention.py --gpu and bench/compile.py (needs the
-# bench extra: `make bench` once, or offline see bench/README.md). Without CUDA (or with DRY=1) the
-# same stages run on CPU at their smallest: wiring, not figures.
-gpu-check: $(STAMP)
-	$(BIN)/python bench/gpu_check.py $(if $(DRY),--dry)
+# The GPU check: the `cuda` tests, a QLoRA step, bench/vs_trl.py --gpu, bench/attention.py --gpu, bench/compile.py
+# (stages in bench/gpu_check.py). On a bare CUDA image (no .venv, no network) it runs on python3 with the wheels of
+# bench/fetch_wheels.sh: `make gpu-check WHEELS=.whl`; bench/README.md gives every step. Without CUDA (or with
+# DRY=1) the same stages run on CPU at their smallest: wiring, not figures.
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) bench/gpu_check.py $(if $(DRY),--dry) $(if $(WHEELS),--wheels $(WHEELS))
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) runs

@@ -1,33 +1,34 @@
 #!/usr/bin/env bash
-# Fetch, on a machine with internet, every wheel `make gpu-check` needs on an offline Linux x86_64 GPU machine.
+# Fetch the wheels that a bare CUDA image lacks for `make gpu-check`, at the versions of constraints/lock.txt.
 #
-#   bash bench/fetch_wheels.sh [DEST]        # default DEST: ./wheels
-#   PYTHON_VERSION=3.11 CUDA_TAG=cu128 bash bench/fetch_wheels.sh
+#   bash bench/fetch_wheels.sh [DEST]          # default DEST: .whl (ignored by git)
+#   QLORA=0 bash bench/fetch_wheels.sh         # without bitsandbytes (43 MiB), for a second, QLoRA-only call
 #
-# Then copy DEST and this repository to the GPU machine and see bench/README.md ("GPU check offline").
+# The image (Python 3.12, x86_64) already holds torch 2.11, transformers 5.17, accelerate 1.15, peft, tokenizers,
+# safetensors, numpy, pyarrow, pandas, matplotlib, tensorboard, rich, typer, pyyaml, jinja2, psutil, pytest,
+# hypothesis, xxhash and fsspec; it lacks these, each fetched alone (--no-deps), so that
+# `pip install --no-index --no-deps --target DIR DEST/*.whl` installs them there with nothing else:
+#   sftkit     datasets (+ dill, multiprocess), pydantic (+ pydantic-core, annotated-types, typing-inspection)
+#   the check  trl (vs_trl.py), bitsandbytes (the QLoRA stage)
+# Then see bench/README.md ("GPU check on a bare CUDA image").
 set -euo pipefail
-DEST="${1:-wheels}"
-PYTHON_VERSION="${PYTHON_VERSION:-3.11}"
-CUDA_TAG="${CUDA_TAG:-cu128}"          # must match the GPU machine's driver (nvidia-smi: CUDA Version ≥ this)
-TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
-PLATFORM="${PLATFORM:-manylinux_2_28_x86_64}"
-PIP="${PIP:-python3 -m pip}"
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
-mkdir -p "$DEST"
-target=(--only-binary=:all: --platform "$PLATFORM" --python-version "$PYTHON_VERSION" --implementation cp --dest "$DEST")
+DEST="${1:-$HERE/.whl}"
+PYTHON_VERSION="${PYTHON_VERSION:-3.12}"
+PIP="${PIP:-python3 -m pip}"
+MISSING=(datasets dill multiprocess pydantic pydantic_core annotated-types typing-inspection trl)
+[[ "${QLORA:-1}" == 1 ]] && MISSING+=(bitsandbytes)
 
-# 1. torch built for CUDA (the default PyPI torch wheel may not match the machine's CUDA), and its CUDA libraries
-$PIP download "${target[@]}" --index-url "https://download.pytorch.org/whl/${CUDA_TAG}" \
-    --extra-index-url https://pypi.org/simple "torch==${TORCH_VERSION}"
-# 2. sftkit itself and its pinned dependencies, with the test and bench extras (pytest, hypothesis, trl, psutil)
-#    and bitsandbytes for the QLoRA test
-$PIP wheel --no-deps --wheel-dir "$DEST" "$HERE"
-$PIP download "${target[@]}" --extra-index-url "https://download.pytorch.org/whl/${CUDA_TAG}" \
-    "$(ls "$DEST"/sftkit-*.whl)[test,bench]" "bitsandbytes==0.50.2"
-# 3. flash-attn is optional (varlen runs on torch's own varlen_attn without it). PyPI ships it as source only,
-#    which needs nvcc and an hour to build; a prebuilt wheel for this torch/CUDA/python comes from
-#    https://github.com/Dao-AILab/flash-attention/releases: set FLASH_ATTN_WHEEL_URL to fetch it here.
-if [[ -n "${FLASH_ATTN_WHEEL_URL:-}" ]]; then
-    (cd "$DEST" && curl -fLO "$FLASH_ATTN_WHEEL_URL")
-fi
-echo "Wheels in $DEST: $(ls "$DEST" | wc -l) files, $(du -sh "$DEST" | cut -f1)"
+pinned() {  # NAME==VERSION from the lock, which `make test` installs
+    grep -i -m1 "^$1==" "$HERE/constraints/lock.txt" || { echo "$1 is not in constraints/lock.txt" >&2; exit 1; }
+}
+platforms=()
+for tag in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
+    platforms+=(--platform "${tag}_x86_64")
+done
+mkdir -p "$DEST"
+for name in "${MISSING[@]}"; do
+    $PIP download -q --no-deps --only-binary=:all: --python-version "$PYTHON_VERSION" --implementation cp \
+        "${platforms[@]}" -d "$DEST" "$(pinned "$name")"
+done
+ls -l "$DEST"/*.whl | awk '{printf "%8.2f MiB  %s\n", $5 / 1048576, $NF; total += $5} END {printf "%8.2f MiB  in all\n", total / 1048576}'
