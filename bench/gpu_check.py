@@ -122,6 +122,13 @@ def main() -> None:
     parser.add_argument("--dry", action="store_true", help="CPU stand-in of every stage (wiring only)")
     parser.add_argument("--wheels", type=Path, help="install these wheels first (a bare CUDA image)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=570,
+        help="seconds for all stages on a GPU (a device call allows 600); a stage "
+        "still running then is stopped and reported as over budget (the dry mode has none)",
+    )
     parser.add_argument("--environment", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.environment:
@@ -147,7 +154,11 @@ def main() -> None:
         command = every_command[name]
         print(f"\n===== {name}: {' '.join(command[1:])}", flush=True)
         began = time.perf_counter()
-        code = subprocess.run(command, cwd=ROOT, check=False).returncode
+        left = None if dry else max(1.0, args.budget - (began - began_all))
+        try:
+            code: int | str = subprocess.run(command, cwd=ROOT, check=False, timeout=left).returncode
+        except subprocess.TimeoutExpired:
+            code = f"stopped: over the {args.budget:.0f} s budget"
         print(f"===== {name}: exit {code}, {time.perf_counter() - began:.0f} s", flush=True)
         if code != 0:
             failed.append(name)
