@@ -64,7 +64,8 @@ def render(template: str, messages: list[Any], add_generation_prompt: bool, inpu
     if USE_PRIVATE:
         return compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **inputs)
     others = {key: value for key, value in inputs.items() if key not in ("tools", "documents")}
-    rendered, _ = _hf_templates.render_jinja_template(
+    # (texts, generation indices), one text per conversation; transformers annotates the function `-> str`
+    rendered: tuple[list[str], list[Any]] = _hf_templates.render_jinja_template(  # type: ignore[assignment]
         conversations=[messages],
         tools=inputs["tools"],
         documents=inputs["documents"],
@@ -72,7 +73,7 @@ def render(template: str, messages: list[Any], add_generation_prompt: bool, inpu
         add_generation_prompt=add_generation_prompt,
         **others,
     )
-    return rendered[0]
+    return rendered[0][0]
 
 
 def generate(template: str, messages: list[Any], add_generation_prompt: bool, inputs: dict[str, Any]) -> Iterator[str]:
