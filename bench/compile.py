@@ -105,7 +105,9 @@ def run_mode(model_path: str, compiled: bool, device: str, steps: int, batch: in
 
 def in_subprocess(args: argparse.Namespace, model_path: Path, compiled: bool) -> dict:
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": str(ROOT / "src")}
+        # src/ first, and the caller's path kept (gpu_check.py's carried wheels live there)
+        path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": path}
         command = [
             sys.executable,
             __file__,
