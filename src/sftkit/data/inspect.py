@@ -145,7 +145,7 @@ def masked_segments(input_ids: list[int], labels: list[int], tokenizer: Any) -> 
     segments: list[tuple[str, bool]] = []
     run: list[int] = []
     state = None
-    for token, label in zip(input_ids, labels):
+    for token, label in zip(input_ids, labels, strict=True):
         is_trained = label != IGNORE_INDEX
         if state is not None and is_trained != state:
             segments.append((tokenizer.decode(run), state))

@@ -116,7 +116,7 @@ def _bins_of(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray
     bins = 0
     starts = np.flatnonzero(np.diff(sorted_lengths, prepend=-1))  # where each run of equal lengths begins
     ends = np.append(starts[1:], len(lengths))
-    for run_start, run_end in zip(starts.tolist(), ends.tolist()):
+    for run_start, run_end in zip(starts.tolist(), ends.tolist(), strict=True):
         length = int(sorted_lengths[run_start])
         position = run_start
         while position < run_end:

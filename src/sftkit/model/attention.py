@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -78,7 +79,7 @@ def sdpa_per_example(
     """
     gqa = query.shape[1] != key.shape[1]
     outputs = []
-    for start, end in zip(cu[:-1], cu[1:]):
+    for start, end in pairwise(cu):
         q, k, v = (x[start:end].transpose(0, 1)[None] for x in (query, key, value))  # (1, heads, l, dim)
         mask = _window_mask(end - start, window, q.device) if window and end - start > window else None
         out = F.scaled_dot_product_attention(

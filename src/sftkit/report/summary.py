@@ -142,7 +142,7 @@ def target_shares(record: RunRecord) -> dict[str, float] | None:
         or not all(isinstance(weight, (int, float)) and weight > 0 for weight in weights)
     ):
         return None
-    return {name: weight / sum(weights) for name, weight in zip(names, weights)}
+    return {name: weight / sum(weights) for name, weight in zip(names, weights, strict=True)}
 
 
 def realised_mixture(record: RunRecord) -> tuple[list[int], dict[str, list[float]]]:
