@@ -26,7 +26,7 @@ from tests.train_helpers import tiny_config
 def trained_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
     """The token ids of each maximal run of trained positions."""
     runs: list[list[int]] = []
-    for position, (token, label) in enumerate(zip(ids, labels)):
+    for position, (token, label) in enumerate(zip(ids, labels, strict=True)):
         if label == IGNORE_INDEX:
             continue
         if position == 0 or labels[position - 1] == IGNORE_INDEX:

@@ -128,7 +128,7 @@ def write_synthetic_run(
         {"step": step, "prompt": prompt, "completion": completion, "ended": ended}
         for step, (completions, ended) in COMPLETIONS.items()
         if step <= total_steps
-        for prompt, completion in zip(PROMPTS, completions)
+        for prompt, completion in zip(PROMPTS, completions, strict=True)
     ]
     (run_dir / "samples.jsonl").write_text("".join(json.dumps(sample) + "\n" for sample in samples))
     (run_dir / "diagnosis.jsonl").write_text(

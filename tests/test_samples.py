@@ -48,7 +48,7 @@ def test_greedy_matches_argmax_decoding_with_the_runs_template(model_and_tokeniz
     model, tokenizer = model_and_tokenizer
     template = resolve_chat_template("chatml", tokenizer)
     samples = generate_samples(model, tokenizer, template, CONVERSATIONS, max_new_tokens=6)
-    for messages, sample in zip(CONVERSATIONS, samples):
+    for messages, sample in zip(CONVERSATIONS, samples, strict=True):
         ids = tokenizer(render_prompt(messages, template, tokenizer), add_special_tokens=False, return_tensors="pt")[
             "input_ids"
         ]

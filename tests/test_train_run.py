@@ -96,7 +96,9 @@ def test_full_finetuning_saves_a_loadable_model(tmp_path, tiny_model_dir):
     assert result.final_dir == tmp_path / "out" / "model"
     trained = AutoModelForCausalLM.from_pretrained(result.final_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    changed = any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values()))
+    changed = any(
+        not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values(), strict=True)
+    )
     assert changed
 
 
