@@ -95,7 +95,8 @@ class SFTConfig(BaseModel):
     )
     trainable_tokens: Literal["auto", "none"] | list[str] = Field(
         "none",
-        description="Tokens whose embedding and output-head rows LoRA trains too; `auto`: the chat template's special tokens.",
+        description="Tokens whose embedding and output-head rows LoRA trains too; "
+        "`auto`: the chat template's special tokens.",
     )
 
     # --- data ---
@@ -295,7 +296,7 @@ class SFTConfig(BaseModel):
             if self.eval_dataset
             else []
         )
-        for index, spec in enumerate(specs):
+        for spec in specs:
             if spec.weight is not None:
                 raise ValueError(f"eval_dataset weight = {spec.weight}: weights mix training sources only; remove it")
         if isinstance(self.eval_dataset, list):
@@ -593,8 +594,7 @@ def _redact(node: Any, key: str = "") -> Any:
     if isinstance(node, list):
         return [_redact(v, key) for v in node]
     if isinstance(node, str) and (
-        (_SECRET_KEY.search(key)
-        and not any(k in key for k in _NOT_SECRET_KEYS))
+        (_SECRET_KEY.search(key) and not any(k in key for k in _NOT_SECRET_KEYS))
         or _SECRET_VALUE.search(_HUB_COMMIT.sub("", node))
     ):
         return "***redacted***"

@@ -175,7 +175,7 @@ def varlen_attention_forward(
             "attn_implementation = 'varlen' does not support attention soft-capping or sinks "
             "(this model uses them); set attn_implementation: eager"
         )
-    batch, heads, seq, dim = query.shape
+    batch, heads, seq, _ = query.shape
     if cu_seq_lens_q is None:  # no boundaries given: each row is one causal sequence (e.g. a plain forward)
         if key.shape[2] != seq:
             raise ValueError(

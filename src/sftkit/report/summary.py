@@ -117,7 +117,7 @@ def fact_sections(record: RunRecord) -> list[tuple[str, list[tuple[str, str]]]]:
         ("Batch and schedule", schedule_rows(record)),
     ]
     sources = source_rows(record)
-    return sections + [("Training sources", sources)] if sources else sections
+    return [*sections, ("Training sources", sources)] if sources else sections
 
 
 def source_names(record: RunRecord) -> list[str]:
