@@ -165,7 +165,8 @@ def main() -> None:
     print(f"compile time: {compile_time:.1f} s (first compiled step − median eager step)")
     print(
         f"step time: eager {eager_median:.3f} s, compiled {compiled_median:.3f} s → "
-        f"speed-up {eager_median / compiled_median:.2f}× (eager runs: {statistics.median(first_eager['times'][1:]):.3f} "
+        f"speed-up {eager_median / compiled_median:.2f}× "
+        f"(eager runs: {statistics.median(first_eager['times'][1:]):.3f} "
         f"/ {statistics.median(second_eager['times'][1:]):.3f} s)"
     )
     print(

@@ -469,7 +469,8 @@ def print_report(
     print(header + "\n" + "-" * len(header))
     for name, r in results.items():
         print(
-            f"{name:22} {r['trained_per_s']:>13.0f} {r['trained_per_cpu_s']:>9.0f} {r['positions_per_s']:>11.0f} {r['padding']:>7.1%} "
+            f"{name:22} {r['trained_per_s']:>13.0f} {r['trained_per_cpu_s']:>9.0f} {r['positions_per_s']:>11.0f} "
+            f"{r['padding']:>7.1%} "
             f"{r['train_s']:>7.1f} {r['process_s']:>9.1f} {r['rss']:>12.2f} {r['final_loss']:>10.4f} "
             f"{r['spread']:>6.1%}"
         )

@@ -238,7 +238,7 @@ def test_report_of_a_crashed_run_with_missing_files(tmp_path):
 def test_a_folder_without_metrics_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such run directory"):
         build_report(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="has no metrics.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"has no metrics\.jsonl"):
         build_report(tmp_path)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lo')
     with pytest.raises(FileNotFoundError, match="no metric rows yet"):

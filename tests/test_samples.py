@@ -134,5 +134,5 @@ def test_sample_prompts_errors_name_the_file_and_line(tmp_path):
         load_sample_prompts(str(tmp_path / "missing.jsonl"), [])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"text": "no prompt"}) + "\n")
-    with pytest.raises(ConfigError, match="bad.jsonl, line 2"):
+    with pytest.raises(ConfigError, match=r"bad\.jsonl, line 2"):
         load_sample_prompts(str(bad), [])

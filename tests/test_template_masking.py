@@ -222,7 +222,7 @@ def test_template_that_rewrites_the_reply_cannot_be_masked(tiny_tokenizer):
 
 
 def test_unknown_template_name_lists_the_builtins(tiny_tokenizer):
-    with pytest.raises(TemplateError, match="not a built-in template .*llama2, chatml, llama3, zephyr, mistral"):
+    with pytest.raises(TemplateError, match=r"not a built-in template .*llama2, chatml, llama3, zephyr, mistral"):
         resolve_chat_template("vicuna", tiny_tokenizer)
     with pytest.raises(TemplateError, match=r"missing\.jinja.*not found"):
         resolve_chat_template("missing.jinja", tiny_tokenizer)
