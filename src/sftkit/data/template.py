@@ -390,7 +390,7 @@ def _span_after_prompt(
     if reply_start < 0:
         return None
     reply_end = reply_start + len(content)
-    ending = alone[in_alone + len(content) :].rstrip() if content and in_alone >= 0 else ""
+    ending: str | None = alone[in_alone + len(content) :].rstrip() if content and in_alone >= 0 else ""
     if ending and full.startswith(ending, reply_end):
         return start, reply_end + len(ending)
     conversation_so_far = _without_final_eos(renderer(index), renderer.tokenizer) if before else ""
