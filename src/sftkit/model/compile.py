@@ -21,7 +21,7 @@ from sftkit.model.load import ModelError
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks, found by the class names transformers lists in `_no_split_modules`."""
-    names = set()
+    names: set[str] = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
     return [module for module in model.modules() if type(module).__name__ in names]

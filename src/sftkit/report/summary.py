@@ -230,6 +230,8 @@ def best_eval(record: RunRecord) -> tuple[str, int, float] | None:
     """(metric, step, value) of the best eval by the run's metric_for_best_model (default: the first eval loss)."""
     keys = eval_loss_keys(record.eval_rows)
     metric = record.run.get("metric_for_best_model") or (keys[0] if keys else None)
+    if metric is None:  # no eval logged
+        return None
     evals = [
         (row["step"], float(row[metric]))
         for row in record.eval_rows
