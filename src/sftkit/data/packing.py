@@ -116,7 +116,8 @@ def _bins_of(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray
     bins = 0
     starts = np.flatnonzero(np.diff(sorted_lengths, prepend=-1))  # where each run of equal lengths begins
     ends = np.append(starts[1:], len(lengths))
-    for run_start, run_end in zip(starts.tolist(), ends.tolist(), strict=True):
+    # no examples: no run starts, and `ends` holds one stray 0
+    for run_start, run_end in zip(starts.tolist(), ends.tolist(), strict=False):
         length = int(sorted_lengths[run_start])
         position = run_start
         while position < run_end:
