@@ -36,6 +36,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from sftkit.model.load import transformers_model
+
 VARLEN = "varlen"
 # Kernels that compute Σ l² scores per example and take no seq × seq mask.
 MASK_FREE = (VARLEN, "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -184,9 +186,11 @@ def varlen_attention_forward(
             )
         cu_seq_lens_q = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=query.device)
         max_length_q = seq
-    flat = [x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[3]) for x in (query, key, value)]
+    elif max_length_q is None:
+        raise ValueError("attn_implementation = 'varlen': cu_seq_lens_q came without max_length_q")
+    q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[3]) for x in (query, key, value))
     out = varlen_kernel(
-        *flat, cu_seq_lens_q, int(max_length_q), scaling, sliding_window, dropout if module.training else 0.0
+        q, k, v, cu_seq_lens_q, int(max_length_q), scaling, sliding_window, dropout if module.training else 0.0
     )  # (tokens, heads, dim)
     return out.reshape(batch, seq, heads, value.shape[-1]), None
 
@@ -206,7 +210,7 @@ def generation_attention(model: nn.Module) -> Iterator[None]:
 
     The varlen kernel serves training forwards, which carry per-example boundaries and no cache.
     """
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model = transformers_model(model)
     switch = model.config._attn_implementation == VARLEN
     if switch:
         model.set_attn_implementation("sdpa")
