@@ -57,9 +57,8 @@ def main() -> None:
         print(f"===== {name}: exit {code}, {time.perf_counter() - began:.0f} s", flush=True)
         if code != 0:
             failed.append(name)
-    print(
-        f"\ngpu-check{' (dry, CPU)' if dry else ''}: {'FAILED: ' + ', '.join(failed) if failed else 'all stages passed'}"
-    )
+    outcome = "FAILED: " + ", ".join(failed) if failed else "all stages passed"
+    print(f"\ngpu-check{' (dry, CPU)' if dry else ''}: {outcome}")
     raise SystemExit(1 if failed else 0)
 
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -391,7 +390,7 @@ def _span_after_prompt(
     if reply_start < 0:
         return None
     reply_end = reply_start + len(content)
-    ending = alone[in_alone + len(content) :].rstrip() if content and in_alone >= 0 else ""
+    ending: str | None = alone[in_alone + len(content) :].rstrip() if content and in_alone >= 0 else ""
     if ending and full.startswith(ending, reply_end):
         return start, reply_end + len(ending)
     conversation_so_far = _without_final_eos(renderer(index), renderer.tokenizer) if before else ""
@@ -434,7 +433,8 @@ def _span_by_search(full: str, content: str, cursor: int, index: int, template: 
 
 
 def _common_prefix_length(a: str, b: str) -> int:
-    return len(os.path.commonprefix([a, b]))
+    # when one string starts the other, the whole of the shorter one
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def _without_final_eos(text: str, tokenizer: Any) -> str:
