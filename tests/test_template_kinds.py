@@ -136,3 +136,20 @@ def test_any_content_gives_one_trained_run_per_reply(tiny_tokenizer, messages, n
     assert len(runs) == len(replies(messages))
     for run, reply in zip(runs, replies(messages), strict=True):
         assert reply.strip() in tiny_tokenizer.decode([encoded["input_ids"][p] for p in run])
+
+
+@pytest.mark.parametrize("reply", ["|", "im_end", "e", ">"])
+def test_a_reply_that_also_occurs_in_the_markup_trains_only_itself(tiny_tokenizer, reply):
+    """A reply found again inside the end-of-turn markup ("|" in "<|im_end|>") is located where it is: on a
+    template that renders earlier turns differently, the last copy in the turn used to be taken, and the span
+    ran on over the next user turn (found by the property test above with empty user turns)."""
+    messages = [
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": "0"},
+        {"role": "user", "content": ""},
+    ]
+    template = fixture_template("think", tiny_tokenizer)
+    full, spans = assistant_spans(messages, template, tiny_tokenizer)
+    assert [full[start:end] for start, end in spans] == [f"</think>{reply}<|im_end|>", "</think>0<|im_end|>"]
