@@ -20,7 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/sftkit demo
 
+# Lint first (settings in pyproject.toml): formatting, ruff's rules, then mypy over src/sftkit.
 test: $(STAMP)
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -x --durations=15
 
 # The oldest version of every dependency (constraints/min.txt), then the fast tests.

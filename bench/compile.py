@@ -159,7 +159,7 @@ def main() -> None:
     eager_median = statistics.median(eager_steps)
     compiled_median = statistics.median(compiled["times"][1:])
     compile_time = compiled["times"][0] - eager_median
-    loss_difference = max(abs(c - e) / abs(e) for c, e in zip(compiled["losses"], first_eager["losses"]))
+    loss_difference = max(abs(c - e) / abs(e) for c, e in zip(compiled["losses"], first_eager["losses"], strict=True))
     print(f"{'mode':<10}{'first step s':>14}{'median step s':>15}")
     for name, run in (("eager", first_eager), ("compiled", compiled), ("eager", second_eager)):
         print(f"{name:<10}{run['times'][0]:>14.2f}{statistics.median(run['times'][1:]):>15.3f}")
@@ -167,7 +167,8 @@ def main() -> None:
     print(f"compile time: {compile_time:.1f} s (first compiled step − median eager step)")
     print(
         f"step time: eager {eager_median:.3f} s, compiled {compiled_median:.3f} s → "
-        f"speed-up {eager_median / compiled_median:.2f}× (eager runs: {statistics.median(first_eager['times'][1:]):.3f} "
+        f"speed-up {eager_median / compiled_median:.2f}× "
+        f"(eager runs: {statistics.median(first_eager['times'][1:]):.3f} "
         f"/ {statistics.median(second_eager['times'][1:]):.3f} s)"
     )
     print(

@@ -162,10 +162,9 @@ def main() -> None:
         print(f"===== {name}: exit {code}, {time.perf_counter() - began:.0f} s", flush=True)
         if code != 0:
             failed.append(name)
-    print(
-        f"\ngpu-check{' (dry, CPU)' if dry else ''}: {len(chosen)} stages in {time.perf_counter() - began_all:.0f} s, "
-        f"{'FAILED: ' + ', '.join(failed) if failed else 'all passed'}"
-    )
+    outcome = "FAILED: " + ", ".join(failed) if failed else "all passed"
+    elapsed = time.perf_counter() - began_all
+    print(f"\ngpu-check{' (dry, CPU)' if dry else ''}: {len(chosen)} stages in {elapsed:.0f} s, {outcome}")
     raise SystemExit(1 if failed else 0)
 
 

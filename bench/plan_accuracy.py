@@ -138,7 +138,8 @@ def run_step(loss_model: CausalLMLoss, optimizer, batch: dict[str, torch.Tensor]
 
 
 def build_model(case: Case, device: str) -> torch.nn.Module:
-    """A random model of the case's shape; for QLoRA saved and loaded back through bitsandbytes, as training loads it."""
+    """A random model of the case's shape; for QLoRA saved and loaded back through bitsandbytes,
+    as training loads it."""
     config = SHAPES[case.shape]
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=case.dtype, attn_implementation=case.attn)
@@ -231,7 +232,8 @@ def main() -> None:
         error = (estimated - measured) / measured
         errors.append(abs(error))
         print(
-            f"{case.shape:<11} {case.finetuning:<5} {'bf16' if case.bf16 else 'fp32':<5} {case.micro_batch:>5} {case.seq_len:>5} "
+            f"{case.shape:<11} {case.finetuning:<5} {'bf16' if case.bf16 else 'fp32':<5} "
+            f"{case.micro_batch:>5} {case.seq_len:>5} "
             f"{'on' if case.checkpointing else 'off':<4} {case.attn:<6} {'chunked' if case.chunked else 'full':<7} "
             f"{estimated / MIB:>8.1f}Mi {measured / MIB:>8.1f}Mi {error:>+7.1%}",
             flush=True,

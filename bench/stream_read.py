@@ -43,7 +43,24 @@ def _parquet_schema():
 
 
 def make_rows(count: int):
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "twelve", "plus", "thirty", "makes", "forty", "two"]
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "the",
+        "lazy",
+        "dog",
+        "while",
+        "twelve",
+        "plus",
+        "thirty",
+        "makes",
+        "forty",
+        "two",
+    ]
     for i in range(count):
         question = " ".join(words[(i + k) % len(words)] for k in range(30))
         answer = " ".join(words[(i * 7 + k) % len(words)] for k in range(140))

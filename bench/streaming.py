@@ -17,7 +17,8 @@ one micro-batch of 1 sequence per step. Per size, each in its own process on a c
 
 Reported: wall time of the whole command (offline: tokenizing included), the steps' trained tokens/s
 (median over logging windows: with streaming it includes tokenizing on the fly), peak summed RSS and
-PSS of the process tree, and the pack fill, tokens / (packs × max_seq_length) (offline: all packs; streaming: the first buffer).
+PSS of the process tree, and the pack fill, tokens / (packs × max_seq_length) (offline: all packs;
+streaming: the first buffer).
 """
 
 from __future__ import annotations

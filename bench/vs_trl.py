@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
+from itertools import islice
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -191,8 +192,7 @@ def prepare(settings: Settings, workdir: Path) -> dict:
 
     build_model(settings, workdir / "model")
     with GSM8K.open() as source, (workdir / "gsm8k.jsonl").open("w") as subset:
-        for _, line in zip(range(settings.gsm8k_rows), source):
-            subset.write(line)
+        subset.writelines(islice(source, settings.gsm8k_rows))  # the first rows
     tokenizer = load_tokenizer(str(workdir / "model"))
     facts: dict = {"pad_token_id": tokenizer.pad_token_id}
     for packing in (True, False):
@@ -422,7 +422,7 @@ def steady(values: list[float], ends: list[float]) -> float:
 
 def paired_ratio(mine: list[dict], theirs: list[dict], clock: str) -> float:
     """Median of per-repeat ratios; a configuration run once is paired with the other's last run."""
-    pairs = list(zip(mine, theirs)) if len(mine) == len(theirs) else [(mine[-1], theirs[-1])]
+    pairs = list(zip(mine, theirs, strict=True)) if len(mine) == len(theirs) else [(mine[-1], theirs[-1])]
     return statistics.median(steady(a["trained"], a[clock]) / steady(b["trained"], b[clock]) for a, b in pairs)
 
 
@@ -469,7 +469,8 @@ def print_report(
     print(header + "\n" + "-" * len(header))
     for name, r in results.items():
         print(
-            f"{name:22} {r['trained_per_s']:>13.0f} {r['trained_per_cpu_s']:>9.0f} {r['positions_per_s']:>11.0f} {r['padding']:>7.1%} "
+            f"{name:22} {r['trained_per_s']:>13.0f} {r['trained_per_cpu_s']:>9.0f} {r['positions_per_s']:>11.0f} "
+            f"{r['padding']:>7.1%} "
             f"{r['train_s']:>7.1f} {r['process_s']:>9.1f} {r['rss']:>12.2f} {r['final_loss']:>10.4f} "
             f"{r['spread']:>6.1%}"
         )
@@ -513,7 +514,7 @@ def print_report(
     for mine, theirs in (("sftkit-padded", "trl-padded"), ("sftkit-packed", CHECK_ONLY)):
         if mine in results and theirs in results:
             a, b = results[mine]["loss"], results[theirs]["loss"]
-            diffs = [abs(x - y) / abs(y) for x, y in zip(a, b)]
+            diffs = [abs(x - y) / abs(y) for x, y in zip(a, b, strict=True)]
             print(f"  {mine} vs {theirs}: mean {statistics.mean(diffs):.2e}, max {max(diffs):.2e} (goal ≤ 2e-2)")
             print(f"    sftkit {' '.join(f'{x:.4f}' for x in a)}\n    TRL    {' '.join(f'{x:.4f}' for x in b)}")
 

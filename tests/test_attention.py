@@ -5,6 +5,7 @@ like Llama and Qwen2. The CUDA kernels' wiring is checked through CPU stand-ins 
 from __future__ import annotations
 
 import importlib.util
+from itertools import pairwise
 
 import pytest
 import torch
@@ -130,7 +131,7 @@ def test_cu_seqlens_cover_examples_and_each_rows_padding():
 def reference_attention(query, key, value, cu, scale, left):
     """Plain softmax attention per span, K/V heads repeated: (tokens, heads, dim)."""
     outputs = []
-    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+    for start, end in pairwise(cu.tolist()):
         q, k, v = query[start:end], key[start:end], value[start:end]
         k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
         scores = torch.einsum("qhd,khd->hqk", q, k) * (scale or q.shape[-1] ** -0.5)

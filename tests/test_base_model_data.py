@@ -42,7 +42,7 @@ def test_without_a_template_the_completion_and_eos_are_trained(tokenizer):
     ids, labels = encoded["input_ids"], encoded["labels"]
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
     first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-    trained = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
+    trained = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
     assert trained == ids[first:]  # one run, to the end
     assert tokenizer.decode(trained).strip() == f"{COMPLETION.strip()}{tokenizer.eos_token}"
     assert tokenizer.decode(ids[:first]) == f"{tokenizer.bos_token}{PROMPT}"

@@ -41,7 +41,7 @@ def llama2_config(tmp_path: Path, dataset: dict) -> Path:
 
 
 def trained_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:
-    return tokenizer.decode([t for t, label in zip(input_ids, labels) if label != IGNORE_INDEX])
+    return tokenizer.decode([t for t, label in zip(input_ids, labels, strict=True) if label != IGNORE_INDEX])
 
 
 @pytest.fixture
@@ -101,9 +101,9 @@ def test_gsm8k_packs_almost_without_waste_and_dumps_masked_examples(tmp_path, ll
     rows = [json.loads(line) for line in dump.read_text().splitlines()]
     originals = [json.loads(line) for line in test_split.read_text().splitlines()[:4]]
     assert [row["row"] for row in rows] == [1, 2, 3, 4]
-    for row, original in zip(rows, originals):
+    for row, original in zip(rows, originals, strict=True):
         assert len(row["input_ids"]) == len(row["labels"])
-        assert all(label in (IGNORE_INDEX, token) for token, label in zip(row["input_ids"], row["labels"]))
+        assert all(label in (IGNORE_INDEX, token) for token, label in zip(row["input_ids"], row["labels"], strict=True))
         assert (
             trained_text(llama2_tokenizer, row["input_ids"], row["labels"]).strip()
             == f"{original['answer'].strip()} </s>"
@@ -142,7 +142,7 @@ def test_dump_writes_the_tokenized_examples_with_masked_labels(
     template = resolve_chat_template("chatml", tiny_tokenizer)
     originals = [json.loads(line)["messages"] for line in CHAT.read_text().splitlines()[:3]]
     assert [(row["source"], row["row"]) for row in rows] == [(str(CHAT), 1), (str(CHAT), 2), (str(CHAT), 3)]
-    for row, messages in zip(rows, originals):
+    for row, messages in zip(rows, originals, strict=True):
         expected = tokenize_conversation(messages, template, tiny_tokenizer)
         assert (row["input_ids"], row["labels"]) == (expected["input_ids"], expected["labels"])
         assert IGNORE_INDEX in row["labels"]

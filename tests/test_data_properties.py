@@ -65,9 +65,9 @@ def test_one_trained_run_per_reply_holding_the_reply(tokenizer, messages, name):
     runs = trained_runs(row["labels"])
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
     assert len(runs) == len(replies)
-    for run, reply in zip(runs, replies):
+    for run, reply in zip(runs, replies, strict=True):
         assert reply.strip() in tokenizer.decode(run)
-    assert all(label in (IGNORE_INDEX, token) for token, label in zip(row["input_ids"], row["labels"]))
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(row["input_ids"], row["labels"], strict=True))
     assert row["response_tokens"] + row["prompt_tokens"] == row["full_length"] == len(row["input_ids"])
 
 
@@ -120,7 +120,7 @@ def test_encode_gives_what_the_tokenizer_call_gives(tokenizer, texts):
     """Token ids and offsets read from the fast tokenizer directly are exactly those of `tokenizer(...)`, and a
     backend left set to truncate is not obeyed (the tokenizer call would not truncate either)."""
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    expected = list(zip(encoded["input_ids"], encoded["offset_mapping"]))
+    expected = list(zip(encoded["input_ids"], encoded["offset_mapping"], strict=True))
     assert _encode(texts, tokenizer) == expected
     tokenizer.backend_tokenizer.enable_truncation(2)
     try:

@@ -69,7 +69,7 @@ def test_two_processes_equal_one_process_with_double_accumulation(data_path, lau
         for name in ("one", "two")
     }
     assert [r["token_accuracy"] for r in rows["two"]] == [r["token_accuracy"] for r in rows["one"]]
-    for one_row, two_row in zip(rows["one"], rows["two"]):  # per-source sums all-reduced with the step's
+    for one_row, two_row in zip(rows["one"], rows["two"], strict=True):  # per-source sums all-reduced with the step's
         assert two_row["source_trained_tokens"] == one_row["source_trained_tokens"]
         assert two_row["source_loss"] == pytest.approx(one_row["source_loss"], rel=1e-6)
     assert all(r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 2) for r in rows["two"])

@@ -49,7 +49,7 @@ def test_tokenizer_is_a_chat_tokenizer_with_one_token_end_of_turn(tmp_path):
     stop = end_of_turn(template, tokenizer)
     assert stop == "<|im_end|>" and len(tokenizer(stop, add_special_tokens=False)["input_ids"]) == 1
     encoded = tokenize_conversation(Problem(35, 3).messages(), template, tokenizer)
-    trained = [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != -100]
+    trained = [t for t, label in zip(encoded["input_ids"], encoded["labels"], strict=True) if label != -100]
     assert tokenizer.decode(trained) == "35000 grams<|im_end|>"
     assert tokenizer.tokenize("35000 grams") == ["35", "000", "Ġgrams"]
     assert all(len(tokenizer.tokenize(str(n))) == 1 for n in NUMBERS)  # answers copy one token

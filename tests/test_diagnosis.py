@@ -207,7 +207,7 @@ def test_a_resumed_run_does_not_warn_again(tmp_path):
     assert run_steps(resumed, range(3, 5), grad_norm=lambda s: math.nan) == []
 
 
-# --------------------------------------------------------------------------- end to end: the real loop, induced failures
+# ------------------------------------------------------------------------ end to end: the real loop, induced failures
 
 
 def train_quietly(config):

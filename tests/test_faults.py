@@ -211,7 +211,7 @@ def test_ctrl_c_saves_stops_cleanly_and_resumes(tmp_path, tiny_model_dir, chat_d
     )
     assert not list(output_dir.glob(".tmp-checkpoint-*"))
 
-    resumed, console_text = resume_in_process(
+    _, console_text = resume_in_process(
         tiny_config(tiny_model_dir, chat_data, output_dir, resume_from_checkpoint=True, **SETTINGS)
     )
     assert resumed_step(console_text) == stopped_at  # nothing lost
@@ -262,7 +262,8 @@ DAMAGE = {
     "missing optimizer": (delete_optimizer, r"checkpoint-4/optimizer\.pt: missing"),
     "state of another run": (
         state_of_another_run,
-        r"checkpoint-4/trainer_state\.json: the checkpoint is from a different run \(seed: checkpoint has 1234, this run has 7\)",
+        r"checkpoint-4/trainer_state\.json: the checkpoint is from a different run "
+        r"\(seed: checkpoint has 1234, this run has 7\)",
     ),
 }
 

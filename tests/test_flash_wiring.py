@@ -9,6 +9,8 @@ wiring: which kwargs reach the kernel and which kernel transformers then picks.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -54,7 +56,7 @@ def flash_attn_varlen_func(
 ):
     """flash-attn's varlen kernel: (tokens, heads, dim), one sequence per cu_seqlens span."""
     bounds = cu_seqlens_q.tolist()
-    return torch.cat([_attend(q[s:e], k[s:e], v[s:e], softmax_scale, causal) for s, e in zip(bounds, bounds[1:])])
+    return torch.cat([_attend(q[s:e], k[s:e], v[s:e], softmax_scale, causal) for s, e in pairwise(bounds)])
 
 
 @pytest.fixture

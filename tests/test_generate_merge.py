@@ -90,7 +90,7 @@ def test_missing_tokenizer_or_template_is_a_clear_error(run_dir, tmp_path):
     no_template = tmp_path / "no_template"
     shutil.copytree(run_dir / "adapter", no_template)
     (no_template / "chat_template.jinja").unlink()
-    with pytest.raises(ModelError, match="has no chat_template.jinja"):
+    with pytest.raises(ModelError, match=r"has no chat_template\.jinja"):
         load_trained(no_template)
     no_tokenizer = tmp_path / "no_tokenizer"
     no_tokenizer.mkdir()

@@ -129,7 +129,7 @@ def test_qlora_without_the_needed_bitsandbytes_names_the_version(monkeypatch):
         quantize.check_qlora_supported(cuda=False)
     assert quantize.check_qlora_supported(cuda=True) is None  # CUDA 4-bit predates the CPU backend
     monkeypatch.setattr(quantize, "bitsandbytes_version", lambda: None)
-    with pytest.raises(ModelError, match="needs bitsandbytes>=0.47.0"):
+    with pytest.raises(ModelError, match=r"needs bitsandbytes>=0\.47\.0"):
         quantize.check_qlora_supported(cuda=False)
 
 

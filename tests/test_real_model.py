@@ -26,7 +26,7 @@ from tests.train_helpers import tiny_config
 def trained_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
     """The token ids of each maximal run of trained positions."""
     runs: list[list[int]] = []
-    for position, (token, label) in enumerate(zip(ids, labels)):
+    for position, (token, label) in enumerate(zip(ids, labels, strict=True)):
         if label == IGNORE_INDEX:
             continue
         if position == 0 or labels[position - 1] == IGNORE_INDEX:
@@ -48,7 +48,7 @@ def test_gguf_file_errors_name_the_key_and_the_fix(tmp_path, monkeypatch, tiny_m
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
-    with pytest.raises(ModelError, match="needs the `gguf` package; pip install gguf==0.19.0"):
+    with pytest.raises(ModelError, match=r"needs the `gguf` package; pip install gguf==0\.19\.0"):
         load_model(str(tmp_path / "m.gguf"), torch.float32)
 
 
@@ -127,7 +127,7 @@ def gsm8k_run(smollm2_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapted(gsm8k_run):
-    model, tokenizer, template = load_trained(gsm8k_run / "adapter")
+    model, tokenizer, _ = load_trained(gsm8k_run / "adapter")
     return model, tokenizer
 
 

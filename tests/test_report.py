@@ -128,7 +128,7 @@ def write_synthetic_run(
         {"step": step, "prompt": prompt, "completion": completion, "ended": ended}
         for step, (completions, ended) in COMPLETIONS.items()
         if step <= total_steps
-        for prompt, completion in zip(PROMPTS, completions)
+        for prompt, completion in zip(PROMPTS, completions, strict=True)
     ]
     (run_dir / "samples.jsonl").write_text("".join(json.dumps(sample) + "\n" for sample in samples))
     (run_dir / "diagnosis.jsonl").write_text(
@@ -238,7 +238,7 @@ def test_report_of_a_crashed_run_with_missing_files(tmp_path):
 def test_a_folder_without_metrics_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such run directory"):
         build_report(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="has no metrics.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"has no metrics\.jsonl"):
         build_report(tmp_path)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lo')
     with pytest.raises(FileNotFoundError, match="no metric rows yet"):

@@ -48,7 +48,7 @@ def test_greedy_matches_argmax_decoding_with_the_runs_template(model_and_tokeniz
     model, tokenizer = model_and_tokenizer
     template = resolve_chat_template("chatml", tokenizer)
     samples = generate_samples(model, tokenizer, template, CONVERSATIONS, max_new_tokens=6)
-    for messages, sample in zip(CONVERSATIONS, samples):
+    for messages, sample in zip(CONVERSATIONS, samples, strict=True):
         ids = tokenizer(render_prompt(messages, template, tokenizer), add_special_tokens=False, return_tensors="pt")[
             "input_ids"
         ]
@@ -134,5 +134,5 @@ def test_sample_prompts_errors_name_the_file_and_line(tmp_path):
         load_sample_prompts(str(tmp_path / "missing.jsonl"), [])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"text": "no prompt"}) + "\n")
-    with pytest.raises(ConfigError, match="bad.jsonl, line 2"):
+    with pytest.raises(ConfigError, match=r"bad\.jsonl, line 2"):
         load_sample_prompts(str(bad), [])

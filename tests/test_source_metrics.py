@@ -174,8 +174,12 @@ def test_logged_source_loss_equals_each_sources_examples_recomputed(tmp_path, ti
                 loss_sums[item["source"]] += alone_loss_sum(base, item)
                 trained[item["source"]] += item["trained"]
         assert trained == drawn.source_trained.tolist()
-        assert row["source_trained_tokens"] == dict(zip(feed.sources, trained))
-        expected = {name: loss_sum / count for name, loss_sum, count in zip(feed.sources, loss_sums, trained) if count}
+        assert row["source_trained_tokens"] == dict(zip(feed.sources, trained, strict=True))
+        expected = {
+            name: loss_sum / count
+            for name, loss_sum, count in zip(feed.sources, loss_sums, trained, strict=True)
+            if count
+        }
         assert row["source_loss"].keys() == expected.keys()
         worst = max([worst, *(abs(row["source_loss"][name] / expected[name] - 1) for name in expected)])
         assert sum(

@@ -58,14 +58,14 @@ def assert_generated_text(tokenizer, encoded: dict[str, list[int]], expected: li
     """Each run of trained tokens decodes to its expected text, give or take one token straddling either end
     (Llama-2 reads `<think></think>` as `<`, `think`, `></`, ...: the `></` is half prompt, half reply)."""
     ids, labels = encoded["input_ids"], encoded["labels"]
-    assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels))
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels, strict=True))
     runs = trained_runs(labels)
     assert len(runs) == len(expected), [tokenizer.decode([ids[p] for p in run]) for run in runs]
 
     def decode(tokens: list[int]) -> str:  # sentencepiece decodes DeepSeek's `▁` as a space
         return tokenizer.decode(tokens).replace("▁", " ").strip()
 
-    for run, want in zip(runs, expected):
+    for run, want in zip(runs, expected, strict=True):
         tokens, want = [ids[p] for p in run], want.replace("▁", " ").strip()
         got = decode(tokens)
         assert want in got, (got, want)
@@ -114,7 +114,7 @@ def test_no_token_of_another_role_is_trained(tokenizer, name):
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     labels = tokenize_conversation(messages, template, tokenizer)["labels"]
     assert len(trained_runs(labels)) == len(replies(messages))
-    for (start, end), label in zip(encoded["offset_mapping"], labels):
+    for (start, end), label in zip(encoded["offset_mapping"], labels, strict=True):
         inside = any(start < span_end and end > span_start for span_start, span_end in spans)
         assert (label != IGNORE_INDEX) == inside, full[start:end]
     other = [m["content"] for m in messages if m["role"] != "assistant"]
@@ -134,5 +134,22 @@ def test_any_content_gives_one_trained_run_per_reply(tiny_tokenizer, messages, n
     encoded = tokenize_conversation(messages, fixture_template(name, tiny_tokenizer), tiny_tokenizer)
     runs = trained_runs(encoded["labels"])
     assert len(runs) == len(replies(messages))
-    for run, reply in zip(runs, replies(messages)):
+    for run, reply in zip(runs, replies(messages), strict=True):
         assert reply.strip() in tiny_tokenizer.decode([encoded["input_ids"][p] for p in run])
+
+
+@pytest.mark.parametrize("reply", ["|", "im_end", "e", ">"])
+def test_a_reply_that_also_occurs_in_the_markup_trains_only_itself(tiny_tokenizer, reply):
+    """A reply found again inside the end-of-turn markup ("|" in "<|im_end|>") is located where it is: on a
+    template that renders earlier turns differently, the last copy in the turn used to be taken, and the span
+    ran on over the next user turn (found by the property test above with empty user turns)."""
+    messages = [
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": "0"},
+        {"role": "user", "content": ""},
+    ]
+    template = fixture_template("think", tiny_tokenizer)
+    full, spans = assistant_spans(messages, template, tiny_tokenizer)
+    assert [full[start:end] for start, end in spans] == [f"</think>{reply}<|im_end|>", "</think>0<|im_end|>"]

@@ -98,11 +98,11 @@ def assert_trained_text(tokenizer, encoded: dict[str, list[int]], expected: list
     """The runs of trained tokens decode, in order, to `expected` (compared after .strip())."""
     ids, labels = encoded["input_ids"], encoded["labels"]
     assert len(labels) == len(ids)
-    assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels))
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels, strict=True))
     runs = trained_runs(labels)
     decoded = [tokenizer.decode([ids[p] for p in run]).strip() for run in runs]
     assert len(runs) == len(expected), decoded
-    for run, got, want in zip(runs, decoded, expected):
+    for run, got, want in zip(runs, decoded, expected, strict=True):
         want = want.strip()
         if got == want:
             continue
@@ -143,7 +143,7 @@ def test_llama2_layout_exactly(llama2_tokenizer):
     encoded = tokenize_conversation([user("Hi"), assistant("Hello")], template, llama2_tokenizer)
     tokens = llama2_tokenizer.convert_ids_to_tokens(encoded["input_ids"])
     assert tokens == ["<s>", "[", "INST", "]", "▁Hi", "▁[", "/", "INST", "]", "▁Hello", "▁", "</s>"]
-    trained = [t for t, label in zip(tokens, encoded["labels"]) if label != IGNORE_INDEX]
+    trained = [t for t, label in zip(tokens, encoded["labels"], strict=True) if label != IGNORE_INDEX]
     assert trained == ["▁Hello", "▁", "</s>"]
 
 
@@ -201,7 +201,7 @@ def test_user_and_system_text_never_trained(tokenizer, name):
     full, spans = assistant_spans(messages, template, tokenizer)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     labels = tokenize_conversation(messages, template, tokenizer)["labels"]
-    for (start, end), label in zip(encoded["offset_mapping"], labels):
+    for (start, end), label in zip(encoded["offset_mapping"], labels, strict=True):
         inside = any(start < span_end and end > span_start for span_start, span_end in spans)
         assert (label != IGNORE_INDEX) == inside, full[start:end]
 
@@ -222,7 +222,7 @@ def test_template_that_rewrites_the_reply_cannot_be_masked(tiny_tokenizer):
 
 
 def test_unknown_template_name_lists_the_builtins(tiny_tokenizer):
-    with pytest.raises(TemplateError, match="not a built-in template .*llama2, chatml, llama3, zephyr, mistral"):
+    with pytest.raises(TemplateError, match=r"not a built-in template .*llama2, chatml, llama3, zephyr, mistral"):
         resolve_chat_template("vicuna", tiny_tokenizer)
     with pytest.raises(TemplateError, match=r"missing\.jinja.*not found"):
         resolve_chat_template("missing.jinja", tiny_tokenizer)

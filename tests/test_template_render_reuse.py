@@ -6,6 +6,7 @@ assistant turns costs three (the conversation once, its first message twice)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import Counter
 
@@ -33,6 +34,9 @@ def template_text(name: str, tokenizer) -> str:
 def counted(monkeypatch, reuse_renders: bool, messages, template: str, tokenizer):
     """(labels or the TemplateError text, how many times the template was rendered)."""
     calls = Counter()
+    # The end of a turn is the template's, rendered once per template and tokenizer: not one of the conversation's.
+    with contextlib.suppress(TemplateError):
+        template_module.end_of_turn(template, tokenizer)
     render, generate = template_module._render, template_module._generate
 
     def counting_render(*args, **kwargs):

@@ -96,7 +96,9 @@ def test_full_finetuning_saves_a_loadable_model(tmp_path, tiny_model_dir):
     assert result.final_dir == tmp_path / "out" / "model"
     trained = AutoModelForCausalLM.from_pretrained(result.final_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    changed = any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values()))
+    changed = any(
+        not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values(), strict=True)
+    )
     assert changed
 
 
@@ -115,7 +117,7 @@ def _nan_on_step(monkeypatch, bad_steps: set[int]):
 def test_non_finite_loss_stops_with_advice(tmp_path, tiny_model_dir, monkeypatch):
     data = write_chat_data(tmp_path / "chat.jsonl", rows=12)
     _nan_on_step(monkeypatch, {2})
-    with pytest.raises(loop.TrainingError, match="not finite.*lower learning_rate"):
+    with pytest.raises(loop.TrainingError, match=r"not finite.*lower learning_rate"):
         loop.train(tiny_config(tiny_model_dir, data, tmp_path / "out", max_steps=4))
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["status"] == "crashed" and run["last_step"] == 1

@@ -11,7 +11,26 @@ from typing import Any
 
 from sftkit.config import SFTConfig, validate_config
 
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "what", "is", "plus", "answer", "hello", "how", "can", "help", "you", "today"]
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "what",
+    "is",
+    "plus",
+    "answer",
+    "hello",
+    "how",
+    "can",
+    "help",
+    "you",
+    "today",
+]
 
 
 def write_chat_data(path: Path, rows: int = 48, seed: int = 0) -> Path:

@@ -136,7 +136,7 @@ def data_inspect(
             "not from the whole data (--sample_rows N reads more)",
             soft_wrap=True,
         )
-    first = data.train.dataset[0]
+    first = data.tokenized_train().dataset[0]
     print_stats(stats, masked_segments(first["input_ids"], first["labels"], tokenizer), console)
 
 

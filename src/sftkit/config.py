@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,7 +96,8 @@ class SFTConfig(BaseModel):
     )
     trainable_tokens: Literal["auto", "none"] | list[str] = Field(
         "none",
-        description="Tokens whose embedding and output-head rows LoRA trains too; `auto`: the chat template's special tokens.",
+        description="Tokens whose embedding and output-head rows LoRA trains too; "
+        "`auto`: the chat template's special tokens.",
     )
 
     # --- data ---
@@ -295,7 +297,7 @@ class SFTConfig(BaseModel):
             if self.eval_dataset
             else []
         )
-        for index, spec in enumerate(specs):
+        for spec in specs:
             if spec.weight is not None:
                 raise ValueError(f"eval_dataset weight = {spec.weight}: weights mix training sources only; remove it")
         if isinstance(self.eval_dataset, list):
@@ -308,7 +310,7 @@ class SFTConfig(BaseModel):
                         f"eval_dataset.{index} has no label; in a list every eval set needs one "
                         "(e.g. label: gsm8k), which names its metrics eval_<label>_loss"
                     )
-            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            repeated = sorted({label for label in labels if label is not None and labels.count(label) > 1})
             if repeated:
                 raise ValueError(f"eval_dataset: label {repeated[0]!r} is used twice; each eval set needs its own")
         if self.metric_for_best_model is not None:
@@ -380,7 +382,7 @@ class SFTConfig(BaseModel):
     @property
     def mixture_weights(self) -> dict[str, float]:
         """A mixture's weight per source path; empty when the sources are concatenated."""
-        return {spec.path: spec.weight for spec in self.datasets} if self.is_mixture else {}
+        return {spec.path: spec.weight for spec in self.datasets if spec.weight is not None}
 
     @property
     def has_eval(self) -> bool:
@@ -486,10 +488,11 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> SFTConfig:
         raise ConfigError(_explain(err, raw, source)) from None
 
 
-def _eval_dataset_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _eval_dataset_errors(errors: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """`eval_dataset` is one entry or a list of them: keep only the errors of the form the user wrote,
     without pydantic's branch names in their location."""
-    kept, dropped = [], None
+    kept: list[Mapping[str, Any]] = []
+    dropped = None
     for e in errors:
         loc = e["loc"]
         if loc[:1] == ("eval_dataset",) and len(loc) > 1 and loc[1] in ("DatasetSpec", "list[DatasetSpec]"):
@@ -593,8 +596,7 @@ def _redact(node: Any, key: str = "") -> Any:
     if isinstance(node, list):
         return [_redact(v, key) for v in node]
     if isinstance(node, str) and (
-        (_SECRET_KEY.search(key)
-        and not any(k in key for k in _NOT_SECRET_KEYS))
+        (_SECRET_KEY.search(key) and not any(k in key for k in _NOT_SECRET_KEYS))
         or _SECRET_VALUE.search(_HUB_COMMIT.sub("", node))
     ):
         return "***redacted***"

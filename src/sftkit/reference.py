@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from sftkit.config import DatasetSpec, SFTConfig
@@ -23,7 +24,7 @@ def _default(field) -> str:
     return f"`{value!r}`" if value not in (None, "") else "unset"
 
 
-def _table(model: type) -> list[str]:
+def _table(model: type[BaseModel]) -> list[str]:
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     for name, field in model.model_fields.items():
         rows.append(f"| `{name}` | {_default(field)} | {(field.description or '').replace('|', '/')} |")

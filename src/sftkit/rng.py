@@ -16,7 +16,10 @@ import torch
 def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(python and numpy state as plain values, torch CPU and every CUDA device's state as tensors)."""
     version, state, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state()
+    if isinstance(numpy_state, dict):  # the global generator was replaced by one that is not MT19937
+        raise RuntimeError(f"numpy's global random generator is {numpy_state['bit_generator']}; only MT19937 is saved")
+    kind, keys, pos, has_gauss, cached = numpy_state
     plain = {
         "python": [version, list(state), gauss],
         "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],

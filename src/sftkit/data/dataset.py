@@ -66,6 +66,15 @@ class PreparedData:
         """The first eval set, where one is enough (its prompts seed the samples)."""
         return next(iter(self.eval_sets.values()), None)
 
+    def tokenized_train(self) -> TokenizedData:
+        """The training set, for readers of all of it (inspect, plan); streamed sources have none here."""
+        if self.train is None:
+            raise DataError(
+                "the training sources are streamed, so no tokenized training set was prepared; "
+                "prepare the first rows of each with sample_rows"
+            )
+        return self.train
+
     @property
     def skipped(self) -> dict[str, int]:
         total: dict[str, int] = {}
@@ -97,6 +106,8 @@ def prepare_data(options: DataOptions, tokenizer: Any) -> PreparedData:
             eval_rows[label], eval_sources = _load_all((spec,), options)
             sources += eval_sources
     if options.eval_split_ratio > 0:
+        if rows is None:
+            raise DataError("eval_split_ratio cannot hold rows out of a stream; set eval_dataset instead")
         held_out = round(len(rows) * options.eval_split_ratio)
         if held_out == 0:
             raise DataError(

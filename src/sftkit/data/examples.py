@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import datasets
@@ -80,7 +81,7 @@ class TrainingExamples:
         wanted = sequences.examples_of(sequence_ids)
         examples = self.take(wanted)
         starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-        return [examples[start:end] for start, end in zip(starts[:-1], starts[1:])]
+        return [examples[start:end] for start, end in pairwise(starts)]
 
     def take(self, ids: np.ndarray) -> list[Example]:
         """Some examples by index, in one Arrow read of just those rows."""
@@ -93,5 +94,6 @@ class TrainingExamples:
                 self.sources[ids].tolist(),
                 self.source_rows[ids].tolist(),
                 self.trained[ids].tolist(),
+                strict=True,
             )
         ]

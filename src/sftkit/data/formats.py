@@ -414,7 +414,7 @@ def check_conversation(messages: list[dict[str, str]]) -> str:
     for index, message in enumerate(body):
         role = message["role"]
         if previous is None or (previous["role"] == "assistant" and not previous.get("tool_calls")):
-            expected = ("user",)
+            expected: tuple[str, ...] = ("user",)
         elif previous["role"] == "user":
             expected = ("assistant",)
         elif previous["role"] == "assistant":

@@ -35,7 +35,8 @@ def _length_stats(values: np.ndarray) -> dict[str, float]:
 def data_stats(data: PreparedData, max_seq_length: int, batch_size: int, packs: Packs | None = None) -> dict[str, Any]:
     """Everything `data inspect` prints, as plain JSON-able values. `packs`: the balanced packs when
     the caller already has them (training does), so they are not computed twice."""
-    train = data.train.dataset
+    train_set = data.tokenized_train()
+    train = train_set.dataset
     lengths = column(train, "length").astype(np.int64)
     full_lengths = column(train, "full_length")
     trained = int(column(train, "trained_tokens").sum())
@@ -48,7 +49,7 @@ def data_stats(data: PreparedData, max_seq_length: int, batch_size: int, packs: 
         "train_examples": len(train),
         "eval_examples": sum(len(evaluation.dataset) for evaluation in data.eval_sets.values()),
         "skipped_rows": data.skipped,
-        "dropped_examples": data.train.dropped,
+        "dropped_examples": train_set.dropped,
         "truncated_examples": int(column(train, "truncated").sum()),
         "examples_over_max_seq_length": int((full_lengths > max_seq_length).sum()),
         "max_seq_length": max_seq_length,
@@ -70,7 +71,7 @@ def data_stats(data: PreparedData, max_seq_length: int, batch_size: int, packs: 
 def _sources(data: PreparedData) -> list[dict[str, Any]]:
     """Each source's rows and, for training sources, its examples, tokens and share of trained tokens
     (grouped with Arrow over scalar columns)."""
-    train = data.train.dataset
+    train = data.tokenized_train().dataset
     figures: dict[str, dict[str, Any]] = {}
     if "source" in train.column_names and len(train):
         table = train.select_columns(["source", "length", "trained_tokens"]).with_format("arrow")[:]
@@ -111,11 +112,12 @@ def inspect_data(data: PreparedData, max_seq_length: int, batch_size: int, progr
     Speed counts every token tokenized (train and eval, before truncation); a second run served
     from the cache shows the cache's speed, not the tokenizer's.
     """
+    train = data.tokenized_train().dataset
     started = time.perf_counter()
-    packs = balanced(column(data.train.dataset, "length"), max_seq_length, progress=progress)
+    packs = balanced(column(train, "length"), max_seq_length, progress=progress)
     seconds = {**data.seconds, "pack": time.perf_counter() - started}
     stats = data_stats(data, max_seq_length, batch_size, packs=packs)
-    tokenized = int(column(data.train.dataset, "full_length").sum())
+    tokenized = int(column(train, "full_length").sum())
     tokenized += sum(int(column(evaluation.dataset, "full_length").sum()) for evaluation in data.eval_sets.values())
     speed = tokenized / seconds["tokenize"] if seconds.get("tokenize") else None
     return {**stats, "timings": {"seconds": seconds, "tokenized_tokens": tokenized, "tokens_per_s": speed}}
@@ -123,7 +125,8 @@ def inspect_data(data: PreparedData, max_seq_length: int, batch_size: int, progr
 
 def dump_examples(data: PreparedData, count: int, path: Path) -> int:
     """Write the first `count` tokenized training examples (before packing) as JSONL."""
-    rows = data.train.dataset.select(range(min(count, len(data.train.dataset))))
+    train = data.tokenized_train().dataset
+    rows = train.select(range(min(count, len(train))))
     with path.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(
@@ -145,7 +148,7 @@ def masked_segments(input_ids: list[int], labels: list[int], tokenizer: Any) -> 
     segments: list[tuple[str, bool]] = []
     run: list[int] = []
     state = None
-    for token, label in zip(input_ids, labels):
+    for token, label in zip(input_ids, labels, strict=True):
         is_trained = label != IGNORE_INDEX
         if state is not None and is_trained != state:
             segments.append((tokenizer.decode(run), state))

@@ -73,7 +73,7 @@ class _Buckets:
     """Bin ids grouped by free space. Each bucket hands out its lowest ids first (BFD's tie-break)."""
 
     def __init__(self, capacity: int) -> None:
-        self.sorted: list[np.ndarray | None] = [None] * (capacity + 1)  # ascending ids
+        self.sorted: list[np.ndarray] = [np.zeros(0, np.int64)] * (capacity + 1)  # ascending ids
         self.pending: list[list[np.ndarray]] = [[] for _ in range(capacity + 1)]  # ascending chunks to merge in
         self.sizes = np.zeros(capacity + 1, np.int64)
 
@@ -91,7 +91,7 @@ class _Buckets:
         """The `count` lowest bin ids with this free space, removed from the bucket."""
         current = self.sorted[free]
         if self.pending[free]:
-            parts = ([current] if current is not None else []) + self.pending[free]
+            parts = ([current] if len(current) else []) + self.pending[free]
             current = np.sort(np.concatenate(parts)) if len(parts) > 1 else parts[0]
             self.pending[free] = []
         taken, self.sorted[free] = current[:count], current[count:]
@@ -116,7 +116,8 @@ def _bins_of(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray
     bins = 0
     starts = np.flatnonzero(np.diff(sorted_lengths, prepend=-1))  # where each run of equal lengths begins
     ends = np.append(starts[1:], len(lengths))
-    for run_start, run_end in zip(starts.tolist(), ends.tolist()):
+    # no examples: no run starts, and `ends` holds one stray 0
+    for run_start, run_end in zip(starts.tolist(), ends.tolist(), strict=False):
         length = int(sorted_lengths[run_start])
         position = run_start
         while position < run_end:

@@ -55,11 +55,11 @@ def message_local(tree: nodes.Template) -> bool:
     """Whether the template has the shape above, so that each prefix's rendering is S_k + E(g)."""
     if any(True for _ in tree.find_all(UNSUPPORTED)):
         return False
-    loops = [index for index, node in enumerate(tree.body) if isinstance(node, nodes.For)]
+    loops = [(index, node) for index, node in enumerate(tree.body) if isinstance(node, nodes.For)]
     if len(loops) != 1:
         return False
-    loop = tree.body[loops[0]]
-    prologue, epilogue = tree.body[: loops[0]], tree.body[loops[0] + 1 :]
+    position, loop = loops[0]
+    prologue, epilogue = tree.body[:position], tree.body[position + 1 :]
     if loop.else_ or loop.test is not None or loop.recursive or not isinstance(loop.target, nodes.Name):
         return False
     # The loop's sequence: the messages (from the first or the second), directly or through names that the
@@ -136,7 +136,11 @@ def _is_messages(node: nodes.Node) -> bool:
 
 
 def _messages_name(node: nodes.Node) -> nodes.Name:
-    return node if isinstance(node, nodes.Name) else node.node
+    """The `messages` Name in a node `_is_messages` accepted."""
+    inner = node.node if isinstance(node, nodes.Getitem) else node
+    if not isinstance(inner, nodes.Name):
+        raise TypeError(f"{node!r} is not `messages` nor a slice of it")
+    return inner
 
 
 def _reads(roots: list[nodes.Node], names: set[str]) -> bool:

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -327,15 +326,20 @@ def _span_after_prompt(
     if supplied and prompt.rfind(supplied) + len(supplied) > start:
         return None  # the full rendering departs from the prompt before its last message ends
     shared = _common_prefix_length(alone, full)
-    in_alone = alone.rfind(content)
+    in_alone = _reply_in_alone(alone, content, renderer.template, renderer.tokenizer)
+    ending: str | None = alone[in_alone + len(content) :].rstrip() if content and in_alone >= 0 else ""
     if content and start <= in_alone and in_alone + len(content) <= shared:
         reply_start = in_alone
+    elif content:  # the first copy that the turn's ending follows ("0" of "</think>0<|im_end|>", not of a header)
+        reply_start = first = full.find(content, start)
+        while ending and reply_start >= 0 and not full.startswith(ending, reply_start + len(content)):
+            reply_start = full.find(content, reply_start + 1)
+        reply_start = first if reply_start < 0 else reply_start
     else:
-        reply_start = full.find(content, start) if content else start
+        reply_start = start
     if reply_start < 0:
         return None
     reply_end = reply_start + len(content)
-    ending = alone[in_alone + len(content) :].rstrip() if content and in_alone >= 0 else ""
     if ending and full.startswith(ending, reply_end):
         return start, reply_end + len(ending)
     conversation_so_far = _without_final_eos(renderer(index), renderer.tokenizer) if before else ""
@@ -349,6 +353,23 @@ def _span_after_prompt(
     if ending is None:
         ending = _end_of_turn(renderer.template, renderer.tokenizer, full[reply_end:])
     return start, reply_end + len(ending)
+
+
+def _reply_in_alone(alone: str, content: str, template: str, tokenizer: Any) -> int:
+    """Where the reply's text lies in the turn rendered as the last message: the last copy that the
+    template's end-of-turn follows. A reply may also occur inside the markup after it ("|" or ">" in
+    "<|im_end|>") or in its reasoning; the last copy alone could be one of those."""
+    at = alone.rfind(content)
+    try:
+        suffix = end_of_turn(template, tokenizer).strip() if content else ""
+    except TemplateError:  # a template that rewrites replies: the search after this one says so
+        return at
+    while content and at >= 0:
+        rest = alone[at + len(content) :].lstrip()
+        if rest.startswith(suffix) if suffix else not rest:
+            return at
+        at = alone.rfind(content, 0, at + len(content) - 1)
+    return alone.rfind(content)
 
 
 def _span_by_search(full: str, content: str, cursor: int, index: int, template: str, tokenizer: Any) -> tuple[int, int]:
@@ -378,7 +399,8 @@ def _span_by_search(full: str, content: str, cursor: int, index: int, template: 
 
 
 def _common_prefix_length(a: str, b: str) -> int:
-    return len(os.path.commonprefix([a, b]))
+    # when one string starts the other, the whole of the shorter one
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def _without_final_eos(text: str, tokenizer: Any) -> str:
@@ -404,9 +426,24 @@ def _ending_before_next_header(following: str, generation_prompt: str) -> str | 
     return following[:best_at].rstrip() if best_length else None
 
 
+_END_OF_TURN: dict[tuple[str, int], tuple[Any, str]] = {}  # (template, id(tokenizer)) → (tokenizer, end of turn)
+
+
 def end_of_turn(template: str, tokenizer: Any) -> str:
     """The text a template writes right after an assistant reply (e.g. `<|im_end|>`, ` </s>`), trailing
-    whitespace removed: what generation must emit to stop."""
+    whitespace removed: what generation must emit to stop. Rendered once per template and tokenizer (the
+    tokenizer is held with the answer, so a reused id never finds another tokenizer's)."""
+    key = (template, id(tokenizer))
+    cached = _END_OF_TURN.get(key)
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
+    if len(_END_OF_TURN) >= 16:
+        _END_OF_TURN.clear()
+    _END_OF_TURN[key] = (tokenizer, _render_end_of_turn(template, tokenizer))
+    return _END_OF_TURN[key][1]
+
+
+def _render_end_of_turn(template: str, tokenizer: Any) -> str:
     probe = [{"role": "user", "content": "\x00q"}, {"role": "assistant", "content": "\x00a"}]
     text = render(probe, template, tokenizer)
     at = text.find("\x00a")

@@ -65,7 +65,7 @@ def tokenize_batch(batch: dict[str, list], tokenizer: Any, options: TokenizeOpti
         spans.append(trained)
     rows = [
         _row_figures(ids, offsets, trained, tokenizer, options)
-        for (ids, offsets), trained in zip(_encode(texts, tokenizer), spans)
+        for (ids, offsets), trained in zip(_encode(texts, tokenizer), spans, strict=True)
     ]
     return {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
 
@@ -83,7 +83,7 @@ def _encode(texts: list[str], tokenizer: Any) -> list[tuple[list[int], list[tupl
         or backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False))
     ):
         encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
+        return list(zip(encoded["input_ids"], encoded["offset_mapping"], strict=True))
     return [(encoding.ids, encoding.offsets) for encoding in backend.encode_batch(texts, add_special_tokens=False)]
 
 

@@ -77,7 +77,7 @@ def score(
                 pad_token_id=tokenizer.pad_token_id,
                 use_cache=True,
             )
-            for problem, ids in zip(batch, output[:, inputs["input_ids"].shape[1] :].tolist()):
+            for problem, ids in zip(batch, output[:, inputs["input_ids"].shape[1] :].tolist(), strict=True):
                 ended = next((i for i, token in enumerate(ids) if token in stop_ids), len(ids))
                 # A reply that never ends the turn is wrong however it starts.
                 got = (

@@ -244,7 +244,7 @@ def inspect_data(config: SFTConfig, console: Console) -> None:
     tokenizer = load_tokenizer(config.model_name_or_path)
     template = resolve_chat_template(config.chat_template, tokenizer)
     data = prepare_data(DataOptions.from_config(config, template), tokenizer)
-    first = data.train.dataset[0]
+    first = data.tokenized_train().dataset[0]
     print_stats(
         data_stats(data, config.max_seq_length, config.per_device_train_batch_size),
         masked_segments(first["input_ids"], first["labels"], tokenizer),

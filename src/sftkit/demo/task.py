@@ -10,9 +10,9 @@ test questions (a number and a pair of units) never appear in the pre-training t
 fine-tuning data, so the accuracy the demo reports is on conversions the model has never seen.
 
 The pre-training text states the same facts without questions or chat turns
-(`35 kilograms = 35000 grams`, `In 35 kilograms there are 35000 grams.`): the base model learns the conversions there, and fine-tuning teaches
-it to answer questions in the chat format, as a real base model learns from raw text and learns to
-follow instructions from SFT.
+(`35 kilograms = 35000 grams`, `In 35 kilograms there are 35000 grams.`): the base model learns the
+conversions there, and fine-tuning teaches it to answer questions in the chat format, as a real base
+model learns from raw text and learns to follow instructions from SFT.
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
-from sftkit.model.load import ModelError
+from sftkit.model.load import ModelError, embedding_weight
 from sftkit.model.quantize import keep_4bit_layers_trainable
 
 # init_lora_weights values that move part of the base weights into the adapter at init.
@@ -70,7 +71,7 @@ class AdapterOptions:
     trainable_token_ids: tuple[int, ...] = ()  # embedding and output-head rows trained beside LoRA
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
+def linear_module_names(model: PreTrainedModel) -> list[str]:
     """Leaf names of every linear layer except the output head (what `all-linear` means)."""
     head = model.get_output_embeddings()
     names: set[str] = set()
@@ -82,7 +83,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def apply_adapters(model: nn.Module, options: AdapterOptions) -> nn.Module:
+def apply_adapters(model: PreTrainedModel, options: AdapterOptions) -> nn.Module:
     """Wrap the base model for training; returns the model whose parameters the optimizer sees."""
     if options.finetuning == "qlora":
         from peft import prepare_model_for_kbit_training
@@ -109,7 +110,7 @@ def apply_adapters(model: nn.Module, options: AdapterOptions) -> nn.Module:
     check_modules_to_save(model, options.variant.modules_to_save)
     config = LoraConfig(
         r=options.r,
-        lora_alpha=options.alpha,
+        lora_alpha=options.alpha,  # type: ignore[arg-type]  # peft annotates int; it only divides by it
         lora_dropout=options.dropout,
         target_modules=targets,
         bias="none",
@@ -156,22 +157,28 @@ def save_adapter(
     With `initial` (PiSSA/OLoRA), peft rewrites the adapter as the plain rank-2r LoRA ΔW = BA − B0A0;
     peft's conversion keeps only lora_A/lora_B, so fully trained modules (modules_to_save) are added back.
     """
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise ModelError(f"save_adapter: {type(model).__name__} carries no peft adapter")
     if initial is None:
-        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
+        model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
         return
     import copy
 
-    from peft import get_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
     config = copy.deepcopy(model.peft_config["default"])
+    if not isinstance(config, LoraConfig):
+        raise ModelError(f"save_adapter: an initial adapter is converted for LoRA only, not {type(config).__name__}")
     config.init_lora_weights = True  # the initial adapter is loaded as it is, not initialised again
     with tempfile.TemporaryDirectory() as temp:
         initial_dir = Path(temp) / "initial_adapter"
-        config.save_pretrained(initial_dir)
+        config.save_pretrained(str(initial_dir))
         save_file({k: v.contiguous() for k, v in initial.items()}, str(initial_dir / "adapter_model.safetensors"))
         model.save_pretrained(
-            directory,
+            str(directory),
             safe_serialization=True,
             state_dict=state_dict,
             path_initial_model_for_weight_conversion=str(initial_dir),
@@ -186,7 +193,7 @@ def save_adapter(
         save_file({**load_file(str(saved)), **extra}, str(saved), metadata={"format": "pt"})
 
 
-def token_rows(model: nn.Module, token_ids: tuple[int, ...]) -> dict[str, list[int]] | None:
+def token_rows(model: PreTrainedModel, token_ids: tuple[int, ...]) -> dict[str, list[int]] | None:
     """peft `trainable_token_indices`: the same rows of the input embedding and of the output head.
 
     With tied embeddings (one matrix for both) peft wraps the head around the embedding's trainable
@@ -196,7 +203,7 @@ def token_rows(model: nn.Module, token_ids: tuple[int, ...]) -> dict[str, list[i
         return None
     modules = {id(module): name for name, module in model.named_modules()}
     rows = sorted(token_ids)
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = embedding_weight(model).shape[0]
     if rows[-1] >= vocab:
         raise ModelError(f"trainable_tokens: token id {rows[-1]} is beyond this model's {vocab} embedding rows")
     return {modules[id(model.get_input_embeddings())]: rows, modules[id(model.get_output_embeddings())]: rows}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -34,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
+
+from sftkit.model.load import transformers_model
 
 VARLEN = "varlen"
 # Kernels that compute Σ l² scores per example and take no seq × seq mask.
@@ -78,7 +81,7 @@ def sdpa_per_example(
     """
     gqa = query.shape[1] != key.shape[1]
     outputs = []
-    for start, end in zip(cu[:-1], cu[1:]):
+    for start, end in pairwise(cu):
         q, k, v = (x[start:end].transpose(0, 1)[None] for x in (query, key, value))  # (1, heads, l, dim)
         mask = _window_mask(end - start, window, q.device) if window and end - start > window else None
         out = F.scaled_dot_product_attention(
@@ -174,7 +177,7 @@ def varlen_attention_forward(
             "attn_implementation = 'varlen' does not support attention soft-capping or sinks "
             "(this model uses them); set attn_implementation: eager"
         )
-    batch, heads, seq, dim = query.shape
+    batch, heads, seq, _ = query.shape
     if cu_seq_lens_q is None:  # no boundaries given: each row is one causal sequence (e.g. a plain forward)
         if key.shape[2] != seq:
             raise ValueError(
@@ -183,9 +186,11 @@ def varlen_attention_forward(
             )
         cu_seq_lens_q = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=query.device)
         max_length_q = seq
-    flat = [x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[3]) for x in (query, key, value)]
+    elif max_length_q is None:
+        raise ValueError("attn_implementation = 'varlen': cu_seq_lens_q came without max_length_q")
+    q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[3]) for x in (query, key, value))
     out = varlen_kernel(
-        *flat, cu_seq_lens_q, int(max_length_q), scaling, sliding_window, dropout if module.training else 0.0
+        q, k, v, cu_seq_lens_q, int(max_length_q), scaling, sliding_window, dropout if module.training else 0.0
     )  # (tokens, heads, dim)
     return out.reshape(batch, seq, heads, value.shape[-1]), None
 
@@ -205,7 +210,7 @@ def generation_attention(model: nn.Module) -> Iterator[None]:
 
     The varlen kernel serves training forwards, which carry per-example boundaries and no cache.
     """
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model = transformers_model(model)
     switch = model.config._attn_implementation == VARLEN
     if switch:
         model.set_attn_implementation("sdpa")

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from sftkit.model.load import ModelError
+from sftkit.model.load import ModelError, transformers_model
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks, found by the class names transformers lists in `_no_split_modules`."""
-    names = set()
+    names: set[str] = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
     return [module for module in model.modules() if type(module).__name__ in names]
@@ -35,7 +35,7 @@ def compile_decoder_layers(model: nn.Module) -> int:
             f"torch_compile: found no decoder layers in {type(model).__name__} "
             "(none of the classes its _no_split_modules names); set torch_compile: false"
         )
-    model.enable_input_require_grads()
+    transformers_model(model).enable_input_require_grads()
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)

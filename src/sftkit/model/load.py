@@ -17,13 +17,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelError(ValueError):
     """The model or tokenizer cannot be loaded as configured."""
+
+
+def transformers_model(model: nn.Module) -> PreTrainedModel:
+    """The transformers model itself, under peft's adapter wrapper where there is one."""
+    get_base_model = getattr(model, "get_base_model", None)
+    base = get_base_model() if get_base_model is not None else model
+    if not isinstance(base, PreTrainedModel):
+        raise ModelError(f"{type(base).__name__} is not a transformers model")
+    return base
+
+
+def embedding_weight(model: PreTrainedModel) -> torch.Tensor:
+    """The input embedding's matrix, (vocab, hidden): a row for every token id the model reads."""
+    weight = model.get_input_embeddings().weight
+    if not isinstance(weight, torch.Tensor):
+        raise ModelError(f"{type(model).__name__}: its input embedding has no weight matrix")
+    return weight
 
 
 def _looks_local(name: str) -> bool:
@@ -200,7 +218,7 @@ def load_model(
         raise _remote_code_error(name, err) or ModelError(f"{name}: could not load the model: {err}") from None
     if gguf:
         as_plain_model(model, source)
-    if vocab_size is not None and vocab_size > model.get_input_embeddings().weight.shape[0]:
+    if vocab_size is not None and vocab_size > embedding_weight(model).shape[0]:
         model.resize_token_embeddings(vocab_size)
     model.config.use_cache = False  # training: a KV cache would let packed examples see each other
     return model

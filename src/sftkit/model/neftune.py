@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from sftkit.model.load import transformers_model
+
 
 def add_neftune_noise(model: nn.Module, alpha: float) -> RemovableHandle:
     """Hook noise into `model`'s input embeddings; `handle.remove()` takes it out again."""
@@ -29,4 +31,4 @@ def add_neftune_noise(model: nn.Module, alpha: float) -> RemovableHandle:
         magnitude = alpha / math.sqrt(output.size(1) * output.size(2))  # output: (batch, seq, hidden)
         return output + torch.empty_like(output).uniform_(-magnitude, magnitude)
 
-    return model.get_input_embeddings().register_forward_hook(noisy)
+    return transformers_model(model).get_input_embeddings().register_forward_hook(noisy)

@@ -98,4 +98,5 @@ def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit
-            module.support_avx512bf16_for_cpu = False
+            # torch types Module.__setattr__ for tensors and modules only; a plain flag is legal
+            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]

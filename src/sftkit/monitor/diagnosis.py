@@ -255,7 +255,7 @@ class Monitor:
         if len(evals) < 2:
             return None
         best_step, best_train, best_eval = min(evals, key=lambda e: e[2])
-        _, previous_train, previous_eval = evals[-2]
+        _, _, previous_eval = evals[-2]
         _, train_now, eval_now = evals[-1]
         rising = (eval_now > best_eval * 1.02 and previous_eval > best_eval) or eval_now > best_eval * 1.10
         if not rising or not train_now < best_train:

@@ -20,7 +20,13 @@ from sftkit.plan.advice import Setting, advise
 from sftkit.plan.gpus import KNOWN_GPUS, Gpu, resolve_gpu
 from sftkit.plan.memory import MemoryInputs, MetaModel, estimate_memory
 from sftkit.plan.schedule import ScheduleInputs, plan_schedule
-from sftkit.plan.throughput import attention_span, default_throughput, flops_per_token, probe_throughput
+from sftkit.plan.throughput import (
+    Throughput,
+    attention_span,
+    default_throughput,
+    flops_per_token,
+    probe_throughput,
+)
 from sftkit.train.forward import chunked_loss_is_exact
 
 __all__ = ["build_plan", "run_plan"]
@@ -141,6 +147,7 @@ def build_plan(config: SFTConfig, gpu: Gpu | None, num_gpus: int = 1, probe: boo
     flops = flops_per_token(
         model_config, meta.params.total_params, span, config.finetuning, config.gradient_checkpointing
     )
+    throughput: Throughput | None
     if probe:
         throughput = probe_throughput(
             model_config,
@@ -248,7 +255,7 @@ def _read_data(config: SFTConfig) -> tuple[dict[str, Any], list[int] | None, int
         return {"error": f"data could not be read: {err}"}, None, len(tokenizer)
     stats = data_stats(data, config.max_seq_length, config.per_device_train_batch_size)
     stats["efficiency"] = stats["packing_efficiency"] if config.packing else stats["padding_efficiency"]
-    return stats, list(data.train.dataset["full_length"]), len(tokenizer)
+    return stats, list(data.tokenized_train().dataset["full_length"]), len(tokenizer)
 
 
 def _tokens_to_train(data: dict[str, Any], schedule: Any, max_seq_length: int) -> tuple[int | None, str]:

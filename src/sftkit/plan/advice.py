@@ -121,11 +121,15 @@ def _single_changes(setting: Setting, full_lengths: list[int] | None) -> list[tu
             singles.append(
                 (
                     f"FSDP across {shards} GPUs",
-                    lambda s, n=shards: replace(s, inputs=replace(s.inputs, shards=n)),
+                    _sharded(shards),
                     "weights, gradients and optimizer states split across the GPUs",
                 )
             )
     return singles
+
+
+def _sharded(shards: int) -> Transform:
+    return lambda s: replace(s, inputs=replace(s.inputs, shards=shards))
 
 
 def _combined(

@@ -37,6 +37,7 @@ from torch import nn
 
 from sftkit.model.adapters import AdapterOptions, apply_adapters
 from sftkit.model.attention import MASK_FREE
+from sftkit.model.load import embedding_weight, transformers_model
 
 GIB = 2**30
 NF4_BLOCK = 64  # weights per fp absmax (bitsandbytes blocksize for 4-bit)
@@ -143,7 +144,7 @@ def nf4_bytes(numel: int) -> int:
 
 def parameter_bytes(model: nn.Module, quantized: set[int]) -> ParameterBytes:
     """Exact bytes of weights, adapters, gradients and AdamW states of `model` as training holds them."""
-    head = model.get_output_embeddings()
+    head = transformers_model(model).get_output_embeddings()
     head_trainable = head is not None and head.weight.requires_grad
     weights = adapters = gradients = optimizer = 0
     total = trainable = adapter_params = 0
@@ -241,7 +242,7 @@ def trace_activations(
     model: nn.Module, micro_batch: int, seq_len: int, attn_implementation: str, autocast_dtype: torch.dtype | None
 ) -> ActivationTrace:
     """Bytes autograd keeps from one forward of the decoder body (embeddings → final norm) on meta."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = transformers_model(model)
     body = base.base_model  # e.g. LlamaModel: no head, the loss is counted apart
     layers = _decoder_layers(body, base.config.num_hidden_layers)
     saved: dict[int, torch.Tensor] = {}
@@ -277,9 +278,7 @@ def trace_activations(
     if attn_implementation == "sdpa":
         mask = torch.ones(micro_batch, 1, seq_len, seq_len, dtype=torch.bool, device="meta")
     elif attn_implementation == "eager":
-        mask = torch.zeros(
-            micro_batch, 1, seq_len, seq_len, dtype=base.get_input_embeddings().weight.dtype, device="meta"
-        )
+        mask = torch.zeros(micro_batch, 1, seq_len, seq_len, dtype=embedding_weight(base).dtype, device="meta")
     try:
         was_training = model.training
         model.train()
@@ -411,7 +410,7 @@ def estimate_memory(meta: MetaModel, inputs: MemoryInputs, cuda_overhead: bool =
     params = meta.params
     trace = meta.activations(inputs.micro_batch, inputs.seq_len, inputs.attn_implementation, inputs.autocast_dtype)
     checkpointing = inputs.gradient_checkpointing
-    head = meta.model.get_output_embeddings()
+    head = transformers_model(meta.model).get_output_embeddings()
     vocab, hidden = head.weight.shape
     logits_dtype = inputs.autocast_dtype or head.weight.dtype  # QLoRA's head is fp32 (peft upcasts it)
     loss = loss_bytes(

@@ -60,7 +60,8 @@ def _print_data(data: dict[str, Any], console: Console) -> None:
         ("truncated", f"{data['truncated_examples']:,}"),
         (
             "example tokens median / p95 / max",
-            f"{data['example_tokens']['median']:.0f} / {data['example_tokens']['p95']:.0f} / {data['example_tokens']['max']}",
+            f"{data['example_tokens']['median']:.0f} / {data['example_tokens']['p95']:.0f} / "
+            f"{data['example_tokens']['max']}",
         ),
         ("packed sequences", f"{data['packed_sequences']:,}"),
         ("packing efficiency", f"{data['packing_efficiency']:.2%}"),

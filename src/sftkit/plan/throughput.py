@@ -99,21 +99,22 @@ def probe_throughput(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = copy.deepcopy(model_config)
     if device == "cpu":
+        hidden = min(256, config.hidden_size)
         shape = ProbeShape(
             layers=min(2, config.num_hidden_layers),
-            hidden=min(256, config.hidden_size),
+            hidden=hidden,
             vocab=min(8192, config.vocab_size),
             micro_batch=1,
             seq_len=min(128, seq_len),
         )
-        scale = shape.hidden / config.hidden_size
+        scale = hidden / config.hidden_size
         config.num_hidden_layers, config.vocab_size = shape.layers, shape.vocab
-        config.hidden_size = shape.hidden
+        config.hidden_size = hidden
         config.intermediate_size = max(8, int(config.intermediate_size * scale))
         heads = max(1, int(config.num_attention_heads * scale))
         kv_heads = max(1, int(getattr(config, "num_key_value_heads", heads) * scale))
         config.num_attention_heads, config.num_key_value_heads = heads, min(kv_heads, heads)
-        config.head_dim = shape.hidden // heads
+        config.head_dim = hidden // heads
         dtype = torch.float32
     else:
         shape = ProbeShape(config.num_hidden_layers, None, None, micro_batch, seq_len)

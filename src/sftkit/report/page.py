@@ -52,8 +52,10 @@ PAGE = jinja2.Template(
 <body><main>
 <h1>{{ name }} <span class="badge {{ status }}">{{ status }}</span></h1>
 <div class="sub">{{ run_dir }}{% if model %} · {{ model }}{% endif %}</div>
-<div class="headline">{% for label, value in headline %}<div><b>{{ label }}</b><span>{{ value }}</span></div>{% endfor %}</div>
-{% if notes %}<div class="notes"><b>Incomplete run directory</b><ul>{% for note in notes %}<li>{{ note }}</li>{% endfor %}</ul></div>{% endif %}
+<div class="headline">{% for label, value in headline -%}
+<div><b>{{ label }}</b><span>{{ value }}</span></div>{% endfor %}</div>
+{% if notes %}<div class="notes"><b>Incomplete run directory</b><ul>{% for note in notes -%}
+<li>{{ note }}</li>{% endfor %}</ul></div>{% endif %}
 
 <h2>Diagnosis</h2>
 <div class="card">{% if findings %}<table><tr><th>step</th><th>kind</th><th>what happened</th><th>what to do</th></tr>
@@ -76,12 +78,14 @@ with the end-of-turn token.</p>
 
 <h2>Checkpoints</h2>
 <div class="card">{% if checkpoints %}<table><tr><th>folder</th><th>step</th><th>note</th></tr>
-{% for c in checkpoints %}<tr><td class="num">{{ c.name }}</td><td class="num">{{ c.step }}</td><td>{{ c.note }}</td></tr>{% endfor %}
+{% for c in checkpoints -%}
+<tr><td class="num">{{ c.name }}</td><td class="num">{{ c.step }}</td><td>{{ c.note }}</td></tr>{% endfor %}
 </table>{% else %}<span class="empty">No checkpoints saved (yet).</span>{% endif %}</div>
 
 <h2>Run</h2>
 <div class="facts">{% for title, rows in facts %}<div class="card"><h3>{{ title }}</h3>
-{% if rows %}<table>{% for key, value in rows %}<tr><td class="key">{{ key }}</td><td>{{ value }}</td></tr>{% endfor %}</table>
+{% if rows %}<table>{% for key, value in rows -%}
+<tr><td class="key">{{ key }}</td><td>{{ value }}</td></tr>{% endfor %}</table>
 {% else %}<span class="empty">not recorded</span>{% endif %}</div>{% endfor %}</div>
 <footer>Written by <code>sftkit report</code> at {{ written_at }}.</footer>
 </main></body></html>

@@ -142,7 +142,8 @@ def mixture_plot(record: RunRecord) -> bytes | None:
 
 
 def accuracy_plot(record: RunRecord) -> bytes | None:
-    """Token accuracy on trained tokens (argmax = target), train and each eval set; None for runs that did not log it."""
+    """Token accuracy on trained tokens (argmax = target), train and each eval set; None for runs that did
+    not log it."""
     steps, accuracy = _series(record.train_rows, "token_accuracy")
     if not _has_values(accuracy):
         return None

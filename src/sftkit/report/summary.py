@@ -117,7 +117,7 @@ def fact_sections(record: RunRecord) -> list[tuple[str, list[tuple[str, str]]]]:
         ("Batch and schedule", schedule_rows(record)),
     ]
     sources = source_rows(record)
-    return sections + [("Training sources", sources)] if sources else sections
+    return [*sections, ("Training sources", sources)] if sources else sections
 
 
 def source_names(record: RunRecord) -> list[str]:
@@ -142,7 +142,7 @@ def target_shares(record: RunRecord) -> dict[str, float] | None:
         or not all(isinstance(weight, (int, float)) and weight > 0 for weight in weights)
     ):
         return None
-    return {name: weight / sum(weights) for name, weight in zip(names, weights)}
+    return {name: weight / sum(weights) for name, weight in zip(names, weights, strict=True)}
 
 
 def realised_mixture(record: RunRecord) -> tuple[list[int], dict[str, list[float]]]:
@@ -230,6 +230,8 @@ def best_eval(record: RunRecord) -> tuple[str, int, float] | None:
     """(metric, step, value) of the best eval by the run's metric_for_best_model (default: the first eval loss)."""
     keys = eval_loss_keys(record.eval_rows)
     metric = record.run.get("metric_for_best_model") or (keys[0] if keys else None)
+    if metric is None:  # no eval logged
+        return None
     evals = [
         (row["step"], float(row[metric]))
         for row in record.eval_rows
