@@ -64,6 +64,7 @@ def run_mode(model_path: str, compiled: bool, device: str, steps: int, batch: in
     """One process, one mode: per-step wall times and losses."""
     import torch
 
+    from sftkit.data.collate import cu_seqlens
     from sftkit.model.adapters import AdapterOptions, apply_adapters
     from sftkit.model.compile import compile_decoder_layers
     from sftkit.model.load import load_model
@@ -88,6 +89,7 @@ def run_mode(model_path: str, compiled: bool, device: str, steps: int, batch: in
             "targets": ids.roll(-1, 1),
             "segment_ids": torch.ones_like(ids),
             "position_ids": torch.arange(length, device=device).repeat(batch, 1),
+            "cu_seqlens": cu_seqlens([[length]] * batch, length).to(device),  # one example per row
         }
         if device == "cuda":
             torch.cuda.synchronize()
