@@ -15,8 +15,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sftkit.errors import SftkitError
 
-class ConfigError(ValueError):
+
+class ConfigError(SftkitError, ValueError):
     """A mistake in the user's config: the message says where and what to do."""
 
 

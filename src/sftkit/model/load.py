@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from sftkit.errors import SftkitError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelError(ValueError):
+class ModelError(SftkitError, ValueError):
     """The model or tokenizer cannot be loaded as configured."""
 
 
