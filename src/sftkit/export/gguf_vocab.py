@@ -69,7 +69,7 @@ def pre_tokenizer_name(spec: dict) -> str:
     )
 
 
-def token_types(tokenizer: Any, tokens: list[str | None], kind: str) -> list[int]:
+def token_types(tokenizer: Any, tokens: list[str | None], kind: str) -> list[Any]:
     import gguf
 
     added = tokenizer.added_tokens_decoder  # {id: AddedToken}
