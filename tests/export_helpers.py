@@ -13,6 +13,13 @@ from tests.conftest import build_tiny_tokenizer
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+PROMPTS = [
+    "What is the capital of France?",
+    "Give me one word that rhymes with cat.",
+    "What is 2 + 3?",
+    "Name a color of the sky.",
+    "Say hello in Spanish.",
+]
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "<|im_start|>user\nWhat is 12 plus 30?<|im_end|>\n<|im_start|>assistant\nThe answer is 42.<|im_end|>",
@@ -102,3 +109,62 @@ def gguf_fields(path: Path) -> dict[str, Any]:
     reader = gguf.GGUFReader(path)
     skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
     return {key: field.contents() for key, field in reader.fields.items() if key not in skip}
+
+
+def chat_inputs(tokenizer: Any, template: str, prompts: list[str]) -> list[list[int]]:
+    """Each prompt rendered as a user turn with the template's generation prompt, as token ids."""
+    from sftkit.data.template import render_prompt
+
+    return [
+        tokenizer(render_prompt([{"role": "user", "content": p}], template, tokenizer), add_special_tokens=False)[
+            "input_ids"
+        ]
+        for p in prompts
+    ]
+
+
+def compare(expected_model: Any, got_model: Any, inputs: list[list[int]]) -> dict[str, float]:
+    """Over every position of every input: max |Δlogit|, mean KL(expected ‖ got) and top-1 agreement."""
+    worst, kl_sum, agree, positions = 0.0, 0.0, 0, 0
+    with torch.no_grad():
+        for ids in inputs:
+            batch = torch.tensor([ids])
+            expected = expected_model(batch).logits[0].float()  # (seq, vocab)
+            got = got_model(batch).logits[0].float()
+            worst = max(worst, (got - expected).abs().max().item())
+            log_p, log_q = expected.log_softmax(-1), got.log_softmax(-1)
+            kl_sum += (log_p.exp() * (log_p - log_q)).sum(-1).sum().item()
+            agree += (expected.argmax(-1) == got.argmax(-1)).sum().item()
+            positions += len(ids)
+    return {"max_abs_logit": worst, "mean_kl": kl_sum / positions, "top1": agree / positions, "positions": positions}
+
+
+def train_chat_run(model_dir: Path, folder: Path) -> Path:
+    """A 3-step LoRA run with `trainable_tokens: auto` on the model's own chat template, through the API;
+    returns the run directory. Small on purpose: it only has to move the weights off the base."""
+    import sftkit
+    from tests.train_helpers import write_chat_data
+
+    result = sftkit.train(
+        {
+            "model_name_or_path": str(model_dir),
+            "datasets": [{"path": str(write_chat_data(folder / "chat.jsonl", rows=16))}],
+            "output_dir": str(folder / "run"),
+            "report_to": "none",
+        },
+        finetuning="lora",
+        trainable_tokens="auto",
+        lora_r=8,
+        lora_alpha=16,
+        max_seq_length=128,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_steps=3,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        save_steps=100,
+        sample_prompts=[],
+        seed=3,
+    )
+    assert result.status == "finished" and result.final_dir is not None
+    return result.output_dir
