@@ -24,12 +24,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main() -> None:
     import torch
+    from tests.conftest import SMOLLM2_GGUF, convert_gguf_to_folder
+    from tests.export_helpers import PROMPTS, chat_inputs, compare, train_chat_run
     from transformers import AutoModelForCausalLM
 
     import sftkit
     from sftkit.export import QUANTS, load_merged
-    from tests.conftest import SMOLLM2_GGUF, convert_gguf_to_folder
-    from tests.export_helpers import PROMPTS, chat_inputs, compare, train_chat_run
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quants", nargs="+", default=list(QUANTS))

@@ -15,6 +15,7 @@ Cost: loading and merging the model (O(parameters) in time and float32 memory), 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -62,6 +63,8 @@ def export(
         raise ExportError(f"--to {to}: unknown target; choose one of {', '.join(TARGETS)}")
     if to == "gguf":
         quant = check_quant(quant)
+        if importlib.util.find_spec("gguf") is None:
+            raise ExportError("--to gguf needs the gguf package (llama.cpp's writer): pip install 'sftkit[gguf]'")
     folder = final_weights(Path(model))
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
