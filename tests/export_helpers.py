@@ -45,9 +45,12 @@ def chat_tokenizer(folder: Path, arch: str) -> Any:
     return tokenizer
 
 
-def build_chat_model(folder: Path, arch: str = "llama", tied: bool = False, template: str = "chatml") -> Path:
-    """A random 2-layer Llama or Qwen2 (q/k/v biases) with the chat tokenizer and the run's template file."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+def build_chat_model(
+    folder: Path, arch: str = "llama", tied: bool = False, template: str = "chatml", **extra: Any
+) -> Path:
+    """A random 2-layer Llama, Qwen2 (q/k/v biases) or Qwen3 (q/k norms) with the chat tokenizer and the run's
+    template file; `extra`: more config keys."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = chat_tokenizer(folder, arch)
@@ -62,8 +65,9 @@ def build_chat_model(folder: Path, arch: str = "llama", tied: bool = False, temp
         max_position_embeddings=512,
         tie_word_embeddings=tied,
         rms_norm_eps=1e-5,
+        head_dim=16,
     )
-    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch](**common, **extra)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # norms away from 1 and biases away from 0, so a lost tensor shows
         for name, parameter in model.named_parameters():

@@ -27,7 +27,7 @@ def reload(path: Path):
     )
 
 
-@pytest.mark.parametrize(("arch", "tied"), [("llama", False), ("qwen2", True)])
+@pytest.mark.parametrize(("arch", "tied"), [("llama", False), ("qwen2", True), ("qwen3", False)])
 def test_f16_gguf_reloads_as_the_same_model_and_tokenizer(tmp_path, arch, tied):
     folder = build_chat_model(tmp_path / "model", arch, tied)
     result = export(folder, tmp_path / "out", quant="f16")
@@ -50,6 +50,29 @@ def test_f16_gguf_reloads_as_the_same_model_and_tokenizer(tmp_path, arch, tied):
     assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
     assert fields["tokenizer.ggml.padding_token_id"] == tokenizer.pad_token_id
     assert fields["tokenizer.ggml.pre"] == ("qwen2" if arch == "qwen2" else "gpt-2")
+
+
+def test_llama3_rope_scaling_travels_as_rope_freqs(tmp_path):
+    """Llama 3.1's scaled RoPE: llama.cpp divides each frequency by the `rope_freqs` entry. High frequencies
+    (wavelength under original_max / high_freq_factor) keep theirs (1), low ones are divided by `factor`."""
+    import gguf
+
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 10000.0,
+    }
+    folder = build_chat_model(tmp_path / "model", rope_parameters=scaling)
+    result = export(folder, tmp_path / "out")
+    tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(result.path).tensors}
+    factors = np.asarray(tensors["rope_freqs.weight"].data)
+    wavelength = 2 * np.pi * 10000.0 ** (np.arange(0, 16, 2) / 16)
+    assert factors.shape == (8,)
+    assert np.allclose(factors[wavelength < 64 / 4], 1.0) and np.allclose(factors[wavelength > 64 / 1], 8.0)
+    assert np.all((factors >= 1.0) & (factors <= 8.0))
 
 
 @pytest.mark.parametrize("quant", [q for q in QUANTS if q not in ("f32", "f16")])
