@@ -29,7 +29,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import sftkit
-    from sftkit.export import QUANTS, load_merged
+    from sftkit.export import QUANTS
+    from sftkit.merge import load_merged
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quants", nargs="+", default=list(QUANTS))

@@ -28,7 +28,7 @@ def trained_run(smollm2_dir, tmp_path_factory) -> Path:
 def merged(trained_run):
     import torch
 
-    from sftkit.export import load_merged
+    from sftkit.merge import load_merged
 
     model, tokenizer, template, was_adapter = load_merged(trained_run / "adapter", torch.float32)
     assert was_adapter

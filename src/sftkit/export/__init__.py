@@ -21,7 +21,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from sftkit.errors import SftkitError
 from sftkit.export.gguf_file import QUANTS, check_quant
@@ -86,37 +86,22 @@ def final_weights(path: Path) -> Path:
     """The folder with a run's final weights (or the folder given); a run that has none points to its
     newest checkpoint and how to finish from it."""
     from sftkit.generate import resolve_weights
+    from sftkit.train.checkpoint import checkpoint_dirs
 
     if (
         path.is_dir()
         and (path / "metrics.jsonl").is_file()
         and not any((path / d).is_dir() for d in ("adapter", "model"))
     ):
-        steps = sorted(
-            (int(match.group(1)), child)
-            for child in path.iterdir()
-            if (match := re.fullmatch(r"checkpoint-(\d+)", child.name)) and child.is_dir()
-        )
+        steps = checkpoint_dirs(path)
         where = (
-            f"its newest checkpoint is {steps[-1][1]}; finish the run with `sftkit train CONFIG "
+            f"its newest checkpoint is {steps[-1]}; finish the run with `sftkit train CONFIG "
             "--resume_from_checkpoint true`, then export"
             if steps
             else "it saved no checkpoint either; train it to the end, then export"
         )
         raise ExportError(f"{path}: the run has no final weights (adapter/ or model/); {where}")
     return resolve_weights(path)
-
-
-def load_merged(folder: Path, dtype: Any) -> tuple[Any, Any, str, bool]:
-    """(model, tokenizer, template, merged): an adapter folded into its base, or the model folder as it is."""
-    from sftkit.generate import load_trained
-
-    model, tokenizer, template = load_trained(folder, dtype)
-    merged = hasattr(model, "merge_and_unload")
-    if merged:
-        model = model.merge_and_unload()  # plain transformers model; trainable token rows written into the tables
-    model.config.use_cache = True
-    return model, tokenizer, template, merged
 
 
 def model_name(folder: Path) -> str:
@@ -130,6 +115,7 @@ def export_gguf(folder: Path, out: Path, quant: str) -> ExportResult:
 
     from sftkit.export.gguf_file import resolve_architecture, write_gguf
     from sftkit.export.ollama import write_modelfile
+    from sftkit.merge import load_merged
     from sftkit.model.load import load_model_config
 
     config_source = folder
