@@ -25,6 +25,7 @@ from typing import Literal
 
 from sftkit.errors import SftkitError
 from sftkit.export.gguf_file import QUANTS, check_quant
+from sftkit.merge import load_merged
 
 __all__ = ["QUANTS", "ExportError", "ExportResult", "export"]
 
@@ -115,7 +116,6 @@ def export_gguf(folder: Path, out: Path, quant: str) -> ExportResult:
 
     from sftkit.export.gguf_file import resolve_architecture, write_gguf
     from sftkit.export.ollama import write_modelfile
-    from sftkit.merge import load_merged
     from sftkit.model.load import load_model_config
 
     config_source = folder

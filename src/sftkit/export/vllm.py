@@ -16,8 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from sftkit.export import ExportResult, copy_tokenizer
-from sftkit.merge import load_merged
+from sftkit.export import ExportResult, copy_tokenizer, load_merged
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
