@@ -15,18 +15,18 @@ silence it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from sftkit.config import SFTConfig, config_from_dict, load_config
 from sftkit.errors import SftkitError
+from sftkit.export import export  # a GGUF file + Ollama Modelfile, or a folder `vllm serve` loads
 from sftkit.train.checkpoint import CheckpointError
 from sftkit.train.errors import TrainingError
 
 if TYPE_CHECKING:
     from sftkit.data.dataset import PreparedData
-    from sftkit.export import ExportResult
     from sftkit.train.loop import RunResult
 
 __all__ = [
@@ -173,21 +173,6 @@ def merge(model: str | Path, out: str | Path, dtype: str = "auto") -> Path:
     from sftkit.merge import merge_adapter
 
     return merge_adapter(Path(model), Path(out), dtype=dtype)
-
-
-def export(
-    model: str | Path,
-    out: str | Path,
-    to: Literal["gguf", "vllm"] = "gguf",
-    quant: str = "f16",
-    lora: bool = False,
-    push_to_hub: str | None = None,
-) -> ExportResult:
-    """A GGUF file + Ollama Modelfile (`to="gguf"`, `quant` in sftkit.export.QUANTS) or a folder `vllm serve`
-    loads (`to="vllm"`), from a run directory, adapter folder or model folder; see `sftkit.export`."""
-    from sftkit.export import export as run_export
-
-    return run_export(model, out, to=to, quant=quant, lora=lora, push_to_hub=push_to_hub)
 
 
 def report(run_dir: str | Path, console: Console | None = None) -> Path:
