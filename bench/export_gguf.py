@@ -3,6 +3,7 @@ agreement with the merged model once read back by transformers' GGUF reader.
 
     python bench/export_gguf.py                 # all of sftkit.export.QUANTS
     python bench/export_gguf.py --quants f16 q8_0
+    python bench/export_gguf.py --run RUN_DIR       # export a finished run instead of training one
 
 Trains the 3-step LoRA run of tests/test_export_real.py (`trainable_tokens: auto`) once, then for each
 quantisation: `sftkit.export` wall time, file size, and over every position of the 5 chat prompts of
@@ -34,14 +35,18 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quants", nargs="+", default=list(QUANTS))
+    parser.add_argument("--run", type=Path, help="Export this finished run instead of training one.")
     args = parser.parse_args()
-    stat = SMOLLM2_GGUF.stat()
-    cache = Path(os.environ.get("SFTKIT_TEST_CACHE", Path.home() / ".cache" / "sftkit-tests"))
-    model_dir = convert_gguf_to_folder(
-        SMOLLM2_GGUF, cache / f"smollm2-135m-instruct-{stat.st_size}-{int(stat.st_mtime)}"
-    )
     work = Path(tempfile.mkdtemp(prefix="export_gguf_"))
-    run = train_chat_run(model_dir, work)
+    if args.run is None:
+        stat = SMOLLM2_GGUF.stat()
+        cache = Path(os.environ.get("SFTKIT_TEST_CACHE", Path.home() / ".cache" / "sftkit-tests"))
+        model_dir = convert_gguf_to_folder(
+            SMOLLM2_GGUF, cache / f"smollm2-135m-instruct-{stat.st_size}-{int(stat.st_mtime)}"
+        )
+        run = train_chat_run(model_dir, work)
+    else:
+        run = args.run
     merged, tokenizer, template, _ = load_merged(run / "adapter", torch.float32)
     inputs = chat_inputs(tokenizer, template, PROMPTS)
     print(f"{sum(map(len, inputs))} positions over {len(PROMPTS)} prompts; run in {run}")

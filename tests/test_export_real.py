@@ -4,8 +4,9 @@ A short LoRA run with `trainable_tokens: auto` (so <|im_start|>/<|im_end|> rows 
 Python API, exported to f16 and q8_0, read back by transformers' GGUF reader and compared with the
 merged model; then, where llama-cpp-python is installed, llama.cpp itself answers 5 prompts through the
 chat template stored in the file, greedily, and must give transformers' tokens and stop at <|im_end|>.
-Bounds (measured figures in bench/export_gguf.py): f16 max |Δlogit| < 0.1; q8_0 mean KL < 5e-3 and
-top-1 agreement > 0.97 over every position of the prompts.
+Bounds, over every position of the 5 prompts (186 positions; measured: f16 max |Δlogit| 0.072, q8_0
+mean KL 4.1e-3 and top-1 1.0; every quantisation in bench/export_gguf.py): f16 max |Δlogit| < 0.25 (f16
+keeps 11 bits of each weight); q8_0 mean KL < 0.02 and top-1 agreement > 0.95.
 """
 
 from __future__ import annotations
@@ -35,20 +36,33 @@ def merged(trained_run):
     return model, tokenizer, template
 
 
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    """`exported(quant)`: the run exported once per quantisation in this module."""
+    made: dict = {}
+
+    def get(quant: str):
+        if quant not in made:
+            made[quant] = sftkit.export(trained_run, tmp_path_factory.mktemp(quant), quant=quant)
+        return made[quant]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
-def test_smollm2_round_trip_through_transformers_gguf_reader(trained_run, merged, tmp_path, quant):
+def test_smollm2_round_trip_through_transformers_gguf_reader(merged, exported, quant):
     from transformers import AutoModelForCausalLM
 
     model, tokenizer, template = merged
-    result = sftkit.export(trained_run, tmp_path / quant, quant=quant)
+    result = exported(quant)
     reloaded = AutoModelForCausalLM.from_pretrained(result.path.parent, gguf_file=result.path.name)
     figures = compare(model, reloaded, chat_inputs(tokenizer, template, PROMPTS))
     print(f"{quant}: {result.path.stat().st_size / 2**20:.1f} MiB, {figures}")
     if quant == "f16":
-        assert figures["max_abs_logit"] < 0.1
+        assert figures["max_abs_logit"] < 0.25
     else:
-        assert figures["mean_kl"] < 5e-3 and figures["top1"] > 0.97
+        assert figures["mean_kl"] < 0.02 and figures["top1"] > 0.95
     # the trained rows of the chat tokens made it into the file
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     gap = (reloaded.get_input_embeddings().weight[im_end] - model.get_input_embeddings().weight[im_end]).abs().max()
@@ -57,13 +71,13 @@ def test_smollm2_round_trip_through_transformers_gguf_reader(trained_run, merged
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
-def test_llama_cpp_greedy_matches_transformers_and_stops_at_end_of_turn(trained_run, merged, tmp_path):
+def test_llama_cpp_greedy_matches_transformers_and_stops_at_end_of_turn(merged, exported):
     from llama_cpp import Llama
 
     from sftkit.monitor.samples import generate_samples
 
     model, tokenizer, template = merged
-    result = sftkit.export(trained_run, tmp_path / "f16", quant="f16")
+    result = exported("f16")
     expected = generate_samples(model, tokenizer, template, [[{"role": "user", "content": p}] for p in PROMPTS], 48)
     llm = Llama(str(result.path), n_ctx=512, chat_format=None, verbose=False, seed=0)  # the GGUF's own template
     same = total = 0
