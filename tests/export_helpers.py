@@ -67,7 +67,7 @@ def build_chat_model(
         rms_norm_eps=1e-5,
         head_dim=16,
     )
-    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch](**common, **extra)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch](**{**common, **extra})
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # norms away from 1 and biases away from 0, so a lost tensor shows
         for name, parameter in model.named_parameters():

@@ -17,6 +17,7 @@ from sftkit.errors import SftkitError
 from sftkit.export import QUANTS, ExportError, export
 from sftkit.export.hub import HubError
 from sftkit.model.load import ModelError
+from tests.conftest import LLAMA2_TOKENIZER, requires
 from tests.export_helpers import TEXTS, build_adapter, build_chat_model, gguf_fields, logits
 
 
@@ -29,7 +30,8 @@ def reload(path: Path):
 
 @pytest.mark.parametrize(("arch", "tied"), [("llama", False), ("qwen2", True), ("qwen3", False)])
 def test_f16_gguf_reloads_as_the_same_model_and_tokenizer(tmp_path, arch, tied):
-    folder = build_chat_model(tmp_path / "model", arch, tied)
+    # Qwen3: head_dim 128 ≠ hidden / heads, written as key_length; transformers' reader takes Qwen3's default 128
+    folder = build_chat_model(tmp_path / "model", arch, tied, **({"head_dim": 128} if arch == "qwen3" else {}))
     result = export(folder, tmp_path / "out", quant="f16")
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -241,3 +243,23 @@ def test_cli_export_prints_the_error_and_exits_2(tmp_path):
     result = CliRunner().invoke(app, ["export", str(base), "--out", str(tmp_path / "o"), "--quant", "q8_0"])
     assert result.exit_code == 0, result.output
     assert json.dumps(sorted(p.name for p in (tmp_path / "o").iterdir())) == '["Modelfile", "base-q8_0.gguf"]'
+
+
+@requires(LLAMA2_TOKENIZER)
+def test_sentencepiece_style_tokenizer_reads_back_the_same(tmp_path):
+    """Llama 2's BPE with byte fallback is written as llama.cpp's `llama` vocabulary (scores, BYTE pieces)."""
+    from sftkit.data.template import resolve_chat_template
+    from tests.conftest import build_tiny_llama
+
+    folder = tmp_path / "model"
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER)
+    tokenizer.save_pretrained(folder)
+    build_tiny_llama(folder, vocab_size=len(tokenizer))
+    (folder / "chat_template.jinja").write_text(resolve_chat_template("llama2", tokenizer))
+    result = export(folder, tmp_path / "out")
+    reloaded = AutoTokenizer.from_pretrained(result.path.parent, gguf_file=result.path.name)
+    for text in ["Hello world", " two  spaces", "[INST] What is 12 plus 30? [/INST] 42 </s>", "naïve café 日本\n\nok"]:
+        assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    fields = gguf_fields(result.path)
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_bos_token"] is True
+    assert fields["tokenizer.ggml.eot_token_id"] == tokenizer.eos_token_id  # llama2 ends a turn with </s>
