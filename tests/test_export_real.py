@@ -11,7 +11,6 @@ keeps 11 bits of each weight); q8_0 mean KL < 0.02 and top-1 agreement > 0.95.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -70,9 +69,8 @@ def test_smollm2_round_trip_through_transformers_gguf_reader(merged, exported, q
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
 def test_llama_cpp_greedy_matches_transformers_and_stops_at_end_of_turn(merged, exported):
-    from llama_cpp import Llama
+    Llama = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed").Llama
 
     from sftkit.monitor.samples import generate_samples
 
