@@ -53,6 +53,8 @@ USER_ERRORS: tuple[type[Exception], ...] = (SftkitError, CheckpointError, Traini
 def load(config_or_path: ConfigLike, **overrides: Any) -> SFTConfig:
     """A validated config from a YAML path, a dict or an SFTConfig, with `key=value` overrides applied."""
     if isinstance(config_or_path, SFTConfig):
+        if not overrides:
+            return config_or_path  # validated already; the CLI passes its config through here
         return config_from_dict(config_or_path.model_dump(exclude_unset=True), overrides, "SFTConfig")
     if isinstance(config_or_path, dict):
         return config_from_dict(config_or_path, overrides, "config dict")
