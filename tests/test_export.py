@@ -88,15 +88,20 @@ def test_quantised_weights_are_exactly_the_gguf_quantizers(tmp_path, quant):
     model = AutoModelForCausalLM.from_pretrained(folder)
     reloaded, _ = reload(result.path)
     got = reloaded.state_dict()
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
     for name, weight in model.state_dict().items():
         array = weight.float().numpy()
-        qtype = tensor_type(name, array, quant)
+        qtype = tensor_type(names.get_name(name, try_suffixes=(".weight",)), array, quant)
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             expected = array.astype(np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32)
         else:
             expected = gguf.quants.dequantize(gguf.quants.quantize(array, qtype), qtype)
         assert np.array_equal(got[name].float().numpy(), expected.astype(np.float32)), name
     assert gguf_fields(result.path)["general.file_type"] == getattr(gguf.LlamaFileType, QUANTS[quant][1])
+    types = {tensor.name: tensor.tensor_type.name for tensor in gguf.GGUFReader(result.path).tensors}
+    if quant.startswith(("q5", "q4")):  # as llama.cpp's quantizer: the embedding and head stay at 8 bits
+        assert types["token_embd.weight"] == types["output.weight"] == "Q8_0"
+    assert types["blk.0.attn_q.weight"] == QUANTS[quant][0]
 
 
 def test_adapter_is_merged_with_its_token_rows(tmp_path):

@@ -41,6 +41,7 @@ QUANTS = {
     "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
     "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
 }
+LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")
 ROPE_SCALINGS = ("default", "linear", "llama3")
 
 
@@ -144,13 +145,19 @@ def interleave_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def tensor_type(name: str, array: np.ndarray, quant: str) -> Any:
-    """1-D tensors (norms, biases, rope factors) stay F32 as in llama.cpp; a 2-D weight whose rows are not a
-    multiple of the block size falls back to F16, as llama.cpp's converter does."""
+    """The GGUF type of the tensor `name` (llama.cpp's name), following llama.cpp's rules:
+
+    - 1-D tensors (norms, biases, rope factors) stay F32.
+    - Below 8 bits, the embedding and the output head (the embedding itself when tied) are Q8_0: every
+      logit goes through them, and small models lose most at 4–5 bits there.
+    - A 2-D weight whose rows are not a multiple of the block size falls back to F16."""
     import gguf
 
     if array.ndim < 2:
         return gguf.GGMLQuantizationType.F32
     qtype = getattr(gguf.GGMLQuantizationType, QUANTS[quant][0])
+    if quant in LOW_BIT and name in ("token_embd.weight", "output.weight"):
+        qtype = gguf.GGMLQuantizationType.Q8_0
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     return qtype if array.shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
 
