@@ -1,4 +1,5 @@
-"""The `sftkit` command line: parse, call, print. Every error the user can fix is shown without a traceback."""
+"""The `sftkit` command line: parse, call the typed functions of `sftkit.api`, print. Every error the user
+can fix (sftkit.api.USER_ERRORS) is shown as `error: MESSAGE` without a traceback, exit code 2."""
 
 from __future__ import annotations
 
@@ -9,12 +10,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from sftkit.config import ConfigError, SFTConfig, load_config, parse_cli_overrides
+from sftkit import api
+from sftkit.api import USER_ERRORS
+from sftkit.config import SFTConfig, load_config, parse_cli_overrides
 from sftkit.data.dataset import STREAMING_SAMPLE_ROWS
-from sftkit.data.formats import DataError
-from sftkit.model.load import ModelError
-from sftkit.train.checkpoint import CheckpointError
-from sftkit.train.errors import TrainingError
 
 # peft asks transformers a deprecated question on every LoRA setup; the user can do nothing about it.
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
@@ -23,13 +22,12 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Supervised fine-tuning of causal language models: plan, train, monitor, report, merge.",
+    help="Supervised fine-tuning of causal language models: plan, train, monitor, report, merge, export.",
 )
 data_app = typer.Typer(no_args_is_help=True, help="Look at training data before training on it.")
 app.add_typer(data_app, name="data")
 console = Console()
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
-USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingError, FileNotFoundError)
 
 
 def _fail(err: Exception) -> None:
@@ -64,10 +62,8 @@ def train(
 
 def _train(config: SFTConfig) -> None:
     """One training process; a user error is printed, not raised, and ends the process with code 2."""
-    from sftkit.train.loop import train as run_training
-
     try:
-        run_training(config)
+        api.train(config, console)
     except USER_ERRORS as err:
         _fail(err)
 
@@ -87,57 +83,28 @@ def data_inspect(
     ),
 ) -> None:
     """Rows, formats, token lengths, trained-token fraction, padding vs packing waste, one masked example."""
-    from sftkit.data.dataset import DataOptions, prepare_data
-    from sftkit.data.inspect import (
-        dump_examples,
-        inspect_data,
-        masked_segments,
-        print_stats,
-        with_mixture,
-    )
-    from sftkit.data.template import describe_rendering, resolve_chat_template
-    from sftkit.model.load import load_tokenizer
+    from sftkit.data.inspect import dump_examples
 
     try:
         cfg = _config(config, ctx.args)
-        tokenizer = load_tokenizer(cfg.tokenizer_source, cfg.trust_remote_code)
-        template = resolve_chat_template(cfg.chat_template, tokenizer)
-        if sample_rows is None and cfg.streaming:
-            sample_rows = STREAMING_SAMPLE_ROWS
-        data = prepare_data(DataOptions.from_config(cfg, template, sample_rows), tokenizer)
+        found = api.inspect_data(cfg, sample_rows=sample_rows, progress=not as_json)
     except USER_ERRORS as err:
         _fail(err)
-    sample = (
-        {
-            "sample": {
-                "rows_per_source": sample_rows,
-                "note": f"figures from the first {sample_rows} rows of each source, not from the whole data",
-            }
-        }
-        if sample_rows is not None
-        else {}
-    )
-    stats = {
-        "rendering": describe_rendering(cfg.chat_template, template),
-        **sample,
-        **inspect_data(data, cfg.max_seq_length, cfg.per_device_train_batch_size, progress=not as_json),
-    }
-    stats = with_mixture(stats, cfg.mixture_weights)
+    stats = found.stats
     if dump is not None:
-        written = dump_examples(data, dump[0], dump[1])
+        written = dump_examples(found.data, dump[0], dump[1])
         # With --json, stdout holds the JSON document only, so `| jq` works.
         (Console(stderr=True) if as_json else console).print(f"wrote {written} examples to {dump[1]}", soft_wrap=True)
     if as_json:
         print(json.dumps(stats, indent=2))
         return
-    if sample:
+    if "sample" in stats:
         console.print(
-            f"[bold]Sampled:[/bold] the figures below come from the first {sample_rows} rows of each source, "
-            "not from the whole data (--sample_rows N reads more)",
+            f"[bold]Sampled:[/bold] the figures below come from the first {stats['sample']['rows_per_source']} "
+            "rows of each source, not from the whole data (--sample_rows N reads more)",
             soft_wrap=True,
         )
-    first = data.tokenized_train().dataset[0]
-    print_stats(stats, masked_segments(first["input_ids"], first["labels"], tokenizer), console)
+    found.show(console)
 
 
 @app.command(context_settings=EXTRA_ARGS)
@@ -151,29 +118,23 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Pre-flight: will it fit, how long will it take, what schedule, and what to change."""
-    from sftkit.plan import run_plan
-
     try:
-        run_plan(
-            _config(config, ctx.args),
-            gpu=gpu,
-            gpu_memory=gpu_memory,
-            num_gpus=num_gpus,
-            probe=probe,
-            as_json=as_json,
-            console=console,
-        )
+        found = api.plan(_config(config, ctx.args), gpu=gpu, gpu_memory=gpu_memory, num_gpus=num_gpus, probe=probe)
     except USER_ERRORS as err:
         _fail(err)
+    if as_json:
+        print(json.dumps(found, indent=2))
+        return
+    from sftkit.plan.render import print_plan
+
+    print_plan(found, console)
 
 
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="Run directory (output_dir of a run).")) -> None:
     """Write RUN_DIR/report.html (curves, diagnosis, samples) and print a summary."""
-    from sftkit.report import build_report
-
     try:
-        build_report(run_dir, console=console)
+        api.report(run_dir, console=console)
     except USER_ERRORS as err:
         _fail(err)
 
@@ -188,10 +149,8 @@ def generate(
     top_p: float = typer.Option(1.0),
 ) -> None:
     """Generate with the chat template the model was trained with."""
-    from sftkit.generate import generate_cli
-
     try:
-        generate_cli(
+        api.generate(
             model,
             prompt or [],
             prompts_file,
@@ -211,13 +170,35 @@ def merge(
     dtype: str = typer.Option("auto", help="auto (the base's saved dtype), float32 or bfloat16; never 4-bit."),
 ) -> None:
     """Merge the LoRA adapter into the base weights and save a standalone model with its tokenizer."""
-    from sftkit.merge import merge_adapter
-
     try:
-        path = merge_adapter(run_dir, out, dtype=dtype)
+        path = api.merge(run_dir, out, dtype=dtype)
     except USER_ERRORS as err:
         _fail(err)
     console.print(f"merged model written to {path}")
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Run directory, adapter folder or model folder."),
+    to: str = typer.Option("gguf", "--to", help="gguf (llama.cpp, Ollama, LM Studio) or vllm."),
+    quant: str = typer.Option("f16", help="GGUF tensor type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0."),
+    out: Path = typer.Option(..., help="A new or empty folder for the export."),
+    lora: bool = typer.Option(False, "--lora", help="vllm: write the adapter for vLLM's LoRA loader, not a merge."),
+    push_to_hub: str | None = typer.Option(
+        None, "--push_to_hub", help="Upload the export to this Hugging Face repo (token from HF_TOKEN)."
+    ),
+) -> None:
+    """Merge the adapter and write a GGUF file with the trained chat template and an Ollama Modelfile, or a
+    folder `vllm serve` loads."""
+    try:
+        result = api.export(model, out, to=to, quant=quant, lora=lora, push_to_hub=push_to_hub)  # type: ignore[arg-type]
+    except USER_ERRORS as err:
+        _fail(err)
+    console.print(f"exported {'merged model' if result.merged else 'model'} to {result.path}", soft_wrap=True)
+    for note in result.notes:
+        console.print(f"  {note}", soft_wrap=True, highlight=False)
+    if result.hub_url:
+        console.print(f"uploaded to {result.hub_url}", soft_wrap=True)
 
 
 @app.command()

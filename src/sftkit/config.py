@@ -7,6 +7,7 @@ wrong values name the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from collections.abc import Mapping, Sequence
@@ -16,8 +17,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sftkit.errors import SftkitError
 
-class ConfigError(ValueError):
+
+class ConfigError(SftkitError, ValueError):
     """A mistake in the user's config: the message says where and what to do."""
 
 
@@ -474,10 +477,17 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SF
         raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(raw).__name__}")
+    return config_from_dict(raw, overrides, str(path))
+
+
+def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = None, source: str = "config") -> SFTConfig:
+    """Validate a config given as a mapping (YAML's content, or a dict in Python) after applying overrides;
+    `raw` itself is left unchanged."""
+    raw = copy.deepcopy(raw)
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value, source=f"command line --{dotted}")
     flags = " ".join(f"--{key}" for key in overrides or {})
-    return validate_config(raw, source=f"{path} with command-line {flags}" if flags else str(path))
+    return validate_config(raw, source=f"{source} with command-line {flags}" if flags else source)
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> SFTConfig:

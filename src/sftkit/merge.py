@@ -11,9 +11,23 @@ rounding of the base weights; tests/test_qlora.py measures that difference.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from sftkit.generate import TEMPLATE_FILE, load_trained, resolve_weights
 from sftkit.model.load import DTYPES, ModelError
+
+
+def load_merged(folder: Path, dtype: torch.dtype | None = None) -> tuple[Any, Any, str, bool]:
+    """(model, tokenizer, template, was_adapter): an adapter folder folded into its base (W + (alpha / r) B A
+    in every adapted layer, trainable token rows and modules_to_save written in), or a model folder as it is."""
+    model, tokenizer, template = load_trained(folder, dtype)
+    was_adapter = hasattr(model, "merge_and_unload")
+    if was_adapter:
+        model = model.merge_and_unload()  # a plain transformers model
+    model.config.use_cache = True  # training turned the KV cache off; inference wants it
+    return model, tokenizer, template, was_adapter
 
 
 def merge_adapter(run_dir: Path, out: Path, max_shard_size: str = "5GB", dtype: str = "auto") -> Path:
@@ -31,9 +45,7 @@ def merge_adapter(run_dir: Path, out: Path, max_shard_size: str = "5GB", dtype: 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"--out {out}: already holds files; give a new or empty folder")
-    model, tokenizer, template = load_trained(folder, None if dtype == "auto" else DTYPES[dtype])
-    merged = model.merge_and_unload()  # W + (alpha / r) B A in every adapted layer; plain transformers model
-    merged.config.use_cache = True  # training turned the KV cache off; inference wants it
+    merged, tokenizer, template, _ = load_merged(folder, None if dtype == "auto" else DTYPES[dtype])
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, max_shard_size=max_shard_size)  # safetensors
     tokenizer.save_pretrained(out)

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 
 from sftkit.config import DatasetSpec
 from sftkit.data.chunked_map import map_in_chunks
+from sftkit.errors import SftkitError
 
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "messages": ("messages", "tools"),
@@ -59,7 +60,7 @@ ROLE_ALIASES = {
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class DataError(ValueError):
+class DataError(SftkitError, ValueError):
     """A problem in the user's data: names the file, the row and what to do."""
 
 

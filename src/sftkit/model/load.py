@@ -20,10 +20,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from sftkit.errors import SftkitError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelError(ValueError):
+class ModelError(SftkitError, ValueError):
     """The model or tokenizer cannot be loaded as configured."""
 
 
