@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,11 +71,13 @@ def tokenize_batch(batch: dict[str, list], tokenizer: Any, options: TokenizeOpti
     return {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
 
 
-def _encode(texts: list[str], tokenizer: Any) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """Each text's token ids and character offsets, exactly as `tokenizer(texts, add_special_tokens=False,
-    return_offsets_mapping=True)` gives them. A fast tokenizer set to neither truncate nor pad, with special
-    tokens matched as transformers would, is asked directly: transformers' conversion of every encoding into
-    lists (attention masks included) costs about a tenth of the encode."""
+def _encode(texts: list[str], tokenizer: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each text's token ids (tokens,) and character offsets (tokens, 2), int64, exactly as `tokenizer(texts,
+    add_special_tokens=False, return_offsets_mapping=True)` gives them. A fast tokenizer set to neither truncate nor
+    pad, with special tokens matched as transformers would, is asked directly: transformers' conversion of every
+    encoding into lists (attention masks included) costs about a tenth of the encode. Each text's offsets become an
+    array when it is reached: a batch's offsets held as Python tuples all at once cost twice as much to convert
+    (their allocation, and the garbage collector's passes over them)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if (
         backend is None
@@ -83,8 +86,12 @@ def _encode(texts: list[str], tokenizer: Any) -> list[tuple[list[int], list[tupl
         or backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False))
     ):
         encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return list(zip(encoded["input_ids"], encoded["offset_mapping"], strict=True))
-    return [(encoding.ids, encoding.offsets) for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+        pairs: Iterable[tuple[Any, Any]] = zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+    else:
+        pairs = ((encoding.ids, encoding.offsets) for encoding in backend.encode_batch(texts, add_special_tokens=False))
+    for ids, offsets in pairs:
+        flat = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets))
+        yield np.fromiter(ids, dtype=np.int64, count=len(ids)), flat.reshape(-1, 2)
 
 
 def _conversation_spans(
@@ -106,21 +113,20 @@ def _conversation_spans(
 
 
 def _row_figures(
-    ids: list[int],
-    offsets: list[tuple[int, int]],
+    tokens: np.ndarray,
+    offsets: np.ndarray,
     spans: list[tuple[int, int]] | None,
     tokenizer: Any,
     options: TokenizeOptions,
 ) -> dict[str, Any]:
-    """Labels, truncation and counts of one tokenized row, tokens and labels as numpy arrays (Arrow takes
-    them without a Python int per token). `spans` None: plain text, every token trained, BOS first when the
-    tokenizer has one, EOS last."""
+    """Labels, truncation and counts of one tokenized row (`_encode`'s tokens and offsets), tokens and labels as
+    numpy arrays (Arrow takes them without a Python int per token). `spans` None: plain text, every token trained,
+    BOS first when the tokenizer has one, EOS last."""
     if spans is None:
-        ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids + [tokenizer.eos_token_id]
-    tokens = np.asarray(ids, dtype=np.int64)
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        tokens = np.concatenate([np.asarray(bos, dtype=np.int64), tokens, [tokenizer.eos_token_id]])
     if spans is not None and options.assistant_only_loss:
-        flat = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets))
-        trained = trained_tokens(flat.reshape(-1, 2), spans)
+        trained = trained_tokens(offsets, spans)
         labels = np.where(trained, tokens, IGNORE_INDEX)
     else:
         trained, labels = np.ones(len(tokens), dtype=bool), tokens
