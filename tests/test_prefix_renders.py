@@ -1,6 +1,7 @@
 """Prefixes taken from one rendering: every prefix, with and without the generation prompt, is exactly what
-rendering it gives, on every template `message_local` accepts; templates that read ahead, or whose epilogue
-depends on the messages, are refused, and their masks stay those of rendering every prefix."""
+rendering it gives, on every template `message_local` accepts, also with the epilogue taken from earlier
+conversations where `epilogue_reads` allows it; templates that read ahead, or whose epilogue depends on the
+messages, are refused, and their masks stay those of rendering every prefix."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from sftkit.data import template as template_module
+from sftkit.data.hf_chat import epilogue_inputs as _epilogue_reads
 from sftkit.data.hf_chat import renders_message_local
 from sftkit.data.prefix_renders import PrefixRenders
 from sftkit.data.template import (
@@ -65,17 +67,36 @@ REFUSED = {
 }
 
 
+# Message-local templates whose epilogue may write differently from one conversation to another: it reads a name the
+# prologue sets from the first message, a clock, or goes through a filter (refused whole, conservatively).
+VARYING_EPILOGUE = {
+    "prologue_name": "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% else %}{% set system = '' %}{% endif %}" + LOOP + "{% if add_generation_prompt %}{{ system }}{% endif %}",
+    "clock": LOOP + "{% if add_generation_prompt %}{{ strftime_now('%Y-%m-%d') }}{% endif %}",
+    "filter": LOOP + "{{ eos_token | upper }}",
+}
+
+
 def test_the_template_shapes_are_told_apart():
     for name, template in ACCEPTED.items():
         assert renders_message_local(template), name
     for name, template in REFUSED.items():
         assert not renders_message_local(template), name
+    for name, template in VARYING_EPILOGUE.items():
+        assert renders_message_local(template) and _epilogue_reads(template) is None, name
+    assert _epilogue_reads(ACCEPTED["final_eos"]) == {"eos_token"}
+    assert _epilogue_reads(ACCEPTED["namespace"]) == frozenset()
 
 
-@pytest.mark.parametrize("name", [*ACCEPTED, *sorted(MESSAGE_LOCAL)])
-def test_every_prefix_is_what_rendering_it_gives(name, llama2_tokenizer):
-    template = ACCEPTED.get(name) or template_text(name, llama2_tokenizer)
+@pytest.mark.parametrize("shared", [False, True], ids=["own_epilogue", "shared_epilogue"])
+@pytest.mark.parametrize("name", [*ACCEPTED, *VARYING_EPILOGUE, *sorted(MESSAGE_LOCAL)])
+def test_every_prefix_is_what_rendering_it_gives(name, shared, llama2_tokenizer):
+    """With `shared`, every conversation gets the epilogues found from the first one where `epilogue_reads` allows."""
+    template = ACCEPTED.get(name) or VARYING_EPILOGUE.get(name) or template_text(name, llama2_tokenizer)
     inputs = _template_inputs(llama2_tokenizer, None)
+    epilogues: dict[bool, str] = {}
+    if shared and _epilogue_reads(template) is None:
+        pytest.skip("the epilogue may differ between conversations: never shared")
 
     @settings(
         max_examples=40,
@@ -91,6 +112,7 @@ def test_every_prefix_is_what_rendering_it_gives(name, llama2_tokenizer):
                 converted,
                 functools.partial(_generate_with, template, inputs),
                 functools.partial(_render_with, template, inputs),
+                epilogues if shared else None,
             )
         except TemplateError:
             with pytest.raises(TemplateError):

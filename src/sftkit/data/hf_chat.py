@@ -25,7 +25,7 @@ from typing import Any
 import jinja2
 from transformers.utils import chat_template_utils as _hf_templates
 
-from sftkit.data.prefix_renders import message_local
+from sftkit.data.prefix_renders import epilogue_reads, message_local
 
 PRIVATE_FUNCTIONS = ("_compile_jinja_template", "_plain_template_data", "_alias_reasoning_fields")
 
@@ -91,6 +91,13 @@ def prefix_reuse(template: str) -> bool:
 def renders_message_local(template: str) -> bool:
     """Whether the template renders each message on its own (prefix_renders.py), read off its syntax tree."""
     return message_local(compiled(template).environment.parse(template))
+
+
+@lru_cache(maxsize=64)
+def epilogue_inputs(template: str) -> frozenset[str] | None:
+    """The inputs a message-local template's epilogue reads, when it writes the same for every conversation given
+    them (prefix_renders.py `epilogue_reads`)."""
+    return epilogue_reads(compiled(template).environment.parse(template))
 
 
 @lru_cache(maxsize=64)

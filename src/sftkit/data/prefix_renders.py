@@ -17,7 +17,10 @@ any other shape, and every construct it does not list (macros, `loop.last`, filt
 `{% generation %}`, ...), leaves the template to rendering every prefix. `PrefixRenders` takes every S_k from
 one rendering of the whole conversation, by watching its loop take the messages, and E(g) from renderings of
 the first message alone; the epilogue is checked there against the whole rendering's. A conversation's
-prefixes then cost one rendering of it and two of one message.
+prefixes then cost one rendering of it and two of one message. Most epilogues read nothing but
+add_generation_prompt and the template's inputs (`{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}`,
+or none at all): `epilogue_reads` proves that too, and E(g) found from one conversation then serves every other
+with the same inputs, so that each costs the one rendering.
 """
 
 from __future__ import annotations
@@ -48,6 +51,27 @@ UNSUPPORTED = (
     nodes.Break,
     nodes.Continue,
     nodes.ExprStmt,
+)
+
+
+# What an epilogue that writes the same for every conversation may be made of: output, and tests, comparisons and
+# concatenations of names and constants. No call, filter, attribute or item: nothing that may depend on more than
+# the names it reads (a clock, a random choice).
+CONSTANT_EPILOGUE = (
+    nodes.Output,
+    nodes.TemplateData,
+    nodes.Const,
+    nodes.If,
+    nodes.Name,
+    nodes.Test,
+    nodes.Compare,
+    nodes.Operand,
+    nodes.And,
+    nodes.Or,
+    nodes.Not,
+    nodes.Concat,
+    nodes.Add,
+    nodes.CondExpr,
 )
 
 
@@ -109,6 +133,25 @@ def message_local(tree: nodes.Template) -> bool:
     )
 
 
+def epilogue_reads(tree: nodes.Template) -> frozenset[str] | None:
+    """For a `message_local` template: the names its epilogue reads besides add_generation_prompt, when what it
+    writes depends on them and add_generation_prompt alone (the template's inputs: special tokens, tools; never the
+    messages nor a name the prologue or the loop sets), so that E(g) is the same for every conversation rendered
+    with the same values of those names. None when it may depend on more."""
+    loop_at = next(index for index, node in enumerate(tree.body) if isinstance(node, nodes.For))
+    epilogue = tree.body[loop_at + 1 :]
+    if any(not isinstance(node, CONSTANT_EPILOGUE) for node in _walk(epilogue, nodes.Node)):
+        return None
+    before = tree.body[: loop_at + 1]
+    set_before = (
+        {"messages", "loop"}
+        | {name.name for name in _walk(before, nodes.Name) if name.ctx != "load"}
+        | {ref.name for ref in _walk(before, nodes.NSRef)}
+    )
+    read = {name.name for name in _walk(epilogue, nodes.Name) if name.ctx == "load"}
+    return None if read & set_before else frozenset(read - {"add_generation_prompt"})
+
+
 def _walk(roots: list[nodes.Node], kind: type | tuple[type, ...]) -> Iterator[Any]:
     """Every node of `kind` in `roots`, the roots included."""
     for root in roots:
@@ -153,15 +196,18 @@ class PrefixRenders:
     `generate(messages, add_generation_prompt)` yields the rendering's pieces as the template writes them, and
     `render(messages, add_generation_prompt)` returns it, both with the run's template and inputs. The whole
     conversation is generated once here, watched (`_Watched`); its first message alone is rendered twice
-    when E(g) is first needed."""
+    when E(g) is first needed. `epilogues`, for an epilogue that `epilogue_reads` proves the same for other
+    conversations: E(g) by g as found for one of them, shared (filled here when empty, and then taken whenever
+    this rendering ends with its E(False))."""
 
     def __init__(
         self,
         messages: list[dict[str, Any]],
         generate: Callable[[list[Any], bool], Iterator[str]],
         render: Callable[[list[dict[str, Any]], bool], str],
+        epilogues: dict[bool, str] | None = None,
     ) -> None:
-        self.messages, self.render = messages, render
+        self.messages, self.render, self.known_epilogues = messages, render, epilogues
         self.cuts: dict[int, int] = {}
         self.written = 0
         positions = {id(message): index for index, message in enumerate(messages)}
@@ -199,6 +245,9 @@ class PrefixRenders:
     def _epilogue(self, add_generation_prompt: bool) -> str | None:
         """E(g), from the first message alone; None when its rendering is not S_1 + the epilogue the whole
         rendering ends with."""
+        known = self.known_epilogues
+        if self._epilogues is None and known and known[False] == self.full[self.end :]:
+            self._epilogues = known
         if self._epilogues is None:
             first = self.full[: self._written_before(1)]
             alone = {g: self.render(self.messages[:1], g) for g in (False, True)}
@@ -207,6 +256,8 @@ class PrefixRenders:
                 self._epilogues = {}
             else:
                 self._epilogues = {g: text[len(first) :] for g, text in alone.items()}
+                if known is not None and not known:
+                    known.update(self._epilogues)
         return self._epilogues.get(add_generation_prompt)
 
 

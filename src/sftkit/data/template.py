@@ -177,6 +177,22 @@ def _failed(err: Exception) -> TemplateError:
     )
 
 
+# E(g) by g, for message-local templates whose epilogue `hf_chat.epilogue_inputs` proves to depend on the inputs alone:
+# keyed by the template and the values of the inputs it reads, found from one conversation's first message, then taken
+# by every other conversation instead of rendering its first message twice.
+_EPILOGUES: dict[tuple[str, str], dict[bool, str]] = {}
+
+
+def _shared_epilogues(template: str, inputs: dict[str, Any]) -> dict[bool, str] | None:
+    reads = hf_chat.epilogue_inputs(template)
+    if reads is None:
+        return None
+    if len(_EPILOGUES) >= 256:  # tools differ from row to row in some datasets: keep the table small
+        _EPILOGUES.clear()
+    key = (template, repr([(name, inputs[name]) for name in sorted(reads) if name in inputs]))
+    return _EPILOGUES.setdefault(key, {})
+
+
 class _TemplateMessages(list):
     """Messages already in the template's input form (`_template_messages`): `render` takes them as they are,
     so the prefixes of one conversation are converted once, not once per render."""
@@ -289,6 +305,7 @@ class _Renderer:
                 self.messages,
                 lambda messages, g: _generate(self.template, messages, g, self.inputs),
                 lambda messages, g: _render(self.template, _TemplateMessages(messages), g, self.inputs),
+                _shared_epilogues(self.template, self.inputs),
             )
 
     def __call__(self, count: int, add_generation_prompt: bool = False) -> str:
