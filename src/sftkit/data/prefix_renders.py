@@ -227,6 +227,7 @@ class PrefixRenders:
             self.written += len(chunk)
         self.full = "".join(parts)
         self._epilogues: dict[bool, str] | None = None
+        self._before: list[int] | None = None
 
     def __call__(self, count: int, add_generation_prompt: bool) -> str | None:
         """render(messages[:count], add_generation_prompt), or None when it must be rendered."""
@@ -240,7 +241,11 @@ class PrefixRenders:
         """S_count's length: where the loop took its first message at or after `count`, or ended."""
         if self.end is None:
             return None
-        return min((at for index, at in self.cuts.items() if index >= count), default=self.end)
+        if self._before is None:  # for every count at once, from the last message back: linear, not quadratic
+            self._before = [self.end] * (len(self.messages) + 1)
+            for index in range(len(self.messages) - 1, -1, -1):
+                self._before[index] = min(self.cuts.get(index, self.end), self._before[index + 1])
+        return self._before[min(count, len(self.messages))]
 
     def _epilogue(self, add_generation_prompt: bool) -> str | None:
         """E(g), from the first message alone; None when its rendering is not S_1 + the epilogue the whole
