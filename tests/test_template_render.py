@@ -152,3 +152,30 @@ def test_remembered_attribute_check_answers_as_the_sandbox():
                     attribute,
                 )
     assert not any(kind is _Disguised for kind, _ in remembered.known)
+
+
+def test_template_messages_are_the_plain_data_transformers_makes():
+    """Role-and-text messages skip transformers' conversion, which would give the very same dicts (keys in the same
+    order); a str subclass, tool calls or reasoning still go through it."""
+    from transformers.utils import chat_template_utils as hf
+
+    from sftkit.data.template import _template_messages
+
+    class Text(str):
+        pass
+
+    cases = [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "tool_calls": None}],
+        [{"role": "user", "content": Text("Hi")}],
+        [{"role": "assistant", "content": "", "tool_calls": json.dumps(WEATHER[1]["tool_calls"])}],
+        [{"role": "assistant", "content": "4", "reasoning_content": "2 + 2"}],
+    ]
+    for messages in cases:
+        stored = [{key: value for key, value in _for_template(m).items() if value is not None} for m in messages]
+        expected = hf._alias_reasoning_fields(hf._plain_template_data(stored))
+        converted = _template_messages(messages)
+        assert converted == expected
+        assert [list(message) for message in converted] == [list(message) for message in expected]
+        assert [type(value) for message in converted for value in message.values()] == [
+            type(value) for message in expected for value in message.values()
+        ]

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -200,12 +200,18 @@ class _TemplateMessages(list):
 
 def _template_messages(messages: list[dict[str, Any]]) -> _TemplateMessages:
     """Stored messages as apply_chat_template hands them to the template: plain JSON data, no None values,
-    the reasoning under its aliases."""
-    return _TemplateMessages(
-        hf_chat.template_messages(
-            [{key: value for key, value in _for_template(message).items() if value is not None} for message in messages]
-        )
-    )
+    the reasoning under its aliases. Messages of a role and a text alone (most data) are that already."""
+    converted = [
+        {key: value for key, value in _for_template(message).items() if value is not None} for message in messages
+    ]
+    if all(message.keys() <= {"role", "content"} and _all_str(message.values()) for message in converted):
+        return _TemplateMessages(converted)
+    return _TemplateMessages(hf_chat.template_messages(converted))
+
+
+def _all_str(values: Iterable[Any]) -> bool:
+    """Whether every value is exactly a `str` (not a subclass, which the plain-data conversion would turn into one)."""
+    return all(type(value) is str for value in values)
 
 
 def _for_template(message: dict[str, Any]) -> dict[str, Any]:
