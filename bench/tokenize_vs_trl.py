@@ -17,7 +17,8 @@ are data_scale's (5 GSM8K exchanges per conversation, ~1,000 Llama-2 tokens, sft
 
 Both read their input memory-mapped from a dataset saved once per size (sftkit: its normalised rows; TRL: the
 JSONL as `datasets` reads it), with the same number of map processes; the map's cache files are removed after
-each run, so every run writes afresh. Each run is its own process, timed around the map alone; the two tools
+each run, so every run writes afresh. Each run is its own process, timed around the map alone, in wall time and in
+CPU time (the process and its map processes: what other load on a shared machine moves much less); the sides
 alternate (sftkit, TRL, then TRL, sftkit, ...) so that a shared machine's load hits both alike. Both must write
 the same number of tokens (the same text, tokenized the same way), which is checked.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -85,6 +87,7 @@ def worker(tool: str, saved: Path, num_proc: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     template = resolve_chat_template("llama2", tokenizer)
     rows = datasets.load_from_disk(str(saved))
+    cpu_started = _cpu_seconds()
     started = time.perf_counter()
     if tool == "sftkit":
         options = TokenizeOptions(template=template, max_seq_length=1_000_000)
@@ -97,10 +100,16 @@ def worker(tool: str, saved: Path, num_proc: int) -> None:
             remove_columns=rows.column_names,
             desc="Tokenizing train dataset",
         )
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
     ids = tokenized.select_columns(["input_ids"]).with_format("arrow")[:]["input_ids"]
     tokens = int(pc.sum(pc.list_value_length(ids)).as_py())
-    print("RESULT " + json.dumps({"seconds": seconds, "tokens": tokens, "rows": len(tokenized)}), flush=True)
+    print("RESULT " + json.dumps({"seconds": seconds, "cpu_s": cpu, "tokens": tokens}), flush=True)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its map processes once they have exited (user + system)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def run(tool: str, saved: Path, num_proc: int, source: Path = ROOT / "src") -> dict:
@@ -137,22 +146,23 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sftkit-tokenize-vs-trl-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"workdir {workdir}; {args.num_proc} map processes; load average {os.getloadavg()[0]:.1f}", flush=True)
-    print(f"{'rows':>8} {'round':>5} {'side':>6} {'seconds':>8} {'tokens/s':>10} {'load':>5}", flush=True)
+    print(f"{'rows':>8} {'round':>5} {'side':>6} {'wall s':>7} {'CPU s':>7} {'tokens/s':>10} {'load':>5}", flush=True)
     for rows in args.rows:
         saved = prepare(rows, workdir)
         sides = ["sftkit", "trl"] + (["before"] if args.baseline else [])
-        seconds: dict[str, list[float]] = {side: [] for side in sides}
+        figures: dict[str, dict[str, list[float]]] = {side: {"seconds": [], "cpu_s": []} for side in sides}
         tokens: dict[str, int] = {}
         for number in range(args.rounds):
-            for tool in sides if number % 2 == 0 else sides[::-1]:
-                if tool == "before":
+            for side in sides if number % 2 == 0 else sides[::-1]:
+                if side == "before":
                     result = run("sftkit", saved["sftkit"], args.num_proc, args.baseline)
                 else:
-                    result = run(tool, saved[tool], args.num_proc)
-                seconds[tool].append(result["seconds"])
-                tokens[tool] = result["tokens"]
+                    result = run(side, saved[side], args.num_proc)
+                for key in ("seconds", "cpu_s"):
+                    figures[side][key].append(result[key])
+                tokens[side] = result["tokens"]
                 print(
-                    f"{rows:>8,} {number + 1:>5} {tool:>6} {result['seconds']:>8.1f} "
+                    f"{rows:>8,} {number + 1:>5} {side:>6} {result['seconds']:>7.1f} {result['cpu_s']:>7.1f} "
                     f"{result['tokens'] / result['seconds']:>10,.0f} {os.getloadavg()[0]:>5.1f}",
                     flush=True,
                 )
@@ -161,13 +171,14 @@ def main() -> None:
         for side in sides:
             if side == "trl":
                 continue
-            ratios = [trl / ours for ours, trl in zip(seconds[side], seconds["trl"], strict=True)]
-            print(
-                f"{rows:,} rows ({tokens['sftkit']:,} tokens): {side} (masked) / TRL (unmasked) speed "
-                f"{statistics.median(ratios):.2f}× (median of {len(ratios)} rounds: "
-                f"{', '.join(f'{ratio:.2f}×' for ratio in ratios)})",
-                flush=True,
-            )
+            for key, name in (("seconds", "wall"), ("cpu_s", "CPU")):
+                ratios = [trl / ours for ours, trl in zip(figures[side][key], figures["trl"][key], strict=True)]
+                print(
+                    f"{rows:,} rows ({tokens['sftkit']:,} tokens): {side} (masked) / TRL (unmasked) speed by {name} "
+                    f"time {statistics.median(ratios):.2f}× (median of {len(ratios)} rounds: "
+                    f"{', '.join(f'{ratio:.2f}×' for ratio in ratios)})",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
