@@ -83,10 +83,10 @@ def parse_metric(text: str, extract: str | None = None) -> MetricSpec:
     try:
         compiled = re.compile(pattern)
     except re.error as err:
-        raise ConfigError(f"--extract {pattern!r}: does not compile as a regex ({err})") from None
+        raise ConfigError(f"--extract '{pattern}': does not compile as a regex ({err})") from None
     if compiled.groups < 1:
         raise ConfigError(
-            f"--extract {pattern!r}: the regex has no group; put the answer in parentheses, e.g. '#### (\\S+)'"
+            f"--extract '{pattern}': the regex has no group; put the answer in parentheses, e.g. '#### (\\S+)'"
         )
     return MetricSpec("extract", pattern)
 

@@ -30,7 +30,7 @@ from sftkit.evaluate.interval import paired_bootstrap
 from sftkit.evaluate.metrics import MetricSpec
 from sftkit.evaluate.score import ModelScores, ScoreSettings, score_model
 from sftkit.generate import load_trained, resolve_weights
-from sftkit.model.load import ModelError, load_model, load_tokenizer
+from sftkit.model.load import ModelError, load_model, load_model_config, load_tokenizer
 
 SUMMARY, PREDICTIONS = "summary.json", "predictions.jsonl"
 
@@ -102,6 +102,9 @@ def evaluate(options: EvalOptions) -> EvalResult:
         raise ModelError(
             f"--base: {options.model} does not name the base model it was trained from; give it with --base-model NAME"
         )
+    if options.base:
+        assert base_name is not None
+        _check_base(base_name)  # before the tuned model's minutes of generation, not after
     scored, seconds = {}, {}
     started = time.perf_counter()
     scored["tuned"] = score_model(tuned.model, tuned.tokenizer, tuned.template, examples, settings)
@@ -156,15 +159,18 @@ def _base_of(folder: Path) -> str | None:
     return None
 
 
-def _load_base(name: str, tokenizer: Any) -> Any:
-    device, dtype = _device_and_dtype()
+def _check_base(name: str) -> None:
     try:
-        model = load_model(name, dtype or torch.float32, vocab_size=len(tokenizer))
+        load_model_config(name)
     except ModelError as err:
         raise ModelError(
             f"--base: the base model {name!r} cannot be loaded ({err}); give it with --base-model NAME"
         ) from None
-    return model.to(device)
+
+
+def _load_base(name: str, tokenizer: Any) -> Any:
+    device, dtype = _device_and_dtype()
+    return load_model(name, dtype or torch.float32, vocab_size=len(tokenizer)).to(device)
 
 
 def _compare(
