@@ -593,7 +593,8 @@ def _redact(node: Any, key: str = "") -> Any:
     if isinstance(node, list):
         return [_redact(v, key) for v in node]
     if isinstance(node, str) and (
-        (_SECRET_KEY.search(key) and not any(k in key for k in _NOT_SECRET_KEYS))
+        (_SECRET_KEY.search(key)
+        and not any(k in key for k in _NOT_SECRET_KEYS))
         or _SECRET_VALUE.search(_HUB_COMMIT.sub("", node))
     ):
         return "***redacted***"
