@@ -20,7 +20,7 @@ def test_config_reference_matches_schema():
 
 def test_every_cli_command_in_readme_exists():
     runner = CliRunner()
-    for command in ("train", "plan", "report", "generate", "merge", "export", "demo", "data inspect"):
+    for command in ("train", "plan", "report", "generate", "merge", "export", "eval", "demo", "data inspect"):
         assert f"sftkit {command}" in README.read_text(encoding="utf-8") or command == "demo"
         result = runner.invoke(app, [*command.split(), "--help"])
         assert result.exit_code == 0, (command, result.output)

@@ -163,6 +163,58 @@ def generate(
         _fail(err)
 
 
+@app.command("eval")
+def eval_command(
+    model: str = typer.Argument(..., help="Run directory, adapter or model folder, or a GGUF file."),
+    data: str = typer.Option(
+        ..., help="Data file (any training format); the reference is the completion or last reply."
+    ),
+    metric: list[str] | None = typer.Option(
+        None, help="exact, extract, contains, rouge, bleu, chrf or loss; repeat for several (default: exact)."
+    ),
+    extract: str | None = typer.Option(None, help="Regex with one group for `extract`, e.g. '#### (\\S+)'."),
+    base: bool = typer.Option(False, "--base", help="Score the base model too, and the difference with its interval."),
+    base_model: str | None = typer.Option(None, help="The base to compare with (default: the one the model names)."),
+    max_new_tokens: int = typer.Option(256, min=1),
+    batch_size: int = typer.Option(16, min=1, help="Examples generated (or scored) together."),
+    max_length: int = typer.Option(2048, min=8, help="Tokens a `loss` example may take (cut on the left)."),
+    limit: int | None = typer.Option(None, min=1, help="Score only the first N rows."),
+    data_format: str = typer.Option("auto", "--format", help="auto, messages, sharegpt, alpaca or prompt_completion."),
+    column: list[str] | None = typer.Option(None, help="KEY=NAME column mapping, e.g. prompt=question; repeatable."),
+    out: Path | None = typer.Option(
+        None, help="Folder for summary.json and predictions.jsonl (default: RUN_DIR/eval)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Score a fine-tuned model (and its base) on your task: one table with the difference and its 95% interval."""
+    from sftkit.evaluate import EvalOptions, evaluate, parse_metrics
+    from sftkit.evaluate.table import parse_columns, print_result
+
+    try:
+        result = evaluate(
+            EvalOptions(
+                model=model,
+                data=data,
+                metrics=parse_metrics(metric or [], extract),
+                base=base,
+                base_model=base_model,
+                out=out,
+                limit=limit,
+                data_format=data_format,
+                columns=parse_columns(column or []),
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                max_length=max_length,
+            )
+        )
+    except USER_ERRORS as err:
+        _fail(err)
+    if as_json:
+        print(json.dumps(result.summary(), indent=2))
+    else:
+        print_result(result, console)
+
+
 @app.command()
 def merge(
     run_dir: Path = typer.Argument(..., help="Run directory or adapter folder."),

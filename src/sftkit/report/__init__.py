@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sftkit.report import summary
+from sftkit.report.evaluation import evaluation_section
 from sftkit.report.page import render_page
 from sftkit.report.plots import all_plots
 from sftkit.report.read import RunRecord, read_run
@@ -62,6 +63,14 @@ def print_summary(record: RunRecord, console: Console) -> None:
         console.print(table)
     else:
         console.print("[green]Diagnosis: no problems detected.[/green]")
+    evaluation = evaluation_section(record)
+    if evaluation:
+        table = Table(title=f"Evaluation: {evaluation['facts']}", title_justify="left")
+        for column in evaluation["columns"]:
+            table.add_column(column, overflow="fold")
+        for row in evaluation["rows"]:
+            table.add_row(*(Text(row[column]) for column in evaluation["columns"]))
+        console.print(table)
     samples = summary.samples_by_prompt(record)
     if samples:
         table = Table(title="Samples (first and last sample step)", title_justify="left", show_lines=True)

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 import jinja2
 
 from sftkit.report import summary
+from sftkit.report.evaluation import evaluation_section
 from sftkit.report.read import RunRecord
 
 PAGE = jinja2.Template(
@@ -63,6 +64,22 @@ PAGE = jinja2.Template(
 <td class="advice">{{ f.advice }}</td></tr>{% endfor %}</table>
 {% else %}<span class="empty">No problems detected.</span>{% endif %}</div>
 
+{% if evaluation %}<h2>Evaluation</h2>
+<p class="sub">{{ evaluation.facts }}: the 95% interval is a paired bootstrap over the examples; one that
+excludes 0 is a difference these examples can tell from noise.</p>
+<div class="card"><table><tr>{% for c in evaluation.columns %}<th>{{ c }}</th>{% endfor %}</tr>
+{% for row in evaluation.rows %}<tr>{% for c in evaluation.columns %}<td{% if not loop.first %} class="num"{% endif %}>
+{{ row[c] }}</td>{% endfor %}</tr>{% endfor %}</table></div>
+{% if evaluation.metric %}<div class="plots" style="margin-top: 14px">
+{% for title, side in (("Where tuned beats base", evaluation.wins), ("Where tuned loses to base", evaluation.losses)) %}
+<div class="card"><h3>{{ title }} ({{ evaluation.metric }})</h3>{% if side %}{% for ex in side %}
+<table style="margin-bottom: 10px"><tr><td class="key">prompt</td><td class="text">{{ ex.prompt }}</td></tr>
+<tr><td class="key">reference</td><td class="text">{{ ex.reference }}</td></tr>
+<tr><td class="key">base</td><td class="text">{{ ex.base }}</td></tr>
+<tr><td class="key">tuned</td><td class="text">{{ ex.tuned }}</td></tr></table>{% endfor %}
+{% else %}<span class="empty">none</span>{% endif %}</div>{% endfor %}</div>{% endif %}
+{% endif %}
+
 <h2>Curves</h2>
 <div class="plots">{% for title, image in plots %}<div class="card{% if loop.first %} wide{% endif %}">
 <img alt="{{ title }}" src="data:image/png;base64,{{ image }}"></div>{% endfor %}</div>
@@ -104,6 +121,7 @@ def render_page(record: RunRecord, plots: dict[str, bytes]) -> str:
         headline=summary.headline_rows(record),
         notes=record.notes,
         findings=record.findings,
+        evaluation=evaluation_section(record),
         plots=[(title, base64.b64encode(png).decode("ascii")) for title, png in plots.items()],
         samples=list(summary.samples_by_prompt(record).items()),
         checkpoints=summary.checkpoint_rows(record),

@@ -5,12 +5,13 @@ directory with no metrics at all is refused."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from sftkit.monitor.logged import SourceFacts, logged_findings
 from sftkit.train.checkpoint import MANIFEST, checkpoint_dirs, step_of
 
 
@@ -33,6 +34,8 @@ class RunRecord:
     findings: list[dict[str, Any]]
     checkpoints: list[Checkpoint]
     notes: list[str] = field(default_factory=list)  # what was missing or unreadable
+    evaluation: dict[str, Any] | None = None  # RUN_DIR/eval/summary.json, written by `sftkit eval`
+    eval_predictions: list[dict[str, Any]] = field(default_factory=list)  # RUN_DIR/eval/predictions.jsonl
 
     @property
     def status(self) -> str:
@@ -63,26 +66,59 @@ def read_run(run_dir: Path) -> RunRecord:
             f"{metrics_path}: no metric rows yet; the run logs one every `logging_steps` "
             "optimizer steps, so try again once it has logged"
         )
+    config = _read_mapping(run_dir / "config.yaml", notes)
+    run = _read_mapping(run_dir / "run.json", notes)
+    data_stats = _read_mapping(run_dir / "data_stats.json", notes)
+    findings = [
+        {"kind": "?", "message": "", "advice": "", "evidence": {}, **row}
+        for row in _read_jsonl(run_dir / "diagnosis.jsonl", notes, required=False)
+    ]
+    live_kinds = {finding["kind"] for finding in findings}
+    findings += [
+        asdict(finding)
+        for finding in logged_findings(
+            train_rows,
+            eval_rows,
+            float(config.get("max_grad_norm", 0) or 0),
+            config.get("learning_rate"),
+            _source_facts(run, data_stats),
+        )
+        if finding.kind not in live_kinds
+    ]
+    evaluation = _read_mapping(run_dir / "eval" / "summary.json", []) or None
     return RunRecord(
         run_dir=run_dir,
-        config=_read_mapping(run_dir / "config.yaml", notes),
-        run=_read_mapping(run_dir / "run.json", notes),
-        data_stats=_read_mapping(run_dir / "data_stats.json", notes),
+        config=config,
+        run=run,
+        data_stats=data_stats,
         train_rows=train_rows,
         eval_rows=eval_rows,
         samples=[
             {"prompt": "", "completion": "", "ended": False, **row}
             for row in _read_jsonl(run_dir / "samples.jsonl", notes, required=False)
         ],
-        findings=[
-            {"kind": "?", "message": "", "advice": "", "evidence": {}, **row}
-            for row in _read_jsonl(run_dir / "diagnosis.jsonl", notes, required=False)
-        ],
+        findings=findings,
         checkpoints=[
             Checkpoint(path.name, step_of(path), (path / MANIFEST).is_file()) for path in checkpoint_dirs(run_dir)
         ],
         notes=notes,
+        evaluation=evaluation,
+        eval_predictions=_read_jsonl(run_dir / "eval" / "predictions.jsonl", notes, required=False, key="row")
+        if evaluation
+        else [],
     )
+
+
+def _source_facts(run: dict[str, Any], data_stats: dict[str, Any]) -> list[SourceFacts]:
+    """Each training source's name (run.json) and how often the mixture repeats it (data_stats.json's `rate`)."""
+    names, stats = run.get("sources"), data_stats.get("sources")
+    if not isinstance(names, list) or not isinstance(stats, list) or len(names) != len(stats):
+        return []
+    return [
+        SourceFacts(str(name), float(stat.get("rate") or 1.0))
+        for name, stat in zip(names, stats, strict=True)
+        if isinstance(stat, dict)
+    ]
 
 
 def eval_loss_keys(rows: list[dict[str, Any]]) -> list[str]:
@@ -107,7 +143,7 @@ def _read_mapping(path: Path, notes: list[str]) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _read_jsonl(path: Path, notes: list[str], required: bool = True) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, notes: list[str], required: bool = True, key: str = "step") -> list[dict[str, Any]]:
     if not path.is_file():
         if required:
             notes.append(f"{path.name} is missing")
@@ -121,7 +157,7 @@ def _read_jsonl(path: Path, notes: list[str], required: bool = True) -> list[dic
         except json.JSONDecodeError:
             bad.append(number)
             continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
+        if isinstance(row, dict) and isinstance(row.get(key), int):
             rows.append(row)
         else:
             bad.append(number)
