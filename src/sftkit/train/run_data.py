@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,12 +19,29 @@ from sftkit.config import SFTConfig
 from sftkit.data.dataset import DataOptions, PreparedData, prepare_data
 from sftkit.data.examples import TrainingExamples
 from sftkit.data.inspect import data_stats, with_mixture
-from sftkit.data.packing import padding_efficiency
+from sftkit.data.packing import Packs, padding_efficiency
 from sftkit.data.template import require_chat_template
 from sftkit.data.tokenize import RowTokenizer, default_num_proc
 from sftkit.train.batches import BatchPlan
 from sftkit.train.feed import Feed, OnlineFeed, OnlineOptions, PlannedFeed
+from sftkit.train.schedule import warmup_steps_for
 from sftkit.train.sources import ArrowSource, Exchange, StreamSource
+
+
+@dataclass
+class EvalSet:
+    """One eval set, packed like the training data, in micro-batches of sequence ids."""
+
+    examples: TrainingExamples
+    sequences: Packs
+    micro_batches: list[range]
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, max_seq_length: int, packing: bool, batch_size: int) -> EvalSet:
+        examples = TrainingExamples.from_dataset(dataset)
+        sequences = examples.sequences(max_seq_length, packing)
+        count = len(sequences)
+        return cls(examples, sequences, [range(i, min(i + batch_size, count)) for i in range(0, count, batch_size)])
 
 
 @dataclass
@@ -35,6 +52,8 @@ class RunData:
     steps_per_epoch: int | None  # None: an online feed has no epoch of known length
     sequences: int | None  # packed training sequences of a planned feed
     weights: dict[str, float]  # a mixture's weight per source path; empty when sources are concatenated
+    eval_sets: dict[str, EvalSet] = field(default_factory=dict)  # label ('' when unnamed) → its batches
+    warmup_steps: int = 0
 
     def stats(self, max_seq_length: int, batch_size: int, packing: bool) -> dict[str, Any]:
         """What `data inspect` reports; for a stream, over the examples read so far (the first buffer)."""
@@ -59,6 +78,21 @@ def exchange_for(world: int) -> Exchange:
 
 
 def load_run_data(
+    config: SFTConfig, tokenizer: Any, template: str, accelerator: Any, tell: Callable[[str], None]
+) -> RunData:
+    """The feed, and each eval set in micro-batches of `per_device_eval_batch_size`."""
+    data = _load_feed(config, tokenizer, template, accelerator, tell)
+    data.eval_sets = {
+        label: EvalSet.from_dataset(
+            tokenized.dataset, config.max_seq_length, config.packing, config.per_device_eval_batch_size
+        )
+        for label, tokenized in data.prepared.eval_sets.items()
+    }
+    data.warmup_steps = warmup_steps_for(data.total_steps, *config.warmup_fraction_or_steps)
+    return data
+
+
+def _load_feed(
     config: SFTConfig, tokenizer: Any, template: str, accelerator: Any, tell: Callable[[str], None]
 ) -> RunData:
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
