@@ -51,7 +51,7 @@ class CheckpointError(ValueError):
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     """Complete checkpoints (with a manifest), oldest first."""
     found = [p for p in output_dir.glob("checkpoint-*") if CHECKPOINT.match(p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
 def step_of(path: Path) -> int:
@@ -74,8 +74,8 @@ def temp_dir_for(output_dir: Path, step: int) -> Path:
     return output_dir / f".tmp-checkpoint-{step}"
 
 
-def write_weights(model: torch.nn.Module, directory: Path, finetuning: str) -> None:
-    """Adapter (PEFT format) or the full model's state dict, as safetensors."""
+def write_weights(model: Any, directory: Path, finetuning: str) -> None:
+    """Adapter (PEFT format) or the full model's state dict, as safetensors (a peft or transformers model)."""
     if finetuning == "full":
         from safetensors.torch import save_model
 
@@ -259,7 +259,7 @@ def load_state(
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     plain = json.loads((path / f"rng_state_{rank}.json").read_text())
     with safe_open(str(path / f"rng_torch_{rank}.safetensors"), "pt") as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
     restore_rng(plain, tensors)
 
 

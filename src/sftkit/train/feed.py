@@ -275,8 +275,8 @@ class OnlineFeed:
         if state["names"] != self.sources:
             raise DataError(f"the checkpoint's data sources {state['names']} are not this run's {self.sources}")
         held = examples_from_tensors(tensors)
-        for source, saved in zip(self.sources_in, state["sources"]):
-            source.load(saved["position"], [held[i] for i in saved["ahead"]])
+        for source, position in zip(self.sources_in, state["sources"], strict=True):
+            source.load(position["position"], [held[i] for i in position["ahead"]])
         self.queue = [[held[i] for i in sequence] for sequence in state["queue"]]
         self.mixer.load_state_dict(state["mixer"])
         self.emitted = list(state["emitted"])
@@ -338,5 +338,7 @@ def examples_from_tensors(tensors: dict[str, torch.Tensor]) -> list[Example]:
     ids, labels = tensors["input_ids"].tolist(), tensors["labels"].tolist()
     return [
         make_example(ids[s:e], labels[s:e], int(source), int(row))
-        for s, e, source, row in zip(starts, ends, tensors["source"].tolist(), tensors["source_row"].tolist())
+        for s, e, source, row in zip(
+            starts, ends, tensors["source"].tolist(), tensors["source_row"].tolist(), strict=True
+        )
     ]

@@ -72,9 +72,6 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 begun = (state.step, capture_rng())
                 draw = run.data.feed.draw(state.step)
                 if draw is None:  # on_exhausted: stop, and every example read is trained on
-                    run.say(
-                        f"[yellow]The training data ran out at step {state.step} of {total}; stopping (on_exhausted: stop).[/yellow]"
-                    )
                     break
                 result = train_step(run, state, draw, stops)
                 record(run, state, result, draw, progress)
@@ -96,7 +93,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                 if evaluation and patience_spent(run, state):
                     status = "early_stopped"
                     break
-        final_dir = finish(run, state)
+        final_dir = finish(run, state, status)
     except KeyboardInterrupt as interrupt:
         stop(run, state, start_step, begun, while_applying=isinstance(interrupt, InterruptedWhileApplying))
         write_run_info(run, state, "stopped")
@@ -134,7 +131,7 @@ def begin(run: Run, state: RunState) -> None:
 
 def due(step: int, every: int | None, total: int) -> bool:
     """Every `every` steps and at the last one; never when `every` is 0 or None."""
-    return bool(every) and (step % every == 0 or step == total)
+    return every is not None and every > 0 and (step % every == 0 or step == total)
 
 
 def sample_steps(config: SFTConfig) -> int:
@@ -183,6 +180,7 @@ def log(run: Run, state: RunState, result: StepResult, elapsed: float) -> None:
 def keep_best(run: Run, state: RunState, evaluation: dict[str, float]) -> None:
     """Log an evaluation, and keep its checkpoint when its `metric_for_best_model` is the best yet."""
     config, step, metric = run.config, state.step, run.config.best_model_metric
+    assert metric is not None  # set whenever there is eval data
     value = evaluation[metric]
     improved = is_better(value, state.best_value, metric)
     if improved:
@@ -247,8 +245,14 @@ def stop(run: Run, state: RunState, start_step: int, begun: tuple[int, Any] | No
     run.say(f"Saved {path}; resume with `--resume_from_checkpoint true`.")
 
 
-def finish(run: Run, state: RunState) -> Path:
+def finish(run: Run, state: RunState, status: str) -> Path:
     """A last checkpoint, and the final adapter or model with its tokenizer and template."""
+    total = run.data.total_steps
+    if status == "finished" and state.step < total:
+        run.say(
+            f"[yellow]The training data ran out at step {state.step} of {total}; stopping "
+            "(on_exhausted: stop).[/yellow]"
+        )
     if state.step != state.saved_step:
         save(run, state)
     final_dir = run.output_dir / ("model" if run.config.finetuning == "full" else "adapter")

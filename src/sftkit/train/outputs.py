@@ -57,7 +57,7 @@ def prepare_output_dir(output_dir: Path, config: SFTConfig) -> None:
 
 
 def save_final(
-    model: torch.nn.Module,
+    model: Any,  # a peft or transformers model
     tokenizer: Any,
     template: str,
     final_dir: Path,

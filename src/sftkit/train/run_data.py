@@ -25,7 +25,7 @@ from sftkit.data.tokenize import RowTokenizer, default_num_proc
 from sftkit.train.batches import BatchPlan
 from sftkit.train.feed import Feed, OnlineFeed, OnlineOptions, PlannedFeed
 from sftkit.train.schedule import warmup_steps_for
-from sftkit.train.sources import ArrowSource, Exchange, StreamSource
+from sftkit.train.sources import ArrowSource, ExampleSource, Exchange, StreamSource
 
 
 @dataclass
@@ -61,6 +61,7 @@ class RunData:
             return data_stats(self.prepared, max_seq_length, batch_size, self.feed.sequences if packing else None)
         if self.prepared.train is not None:  # a mixture of tokenized sources
             return with_mixture(data_stats(self.prepared, max_seq_length, batch_size), self.weights)
+        assert isinstance(self.feed, OnlineFeed)  # a stream: neither planned nor tokenized up front
         return sampled_stats(self.feed, batch_size)
 
 
@@ -69,7 +70,7 @@ def exchange_for(world: int) -> Exchange:
     if world == 1:
         return lambda mine: [mine]
 
-    def exchange(mine: list) -> list[list]:
+    def exchange(mine: Any) -> list[Any]:
         shares: list[Any] = [None] * world
         torch.distributed.all_gather_object(shares, mine)
         return shares
@@ -102,6 +103,7 @@ def _load_feed(
     names = config.source_names
     paths = [spec.path for spec in config.datasets]
     if not config.streaming and not config.is_mixture:
+        assert prepared.train is not None  # tokenized up front unless streaming
         examples = TrainingExamples.from_dataset(prepared.train.dataset, paths)
         sequences = examples.sequences(config.max_seq_length, config.packing, progress=main)
         plan = BatchPlan(
@@ -125,7 +127,7 @@ def _load_feed(
         rank=rank,
         seed=config.seed,
         on_exhausted=config.on_exhausted,
-        weights=tuple(spec.weight for spec in config.datasets) if config.is_mixture else None,
+        weights=tuple(spec.weight or 0.0 for spec in config.datasets) if config.is_mixture else None,
     )
     if config.streaming:
         from sftkit.data.stream import SourceStream
@@ -133,8 +135,8 @@ def _load_feed(
         # the machine's cores are shared by its processes (torchrun sets LOCAL_WORLD_SIZE); one stays with the loop
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         workers = config.dataset_num_proc or max(1, default_num_proc() // local_world - 1)
-        sources = []
-        for index, (spec, name) in enumerate(zip(config.datasets, names)):
+        sources: list[ExampleSource] = []
+        for index, (spec, name) in enumerate(zip(config.datasets, names, strict=True)):
             stream = SourceStream(spec, name, config.system_prompt, config.skip_bad_rows)
             require_chat_template(template, stream.format, spec.path, tokenizer)
             sources.append(
@@ -149,6 +151,7 @@ def _load_feed(
                 )
             )
     else:
+        assert prepared.train is not None
         examples = TrainingExamples.from_dataset(prepared.train.dataset, paths)
         sources = [
             ArrowSource(examples, np.flatnonzero(examples.sources == index), index, name, config.seed)
