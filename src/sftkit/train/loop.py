@@ -149,7 +149,7 @@ def record(run: Run, state: RunState, result: StepResult, draw: Draw, progress: 
         result.loss_sum if applied else 0.0,
         draw.trained,
         draw.tokens,
-        result.correct if applied else 0,
+        int(result.correct) if applied else 0,
         result.clipped,
     )
     source_losses = result.source_loss_sums if applied else [0.0] * len(result.source_loss_sums)

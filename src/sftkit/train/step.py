@@ -39,7 +39,7 @@ class StepResult:
 
     loss_sum: float  # summed loss of the step's trained targets
     loss: float  # loss_sum / trained targets of the step
-    correct: int  # trained targets that were the model's argmax
+    correct: float  # trained targets that were the model's argmax (NaN with a NaN loss)
     source_loss_sums: list[float]  # loss_sum by training source
     grad_norm: float  # before clipping
     lr: float  # the rate this step was taken with
@@ -111,7 +111,7 @@ def train_step(run: Run, state: RunState, draw: Draw, stops: StopRequests) -> St
     result = StepResult(
         loss_sum=loss_sum,
         loss=loss,
-        correct=int(correct),
+        correct=correct,
         source_loss_sums=source_loss_sums,
         grad_norm=grad_norm,
         lr=model.scheduler.get_last_lr()[0],
