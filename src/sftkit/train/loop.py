@@ -67,39 +67,40 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     status, progress, started = "finished", make_progress(run, start_step), time.perf_counter()
     begin(run, state)
     try:
-        with progress, StopRequests(lockstep=run.world > 1) as stops:
-            while state.step < total:
-                begun = (state.step, capture_rng())
-                draw = run.data.feed.draw(state.step)
-                if draw is None:  # on_exhausted: stop, and every example read is trained on
-                    break
-                result = train_step(run, state, draw, stops)
-                record(run, state, result, draw, progress)
-                if due(state.step, config.logging_steps, total):
-                    log(run, state, result, elapsed=time.perf_counter() - started)
-                if result.stop_requested:  # Ctrl-C in some process: all of them stop after this same step
-                    raise KeyboardInterrupt
-                side_work_started = time.time()  # eval, samples and saves do not count against throughput
-                evaluation = evaluate(run) if due(state.step, config.resolved_eval_steps, total) else None
-                if evaluation:
-                    keep_best(run, state, evaluation)
-                if run.samples_due and due(state.step, sample_steps(config), total):
-                    sample(run, state.step)
-                if state.step % config.save_steps == 0 and state.step != state.saved_step:
-                    save(run, state, evaluation)
-                state.window["time"] += time.time() - side_work_started
-                if state.step % config.logging_steps == 0:
-                    write_run_info(run, state, "running")
-                if evaluation and patience_spent(run, state):
-                    status = "early_stopped"
-                    break
+        try:
+            with progress, StopRequests(lockstep=run.world > 1) as stops:
+                while state.step < total:
+                    begun = (state.step, capture_rng())
+                    draw = run.data.feed.draw(state.step)
+                    if draw is None:  # on_exhausted: stop, and every example read is trained on
+                        break
+                    result = train_step(run, state, draw, stops)
+                    record(run, state, result, draw, progress)
+                    if due(state.step, config.logging_steps, total):
+                        log(run, state, result, elapsed=time.perf_counter() - started)
+                    if result.stop_requested:  # Ctrl-C in some process: all of them stop after this same step
+                        raise KeyboardInterrupt
+                    side_work_started = time.time()  # eval, samples and saves do not count against throughput
+                    evaluation = evaluate(run) if due(state.step, config.resolved_eval_steps, total) else None
+                    if evaluation:
+                        keep_best(run, state, evaluation)
+                    if run.samples_due and due(state.step, sample_steps(config), total):
+                        sample(run, state.step)
+                    if state.step % config.save_steps == 0 and state.step != state.saved_step:
+                        save(run, state, evaluation)
+                    state.window["time"] += time.time() - side_work_started
+                    if state.step % config.logging_steps == 0:
+                        write_run_info(run, state, "running")
+                    if evaluation and patience_spent(run, state):
+                        status = "early_stopped"
+                        break
+        except KeyboardInterrupt as interrupt:  # Ctrl-C during the steps: save where the run stands
+            stop(run, state, start_step, begun, while_applying=isinstance(interrupt, InterruptedWhileApplying))
+            write_run_info(run, state, "stopped")
+            return RunResult(run.output_dir, "stopped", state.step, None, state.best_checkpoint, state.last_loss)
         final_dir = finish(run, state, status)
-    except KeyboardInterrupt as interrupt:
-        stop(run, state, start_step, begun, while_applying=isinstance(interrupt, InterruptedWhileApplying))
-        write_run_info(run, state, "stopped")
-        return RunResult(run.output_dir, "stopped", state.step, None, state.best_checkpoint, state.last_loss)
-    except BaseException:
-        write_run_info(run, state, "crashed")
+    except BaseException as error:
+        write_run_info(run, state, "stopped" if isinstance(error, KeyboardInterrupt) else "crashed")
         raise
     finally:
         run.data.feed.close()
