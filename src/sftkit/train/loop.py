@@ -84,7 +84,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                     evaluation = evaluate(run) if due(state.step, config.resolved_eval_steps, total) else None
                     if evaluation:
                         keep_best(run, state, evaluation)
-                    if run.samples_due and due(state.step, sample_steps(config), total):
+                    if run.can_sample and due(state.step, sample_steps(config), total):
                         sample(run, state.step)
                     if state.step % config.save_steps == 0 and state.step != state.saved_step:
                         save(run, state, evaluation)

@@ -70,7 +70,7 @@ class Run:
         return self.tokenizer.pad_token_id
 
     @property
-    def samples_due(self) -> bool:
+    def can_sample(self) -> bool:
         """Samples run on the main process alone, which a sharded (FSDP/DeepSpeed) model cannot do."""
         return bool(self.sample_prompts) and not is_sharded(self.accelerator)
 
