@@ -59,6 +59,7 @@ def load_run_model(
         optimizer, data.total_steps, data.warmup_steps, config.lr_scheduler_type, config.min_lr_ratio
     )
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    loss_module.train()  # dropout and NEFTune noise on: from_pretrained returns the model in eval mode
     offload = activation_offloading(config.activation_offloading, tell=tell)
     return RunModel(
         model, initial_adapter, token_ids, *parameter_counts(model), chunked, loss_module, optimizer, scheduler, offload
