@@ -19,7 +19,7 @@ import sys
 import time
 
 import sftkit.train.checkpoint as ckpt
-import sftkit.train.loop as loop
+import sftkit.train.step as step_module
 from sftkit.cli import app
 
 step_delay = float(os.environ.get("SFTKIT_TEST_STEP_DELAY", "0"))
@@ -27,7 +27,7 @@ step_marker = os.environ.get("SFTKIT_TEST_STEP_MARKER")
 hang_in_save = os.environ.get("SFTKIT_TEST_HANG_IN_SAVE")
 
 if step_delay:
-    accumulate_gradients = loop.accumulate_gradients
+    accumulate_gradients = step_module.accumulate_gradients
     steps_begun = 0
 
     def slow_accumulate_gradients(*args, **kwargs):
@@ -40,7 +40,7 @@ if step_delay:
         time.sleep(step_delay)
         return loss_sum
 
-    loop.accumulate_gradients = slow_accumulate_gradients
+    step_module.accumulate_gradients = slow_accumulate_gradients
 
 if hang_in_save:
     write_weights = ckpt.write_weights

@@ -92,7 +92,7 @@ def test_mixture_shares_are_trained_tokens_not_rows_at_every_prefix():
     trained = np.zeros(2)
     worst = 0.0
     for index in range(200):
-        trained += feed.step(index).source_trained
+        trained += feed.draw(index).source_trained
         if index >= 4:  # every prefix of steps from the 5th on
             worst = max(worst, abs(trained[0] / trained.sum() - 0.75))
     shares = trained / trained.sum()
@@ -111,7 +111,7 @@ def test_on_exhausted_stop_trains_what_was_read_then_ends():
     feed = make_feed(examples, ["a", "b"], (1.0, 1.0), messages, on_exhausted="stop", buffer=16)
     seen: list[tuple[int, int]] = []
     for index in range(1000):
-        step = feed.step(index)
+        step = feed.draw(index)
         if step is None:
             break
         seen += step_ids(step)
@@ -119,7 +119,7 @@ def test_on_exhausted_stop_trains_what_was_read_then_ends():
     assert len(seen) == len(set(seen))  # nothing repeated
     resumed = make_feed(examples, ["a", "b"], (1.0, 1.0), [], on_exhausted="stop", buffer=16)
     resumed.load_state(feed.state_for(index))  # a checkpoint of the run's end holds an empty queue
-    assert resumed.step(index) is None
+    assert resumed.draw(index) is None
     assert any("ran out" in m and "on_exhausted: stop" in m for m in messages)
 
 
@@ -127,18 +127,18 @@ def test_on_exhausted_stop_trains_what_was_read_then_ends():
 def test_feed_state_resumes_the_very_same_steps(stop_at):
     examples = synthetic_examples({"a": (120, 30, 300), "b": (50, 10, 80)})
     straight = make_feed(examples, ["a", "b"], (2.0, 1.0), [], buffer=24)
-    expected = [step_ids(straight.step(i)) for i in range(30)]
+    expected = [step_ids(straight.draw(i)) for i in range(30)]
 
     first = make_feed(examples, ["a", "b"], (2.0, 1.0), [], buffer=24)
     for i in range(stop_at):
-        first.step(i)
-    first.step(stop_at)  # a step drawn but not applied (a crash mid-step) saves the state before it
+        first.draw(i)
+    first.draw(stop_at)  # a step drawn but not applied (a crash mid-step) saves the state before it
     plain, tensors = first.state_for(stop_at)
     plain = json.loads(json.dumps(plain))  # through the checkpoint's JSON
 
     resumed = make_feed(examples, ["a", "b"], (2.0, 1.0), [], buffer=24)
     resumed.load_state((plain, tensors))
-    assert [step_ids(resumed.step(i)) for i in range(stop_at, 30)] == expected[stop_at:]
+    assert [step_ids(resumed.draw(i)) for i in range(stop_at, 30)] == expected[stop_at:]
 
 
 def test_online_feed_without_weights_takes_turns_by_rows_and_never_duplicates_within_a_pass():
@@ -146,7 +146,7 @@ def test_online_feed_without_weights_takes_turns_by_rows_and_never_duplicates_wi
     feed = make_feed(examples, ["a", "b"], None, [], buffer=80, on_exhausted="stop")
     seen = []
     index = 0
-    while (step := feed.step(index)) is not None:
+    while (step := feed.draw(index)) is not None:
         seen += step_ids(step)
         index += 1
     assert sorted(seen) == sorted((s, r) for s in (0, 1) for r in range(40))  # every example exactly once

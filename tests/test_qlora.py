@@ -21,6 +21,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import sftkit.train.loop as loop
+import sftkit.train.step as step_module
 from sftkit.data.collate import collate
 from sftkit.merge import merge_adapter
 from sftkit.model import quantize
@@ -186,7 +187,7 @@ def test_qlora_resume_equals_the_uninterrupted_run(request, qlora_run, tmp_path,
     straight = qlora_run(name, device)
     setting = SETTINGS[name]
     data = straight.parent / "chat.jsonl"
-    real, calls = loop.accumulate_gradients, {"n": 0}
+    real, calls = step_module.accumulate_gradients, {"n": 0}
 
     def crash(*args, **kwargs):
         calls["n"] += 1
@@ -194,10 +195,10 @@ def test_qlora_resume_equals_the_uninterrupted_run(request, qlora_run, tmp_path,
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "accumulate_gradients", crash)
+    monkeypatch.setattr(step_module, "accumulate_gradients", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         loop.train(qlora_config(model_dir(request, name), name, data, tmp_path / "run", **RUN_EXTRAS))
-    monkeypatch.setattr(loop, "accumulate_gradients", real)
+    monkeypatch.setattr(step_module, "accumulate_gradients", real)
     assert (tmp_path / "run" / f"checkpoint-{setting.save_steps}").is_dir()
     loop.train(
         qlora_config(model_dir(request, name), name, data, tmp_path / "run", resume_from_checkpoint=True, **RUN_EXTRAS)
@@ -231,7 +232,7 @@ def test_qlora_gradient_accumulation_is_one_big_batch(request, name, device):
             {k: v.to(accelerator.device) for k, v in collate([[e] for e in examples[i : i + micro]], pad).items()}
             for i in range(0, len(examples), micro)
         ]
-        loss_sum = loop.accumulate_gradients(loss_model, accelerator, batches, trained)
+        loss_sum = step_module.accumulate_gradients(loss_model, accelerator, batches, trained)
         results.append((loss_sum[0].item() / trained, gradients(loss_model)))  # (loss sum, argmax hits)
     (big_loss, big_grads), (ga_loss, ga_grads) = results
     loss_error = abs(big_loss - ga_loss) / abs(big_loss)

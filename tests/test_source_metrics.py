@@ -166,7 +166,7 @@ def test_logged_source_loss_equals_each_sources_examples_recomputed(tmp_path, ti
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # LoRA starts at B = 0: the base model
     seen, worst = set(), 0.0
     for step, row in enumerate(rows):
-        drawn = feed.step(step)
+        drawn = feed.draw(step)
         loss_sums, trained = [0.0, 0.0], [0, 0]
         for micro_batch, counts in drawn.micro_batches:
             assert counts

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sftkit.train.loop as loop
+import sftkit.train.step as step_module
 from tests.train_helpers import tiny_config, write_chat_data
 
 pytestmark = pytest.mark.slow
@@ -103,7 +104,7 @@ def test_full_finetuning_saves_a_loadable_model(tmp_path, tiny_model_dir):
 
 
 def _nan_on_step(monkeypatch, bad_steps: set[int]):
-    real = loop.accumulate_gradients
+    real = step_module.accumulate_gradients
     calls = {"n": 0}
 
     def fake(*args, **kwargs):
@@ -111,7 +112,7 @@ def _nan_on_step(monkeypatch, bad_steps: set[int]):
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] in bad_steps else loss
 
-    monkeypatch.setattr(loop, "accumulate_gradients", fake)
+    monkeypatch.setattr(step_module, "accumulate_gradients", fake)
 
 
 def test_non_finite_loss_stops_with_advice(tmp_path, tiny_model_dir, monkeypatch):

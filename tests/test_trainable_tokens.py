@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import sftkit.train.loop as loop
+import sftkit.train.step as step_module
 from sftkit.config import ConfigError
 from sftkit.data.template import resolve_chat_template
 from sftkit.generate import load_trained
@@ -77,7 +78,7 @@ def test_trainable_tokens_resume_exactly_and_merge(chatml_model_dir, tmp_path, m
     assert weights[token_keys[0]].shape == (2, 64)
 
     # crash in step 5, resume from checkpoint-3: the same final adapter, token rows included
-    real = loop.accumulate_gradients
+    real = step_module.accumulate_gradients
     calls = {"n": 0}
 
     def crash_on_step_five(*args, **kwargs):
@@ -86,10 +87,10 @@ def test_trainable_tokens_resume_exactly_and_merge(chatml_model_dir, tmp_path, m
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "accumulate_gradients", crash_on_step_five)
+    monkeypatch.setattr(step_module, "accumulate_gradients", crash_on_step_five)
     with pytest.raises(RuntimeError, match="simulated crash"):
         loop.train(tiny_config(chatml_model_dir, data, tmp_path / "crashed", **settings))
-    monkeypatch.setattr(loop, "accumulate_gradients", real)
+    monkeypatch.setattr(step_module, "accumulate_gradients", real)
     loop.train(tiny_config(chatml_model_dir, data, tmp_path / "crashed", resume_from_checkpoint=True, **settings))
     assert max_weight_difference(weights, final_weights(tmp_path / "crashed")) <= 1e-6
 

@@ -108,9 +108,9 @@ def assert_same_run(expected_dir: Path, got_dir: Path, steps: int, what: str) ->
 @contextmanager
 def crash_in_step(monkeypatch: Any, step: int) -> Iterator[None]:
     """Inside the block, the loop's `step`-th gradient accumulation raises `RuntimeError("simulated crash")`."""
-    import sftkit.train.loop as loop
+    import sftkit.train.step as step_module
 
-    real = loop.accumulate_gradients
+    real = step_module.accumulate_gradients
     calls = {"n": 0}
 
     def crash(*args: Any, **kwargs: Any) -> Any:
@@ -119,11 +119,11 @@ def crash_in_step(monkeypatch: Any, step: int) -> Iterator[None]:
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "accumulate_gradients", crash)
+    monkeypatch.setattr(step_module, "accumulate_gradients", crash)
     try:
         yield
     finally:
-        monkeypatch.setattr(loop, "accumulate_gradients", real)
+        monkeypatch.setattr(step_module, "accumulate_gradients", real)
 
 
 def worst_packed_vs_alone(loss_model: Any, rows: list[list[dict]], pad_token_id: int = 0) -> float:

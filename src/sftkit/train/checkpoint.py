@@ -1,4 +1,5 @@
-"""Checkpoints that resume the same run, and that are never half-written.
+"""Checkpoints that resume the same run, and that are never half-written: `save(run, state)` and
+`resume(run) -> state`, and the fingerprint that tells a checkpoint of this run from another's.
 
     checkpoint-STEP/
         adapter_model.safetensors + adapter_config.json   (LoRA)   or   model.safetensors (full)
@@ -6,7 +7,7 @@
         scheduler.json          LR scheduler state
         rng_state_RANK.json     python + numpy RNG of each process
         rng_torch_RANK.safetensors   torch CPU (and CUDA) RNG of each process
-        trainer_state.json      step, epoch, best eval loss, run fingerprint
+        trainer_state.json      the RunState (state.py): step, best eval, metric window, fingerprint
         data_state.json + data_examples.safetensors   streaming/mixtures: each source's position, the
                                 packing queue and read-ahead (examples as int64 tensors)
         config.yaml, chat_template.jinja
@@ -23,16 +24,21 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate import Accelerator
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from sftkit.config import SFTConfig, redacted, save_config
 from sftkit.rng import capture_rng, restore_rng
 from sftkit.train.distributed import is_sharded
 from sftkit.train.errors import CheckpointWriteError
+from sftkit.train.outputs import write_chat_template
+from sftkit.train.state import RunState
+
+if TYPE_CHECKING:
+    from sftkit.train.setup import Run
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
@@ -45,7 +51,7 @@ class CheckpointError(ValueError):
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     """Complete checkpoints (with a manifest), oldest first."""
     found = [p for p in output_dir.glob("checkpoint-*") if CHECKPOINT.match(p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
 def step_of(path: Path) -> int:
@@ -68,8 +74,8 @@ def temp_dir_for(output_dir: Path, step: int) -> Path:
     return output_dir / f".tmp-checkpoint-{step}"
 
 
-def write_weights(model: torch.nn.Module, directory: Path, finetuning: str) -> None:
-    """Adapter (PEFT format) or the full model's state dict, as safetensors."""
+def write_weights(model: Any, directory: Path, finetuning: str) -> None:
+    """Adapter (PEFT format) or the full model's state dict, as safetensors (a peft or transformers model)."""
     if finetuning == "full":
         from safetensors.torch import save_model
 
@@ -87,26 +93,18 @@ def write_process_state(directory: Path, rank: int) -> None:
 
 
 def write_main_state(
-    directory: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    trainer_state: dict[str, Any],
-    finetuning: str,
-    config_yaml: str,
-    template: str,
-    sharded: bool = False,
-    data_state: tuple[dict, dict[str, torch.Tensor]] | None = None,
+    directory: Path, run: Run, trainer_state: dict[str, Any], data_state: tuple[dict, dict] | None
 ) -> None:
     """Everything but the RNG; weights and optimizer only when not sharded (FSDP/DeepSpeed write
     theirs through `accelerator.save_state` into `sharded_state/`)."""
-    if not sharded:
-        write_weights(model, directory, finetuning)
-        torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-    (directory / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+    model = run.model
+    if not is_sharded(run.accelerator):
+        write_weights(model.model, directory, run.config.finetuning)
+        torch.save(model.optimizer.state_dict(), directory / "optimizer.pt")
+    (directory / "scheduler.json").write_text(json.dumps(model.scheduler.state_dict()))
     (directory / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    (directory / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
+    save_config(run.config, directory / "config.yaml")
+    write_chat_template(directory, run.template)
     if data_state is not None:
         plain, tensors = data_state
         (directory / "data_state.json").write_text(json.dumps(plain))
@@ -261,53 +259,33 @@ def load_state(
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     plain = json.loads((path / f"rng_state_{rank}.json").read_text())
     with safe_open(str(path / f"rng_torch_{rank}.safetensors"), "pt") as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
     restore_rng(plain, tensors)
 
 
-def save_checkpoint(
-    accelerator: Accelerator,
-    output_dir: Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    trainer_state: dict[str, Any],
-    config: Any,
-    template: str,
-    data_state: tuple[dict, dict[str, torch.Tensor]] | None = None,
-) -> Path:
-    """Every process writes its RNG state, the main process the rest; then one atomic rename."""
-    import yaml
+def save(run: Run, state: RunState, evaluation: dict[str, float] | None = None) -> Path:
+    """checkpoint-STEP of the run as it stands, with the eval figures of this step if it was evaluated;
+    then the oldest checkpoints beyond `save_total_limit` go, never the best one.
 
-    from sftkit.config import redacted
-
+    Every process writes its RNG state (and its shard when sharded), the main process the rest; then
+    one atomic rename."""
+    accelerator, output_dir, step = run.accelerator, run.output_dir, state.step
+    main = accelerator.is_main_process
     temp = temp_dir_for(output_dir, step)
+    trainer_state = {**state.to_json(run.data.feed.epoch_of(step)), **(evaluation or {})}
     try:
-        if accelerator.is_main_process:
+        if main:
             shutil.rmtree(temp, ignore_errors=True)
             temp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         write_process_state(temp, accelerator.process_index)
         if is_sharded(accelerator):  # FSDP/DeepSpeed: every process writes its shard
             accelerator.save_state(str(temp / "sharded_state"))
-        if accelerator.is_main_process:
-            write_main_state(
-                temp,
-                model,
-                optimizer,
-                scheduler,
-                trainer_state,
-                config.finetuning,
-                yaml.safe_dump(redacted(config), sort_keys=False),
-                template,
-                sharded=is_sharded(accelerator),
-                data_state=data_state,
-            )
+        if main:
+            write_main_state(temp, run, trainer_state, run.data.feed.state_for(step))
         accelerator.wait_for_everyone()
-        final = finalize(temp, output_dir, step) if accelerator.is_main_process else output_dir / f"checkpoint-{step}"
+        final = finalize(temp, output_dir, step) if main else output_dir / f"checkpoint-{step}"
         accelerator.wait_for_everyone()
-        return final
     except OSError as err:
         shutil.rmtree(temp, ignore_errors=True)
         previous = [p.name for p in checkpoint_dirs(output_dir)]
@@ -316,3 +294,87 @@ def save_checkpoint(
             f"Earlier checkpoints are intact ({', '.join(previous) or 'none yet'}); free disk space or fix "
             "permissions, then resume with `--resume_from_checkpoint true`"
         ) from None
+    state.saved_step = step
+    if main:
+        prune(
+            output_dir,
+            run.config.save_total_limit,
+            {output_dir / state.best_checkpoint} if state.best_checkpoint else set(),
+        )
+    return final
+
+
+def resume(run: Run) -> RunState | None:
+    """The state of the checkpoint `resume_from_checkpoint` names, with weights, optimizer, schedule,
+    RNG and data position restored; None when resuming is off or there is no checkpoint yet."""
+    setting = run.config.resume_from_checkpoint
+    if setting is None or setting is False:
+        return None
+    found = find_resume_checkpoint(
+        run.output_dir,
+        "true" if setting is True else setting,
+        run_fingerprint(run.config, run.world),
+        run.world,
+        run.say,
+    )
+    if found is None:
+        run.say(f"[yellow]resume_from_checkpoint: no checkpoint in {run.output_dir}; starting from step 0[/yellow]")
+        return None
+    path, saved = found
+    model, accelerator = run.model, run.accelerator
+    load_state(
+        path,
+        model.model,
+        model.optimizer,
+        model.scheduler,
+        run.config.finetuning,
+        accelerator.process_index,
+        accelerator,
+    )
+    run.data.feed.load_state(load_data_state(path))
+    run.say(f"Resumed from {path} at step {saved['step']}")
+    return RunState.from_json(saved)
+
+
+def run_fingerprint(config: SFTConfig, world: int) -> dict[str, Any]:
+    """Settings that must not change between a checkpoint and the run that resumes it."""
+    lora = config.finetuning != "full"
+    return {
+        "model_name_or_path": config.model_name_or_path,
+        "gguf_file": config.gguf_file,
+        "finetuning": config.finetuning,
+        "lora": [config.lora_r, config.lora_alpha, config.lora_target_modules] if lora else None,
+        **(
+            {
+                "lora_variant": [
+                    config.use_dora,
+                    config.use_rslora,
+                    config.lora_modules_to_save,
+                    config.init_lora_weights,
+                ]
+            }
+            if lora
+            else {}
+        ),
+        "trainable_tokens": config.trainable_tokens if lora and config.trainable_tokens != "none" else None,
+        # an unweighted source is written as before weights existed, so older checkpoints still resume
+        "datasets": [
+            {k: v for k, v in spec.items() if not (k == "weight" and v is None)}
+            for spec in redacted(config)["datasets"]
+        ],
+        "max_seq_length": config.max_seq_length,
+        "packing": config.packing,
+        "seed": config.seed,
+        "per_device_train_batch_size": config.per_device_train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "world_size": world,
+        **(
+            {
+                "streaming": config.streaming,
+                "packing_buffer": config.packing_buffer,
+                "on_exhausted": config.on_exhausted,
+            }
+            if config.streaming or config.is_mixture
+            else {}
+        ),
+    }

@@ -1,6 +1,6 @@
 """The examples a run trains on, step by step: which ones, packed how, on which process.
 
-Two feeds behind one call, `step(i) -> Step`:
+Two feeds behind one call, `draw(step) -> Draw`:
 
 - `PlannedFeed`: the whole tokenized dataset is known. Packs are planned once and every epoch is a
   seeded permutation of them: a pure function of (seed, step), with nothing to save.
@@ -41,8 +41,8 @@ from sftkit.train.sources import ExampleSource
 
 
 @dataclass
-class Step:
-    """One optimizer step: this process's micro-batches, and figures over every process's share."""
+class Draw:
+    """What one optimizer step trains on: this process's micro-batches, and figures over every process's share."""
 
     micro_batches: list[tuple[list[list[Example]], bool]]  # (per row its examples, counts); a short last step
     # gives a process a stand-in micro-batch that does not count (its targets are ignored)
@@ -64,7 +64,7 @@ def _mine(group: list, rank: int, world: int, read: Callable[[Any], list[list[Ex
 class Feed(Protocol):
     sources: list[str]
 
-    def step(self, index: int) -> Step | None: ...
+    def draw(self, step: int) -> Draw | None: ...
     def epoch_of(self, step: int) -> float: ...
     def state_for(self, step: int) -> tuple[dict, dict[str, torch.Tensor]] | None: ...
     def load_state(self, saved: tuple[dict, dict[str, torch.Tensor]] | None) -> None: ...
@@ -84,12 +84,12 @@ class PlannedFeed:
     rank: int
     sources: list[str]
 
-    def step(self, index: int) -> Step:
+    def draw(self, step: int) -> Draw:
         """Figures from the numpy columns; only this process's micro-batches are read from Arrow."""
-        group = self.plan.step_micro_batches(index)
+        group = self.plan.step_micro_batches(step)
         ids = self.sequences.examples_of([s for micro in group for s in micro])
         examples = self.examples
-        return Step(
+        return Draw(
             micro_batches=_mine(
                 group, self.rank, self.plan.world_size, lambda micro: examples.read(self.sequences, micro)
             ),
@@ -153,10 +153,10 @@ class OnlineFeed:
 
     # ---- drawing steps
 
-    def step(self, index: int) -> Step | None:
-        """Step `index`'s micro-batches; None once the data has run out (`on_exhausted: stop`)."""
-        if index != self.next_step:
-            raise ValueError(f"an online feed is read step after step: asked for {index}, next is {self.next_step}")
+    def draw(self, step: int) -> Draw | None:
+        """The micro-batches of `step`; None once the data has run out (`on_exhausted: stop`)."""
+        if step != self.next_step:
+            raise ValueError(f"an online feed is read step after step: asked for {step}, next is {self.next_step}")
         self._snapshot = self._capture()
         options = self.options
         needed = options.micro_batch_size * options.accumulation * options.world_size
@@ -171,7 +171,7 @@ class OnlineFeed:
         examples = [example for sequence in taken for example in sequence]
         trained = np.array([example["trained"] for example in examples], np.int64)
         sources = np.array([example["source"] for example in examples], np.int64)
-        return Step(
+        return Draw(
             micro_batches=_mine(group, options.rank, options.world_size, lambda micro: micro),
             trained=int(trained.sum()),
             tokens=sum(len(example["input_ids"]) for example in examples),
@@ -275,8 +275,8 @@ class OnlineFeed:
         if state["names"] != self.sources:
             raise DataError(f"the checkpoint's data sources {state['names']} are not this run's {self.sources}")
         held = examples_from_tensors(tensors)
-        for source, saved in zip(self.sources_in, state["sources"]):
-            source.load(saved["position"], [held[i] for i in saved["ahead"]])
+        for source, position in zip(self.sources_in, state["sources"], strict=True):
+            source.load(position["position"], [held[i] for i in position["ahead"]])
         self.queue = [[held[i] for i in sequence] for sequence in state["queue"]]
         self.mixer.load_state_dict(state["mixer"])
         self.emitted = list(state["emitted"])
@@ -338,5 +338,7 @@ def examples_from_tensors(tensors: dict[str, torch.Tensor]) -> list[Example]:
     ids, labels = tensors["input_ids"].tolist(), tensors["labels"].tolist()
     return [
         make_example(ids[s:e], labels[s:e], int(source), int(row))
-        for s, e, source, row in zip(starts, ends, tensors["source"].tolist(), tensors["source_row"].tolist())
+        for s, e, source, row in zip(
+            starts, ends, tensors["source"].tolist(), tensors["source_row"].tolist(), strict=True
+        )
     ]

@@ -11,6 +11,8 @@ dense block-causal mask for sdpa and eager.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -22,12 +24,13 @@ from sftkit.train.loss import chunked_cross_entropy, correct_predictions, sum_by
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers CausalLM inside a PEFT wrapper (LoRA layers are injected in place)."""
+def causal_lm(model: Any) -> Any:
+    """The transformers CausalLM inside a PEFT wrapper (LoRA layers are injected in place); typed
+    `Any` because transformers' and peft's methods are not on `nn.Module`."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def head_weight(head: nn.Module) -> torch.Tensor:
+def head_weight(head: Any) -> torch.Tensor:
     """The output head's weight as its forward uses it: with trainable token rows (peft's
     `trainable_token_indices`), the base weight with those rows replaced by their trained values."""
     rows = getattr(head, "token_adapter", None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 from types import FrameType, TracebackType
+from typing import Any
 
 _requested = False  # in this process, since it started
 
@@ -27,7 +28,7 @@ class StopRequests:
     def __init__(self, lockstep: bool) -> None:
         self.lockstep = lockstep
         self.requested = False
-        self._previous: object = None
+        self._previous: Any = None  # the handler before, put back on exit
 
     def vote(self) -> float:
         """1.0 once this process was asked to stop: summed over the processes with the step's figures."""

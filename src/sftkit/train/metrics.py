@@ -1,4 +1,5 @@
-"""Metric rows: sums over a logging window of steps, written to OUTPUT_DIR/metrics.jsonl and the sinks of `report_to`."""
+"""Metric rows: sums over a logging window of steps, written to OUTPUT_DIR/metrics.jsonl and the sinks of
+`report_to`."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def _finite_or_none(value: Any) -> Any:
 
 
 def empty_window() -> dict[str, float]:
-    """Sums over the optimizer steps since the last logged row (saved in checkpoints, so a resumed run logs the same rows)."""
+    """Sums over the optimizer steps since the last logged row (saved in checkpoints, so a resumed run logs
+    the same rows), and the wall-clock time the window started."""
     return {"loss_sum": 0.0, "trained": 0, "correct": 0, "tokens": 0, "steps": 0, "clipped": 0, "time": time.time()}
 
 
@@ -86,7 +88,7 @@ def accumulate(
 def accumulate_sources(window: dict[str, Any], loss_sums: list[float], trained: list[int]) -> None:
     """Add one optimizer step's summed loss and trained targets of each training source (all processes)."""
     for key, values in (("source_loss_sum", loss_sums), ("source_trained", trained)):
-        window[key] = [total + value for total, value in zip(window.get(key) or [0] * len(values), values)]
+        window[key] = [total + value for total, value in zip(window.get(key) or [0] * len(values), values, strict=True)]
 
 
 def source_figures(window: dict[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
@@ -99,8 +101,8 @@ def source_figures(window: dict[str, Any], names: list[str]) -> dict[str, dict[s
     trained = window.get("source_trained") or [0] * len(names)
     losses = window.get("source_loss_sum") or [0.0] * len(names)
     return {
-        "source_trained_tokens": {name: int(count) for name, count in zip(names, trained)},
-        "source_loss": {name: loss / count for name, loss, count in zip(names, losses, trained) if count},
+        "source_trained_tokens": {name: int(count) for name, count in zip(names, trained, strict=True)},
+        "source_loss": {name: loss / count for name, loss, count in zip(names, losses, trained, strict=True) if count},
     }
 
 

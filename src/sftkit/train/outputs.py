@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
@@ -15,6 +16,10 @@ from sftkit.config import SFTConfig
 from sftkit.model.adapters import save_adapter
 from sftkit.model.load import ModelError
 from sftkit.train.metrics import MetricsWriter
+
+if TYPE_CHECKING:
+    from sftkit.train.setup import Run
+    from sftkit.train.state import RunState
 
 RUN_FILES = ("metrics.jsonl", "samples.jsonl", "diagnosis.jsonl", "run.json", "data_stats.json", "report.html")
 
@@ -52,7 +57,7 @@ def prepare_output_dir(output_dir: Path, config: SFTConfig) -> None:
 
 
 def save_final(
-    model: torch.nn.Module,
+    model: Any,  # a peft or transformers model
     tokenizer: Any,
     template: str,
     final_dir: Path,
@@ -69,14 +74,31 @@ def save_final(
         model.save_pretrained(final_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.chat_template = template
     tokenizer.save_pretrained(final_dir)
-    (final_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
+    write_chat_template(final_dir, template)
 
 
-def write_run_info(output_dir: Path, info: dict[str, Any], main: bool) -> None:
-    if main:
-        temp = output_dir / ".run.json.tmp"
-        temp.write_text(json.dumps(info, indent=2))
-        temp.replace(output_dir / "run.json")
+def write_chat_template(directory: Path, template: str) -> None:
+    """The template the run trains with, beside the run, each checkpoint and the final weights."""
+    (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
+
+
+def write_run_info(run: Run, state: RunState, status: str, final_dir: Path | None = None) -> None:
+    """run.json: the run's facts and where it stands (status: running | finished | stopped |
+    early_stopped | crashed; `final_dir` once the final weights are written), replaced atomically."""
+    if not run.main:
+        return
+    info = {
+        "status": status,
+        **run_facts(run),
+        "last_step": state.step,
+        "best_checkpoint": state.best_checkpoint,
+        "best_metric": state.best_value,
+        "final_dir": str(final_dir) if final_dir else None,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds") if final_dir else None,
+    }
+    temp = run.output_dir / ".run.json.tmp"
+    temp.write_text(json.dumps(info, indent=2))
+    temp.replace(run.output_dir / "run.json")
 
 
 def log_samples(
@@ -95,3 +117,30 @@ def log_samples(
             f"{escape(repr(first['completion'][:120]))}",
             highlight=False,
         )
+
+
+def run_facts(run: Run) -> dict[str, Any]:
+    """What run.json says about the run besides where it stands."""
+    config, data, model, world = run.config, run.data, run.model, run.world
+    return {
+        "model_name_or_path": config.model_name_or_path,
+        "finetuning": config.finetuning,
+        "world_size": world,
+        "micro_batch_size": config.per_device_train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "effective_batch": config.per_device_train_batch_size * config.gradient_accumulation_steps * world,
+        "sequences": data.sequences,
+        "steps_per_epoch": data.steps_per_epoch,
+        "total_steps": data.total_steps,
+        "streaming": config.streaming,
+        "sources": data.feed.sources,
+        "source_weights": [spec.weight for spec in config.datasets] if config.is_mixture else None,
+        "warmup_steps": data.warmup_steps,
+        "trainable_params": model.trainable,
+        "total_params": model.total,
+        "trained_token_fraction": run.stats["trained_token_fraction"],
+        "packing": config.packing,
+        "chunked_loss": model.chunked,
+        "metric_for_best_model": config.best_model_metric,
+        "started_at": run.started_at,
+    }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,7 +62,12 @@ def flat_scalars(row: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 def open_sinks(sinks: list[str], output_dir: Path, run_name: str, config: dict[str, Any]) -> list[Sink]:
     check_installed(sinks)
-    builders = {"tensorboard": TensorBoardSink, "wandb": wandb_sink, "mlflow": MlflowSink, "trackio": trackio_sink}
+    builders: dict[str, Callable[..., Sink]] = {
+        "tensorboard": TensorBoardSink,
+        "wandb": wandb_sink,
+        "mlflow": MlflowSink,
+        "trackio": trackio_sink,
+    }
     return [builders[sink](output_dir, run_name, config) for sink in sinks]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from sftkit.data.examples import Example, TrainingExamples, make_example
 from sftkit.data.formats import DataError
 
-Exchange = Callable[[list], list[list]]  # a list from this process → the lists of every process, by rank
+Exchange = Callable[[Any], list[Any]]  # a value from this process → the values of every process, by rank
 
 
 class ExampleSource(Protocol):
@@ -88,7 +88,7 @@ def encode_rows(tokenize: Callable[[list[dict]], dict[str, list]], rows: list[di
         return {"error": str(err)}
     out = []
     for row, ids, labels, reason, trained in zip(
-        rows, encoded["input_ids"], encoded["labels"], encoded["drop_reason"], encoded["trained_tokens"]
+        rows, encoded["input_ids"], encoded["labels"], encoded["drop_reason"], encoded["trained_tokens"], strict=True
     ):
         if reason.startswith("error:"):
             return {
@@ -116,6 +116,7 @@ def _start_worker(tokenize: Callable[[list[dict]], dict[str, list]]) -> None:
 
 
 def _encode_in_worker(rows: list[dict], path: str) -> dict:
+    assert _worker_tokenize is not None  # set by the pool's initializer
     return encode_rows(_worker_tokenize, rows, path)
 
 
