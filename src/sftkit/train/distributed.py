@@ -1,47 +1,104 @@
-"""The Accelerator of a run, with FSDP honoured on CPU.
+"""The Accelerator of a run, with FSDP and DeepSpeed honoured on CPU, and DeepSpeed fitted to the run.
 
-accelerate turns an FSDP config into FSDP only on GPU-like devices: with `use_cpu: true` its state
-stays MULTI_CPU (accelerate/state.py sets FSDP only for MULTI_GPU, MULTI_NPU, ...), so `prepare`
-wraps the model in DDP. A run launched with an FSDP config on CPU then trains full replicas and
-writes unsharded checkpoints while the config says it shards. torch's FSDP2 (`fully_shard`) runs on
-CPU over gloo, so when the launcher asks for FSDP2 on CPU we set the distributed type accelerate
-would have set on GPU; `prepare`, `save_state`, `load_state` and `get_state_dict` then take their
-FSDP paths, and each process holds 1/world of every sharded parameter.
+accelerate turns an FSDP or DeepSpeed config into FSDP or DeepSpeed only on GPU-like devices: with
+`use_cpu: true` its state stays MULTI_CPU (accelerate/state.py sets FSDP only for MULTI_GPU, MULTI_NPU,
+..., and DeepSpeed only when `cpu` is false), so `prepare` wraps the model in DDP. A run launched with
+such a config on CPU then trains full replicas and writes unsharded checkpoints while the config says
+it shards. torch's FSDP2 (`fully_shard`) runs on CPU over gloo, and so does DeepSpeed with its CPU
+accelerator (`DS_ACCELERATOR=cpu`; gloo unless oneCCL's torch bindings are installed), so when the
+launcher asks for either on CPU we set the distributed type accelerate would have set on GPU;
+`prepare`, `save_state`, `load_state` and `get_state_dict` then take their FSDP or DeepSpeed paths.
+
+DeepSpeed also takes the micro-batch size, gradient accumulation and gradient clipping from its own
+config: the run's values are written there (sftkit accumulates micro-batches itself, so DeepSpeed's
+accumulation is 1), and a DeepSpeed config that says otherwise is refused rather than overridden.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+
+from sftkit.config import ConfigError
 
 
-def fsdp_requested_on_cpu() -> bool:
-    """`accelerate launch` with an FSDP config, several processes and no CUDA."""
+def _requested_on_cpu(variable: str) -> bool:
+    """`accelerate launch` set `variable` (its FSDP or DeepSpeed switch), several processes and no CUDA."""
     return (
         not torch.cuda.is_available()
-        and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        and os.environ.get(variable, "false").lower() == "true"
         and int(os.environ.get("WORLD_SIZE", "1")) > 1
     )
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
+def fsdp_requested_on_cpu() -> bool:
+    """`accelerate launch` with an FSDP config, several processes and no CUDA."""
+    return _requested_on_cpu("ACCELERATE_USE_FSDP")
+
+
+def make_accelerator(mixed_precision: str, micro_batch_size: int, max_grad_norm: float) -> Accelerator:
     """cpu=True without CUDA so `torchrun`/`accelerate launch` on CPU machines form a gloo process group."""
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+    on_cpu = not torch.cuda.is_available()
+    deepspeed_on_cpu = _requested_on_cpu("ACCELERATE_USE_DEEPSPEED")
+    # The plugin reads the launcher's ACCELERATE_DEEPSPEED_* settings; on CPU accelerate would not build it.
+    plugin = DeepSpeedPlugin() if deepspeed_on_cpu else None
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=mixed_precision, deepspeed_plugin=plugin)
     if fsdp_requested_on_cpu():
-        plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* settings
-        if plugin.fsdp_version != 2:
+        fsdp = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* settings
+        if fsdp.fsdp_version != 2:
             raise ValueError("FSDP on CPU needs fsdp_version: 2 in the accelerate config (FSDP1 has no CPU support)")
         if mixed_precision != "no":
-            plugin.set_mixed_precision(mixed_precision)
-        # AcceleratorState copies PartialState's fields on every construction: set both.
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-        AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
-        AcceleratorState._shared_state["fsdp_plugin"] = plugin
+            fsdp.set_mixed_precision(mixed_precision)
+        _set_distributed_type(DistributedType.FSDP)
+        AcceleratorState._shared_state["fsdp_plugin"] = fsdp
+    elif plugin is not None:
+        plugin.set_mixed_precision(mixed_precision)
+        plugin.select(_from_accelerator_state=True)
+        _set_distributed_type(DistributedType.DEEPSPEED)
+        AcceleratorState._shared_state["deepspeed_plugins"] = plugin
+        AcceleratorState._shared_state["_mixed_precision"] = "no"  # DeepSpeed's own config holds the precision
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        fit_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, micro_batch_size, max_grad_norm)
     return accelerator
+
+
+def _set_distributed_type(kind: DistributedType) -> None:
+    # AcceleratorState copies PartialState's fields on every construction: set both.
+    PartialState._shared_state["distributed_type"] = kind
+    AcceleratorState._shared_state["distributed_type"] = kind
+
+
+def fit_deepspeed_config(config: dict[str, Any], micro_batch_size: int, max_grad_norm: float) -> None:
+    """Write the run's micro-batch size, accumulation (1: sftkit accumulates) and clipping into DeepSpeed's
+    config where it leaves them unset or `auto`; a value that disagrees is an error naming the key.
+
+    accelerate would otherwise ask for a DataLoader to learn the micro-batch size (the run has none) and
+    clip at 1.0 whatever `max_grad_norm` says; DeepSpeed accumulating too would scale every micro-batch's
+    loss and step on its own count of micro-batches."""
+    wanted = {
+        "train_micro_batch_size_per_gpu": (micro_batch_size, "per_device_train_batch_size in the run config"),
+        "gradient_accumulation_steps": (1, "sftkit accumulates micro-batches itself (gradient_accumulation_steps)"),
+        "gradient_clipping": (max_grad_norm, "max_grad_norm in the run config; 0 disables it in both"),
+    }
+    for key, (value, why) in wanted.items():
+        given = config.get(key, "auto")
+        if given != "auto" and given != value:
+            raise ConfigError(
+                f"DeepSpeed config: {key} = {given}, but this run needs {value} ({why}); "
+                f"set {key}: auto (or {value}) in the DeepSpeed config"
+            )
+        config[key] = value
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3 and not config["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save", False):
+        raise ConfigError(
+            "DeepSpeed config: ZeRO-3 with zero3_save_16bit_model: false cannot gather the final model from "
+            "its shards; set zero3_save_16bit_model: true in the accelerate config"
+        )
 
 
 def is_sharded(accelerator: Accelerator) -> bool:

@@ -73,7 +73,11 @@ class RunResult:
 
 def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     console = console or Console()
-    accelerator = make_accelerator("bf16" if config.bf16 else "fp16" if config.fp16 else "no")
+    accelerator = make_accelerator(
+        "bf16" if config.bf16 else "fp16" if config.fp16 else "no",
+        config.per_device_train_batch_size,
+        config.max_grad_norm,
+    )
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     say = console.print if main else (lambda *a, **k: None)
 
