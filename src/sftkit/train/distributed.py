@@ -17,6 +17,8 @@ accumulation is 1), and a DeepSpeed config that says otherwise is refused rather
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -104,3 +106,23 @@ def fit_deepspeed_config(config: dict[str, Any], micro_batch_size: int, max_grad
 def is_sharded(accelerator: Accelerator) -> bool:
     """Weights and optimizer state are split over processes: checkpoints go through accelerate's save_state."""
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+@contextmanager
+def main_process_first_on_each_machine(accelerator: Accelerator) -> Iterator[None]:
+    """The body runs in the main process first, then in the first process of each other machine, then in
+    the other processes: data are tokenized once per job where the `datasets` cache is on a filesystem
+    every machine sees, once per machine where it is not.
+
+    The main process tokenizes into the cache. The first process of another machine then looks up the
+    same cache key (the rows, the tokenizer, the options): on a shared filesystem it finds the main
+    process's Arrow files and reads them; on a disk of its own it finds nothing and tokenizes, once for
+    its machine. The machine's other processes then read whichever copy their machine sees. On one
+    machine the second turn is empty: the main process, then the others.
+    """
+    turn = 0 if accelerator.is_main_process else 1 if accelerator.is_local_main_process else 2
+    for this in range(3):  # every process passes the same two barriers between the turns
+        if this == turn:
+            yield
+        if this < 2:
+            accelerator.wait_for_everyone()
