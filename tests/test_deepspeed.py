@@ -17,7 +17,6 @@ import yaml
 from tests.train_helpers import final_weights, logged_losses, max_weight_difference, tiny_config, write_chat_data
 
 pytest.importorskip("deepspeed")
-pytestmark = pytest.mark.slow
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 # The first run on a machine compiles DeepSpeed's shared-memory collective op (~/.cache/torch_extensions).
@@ -65,6 +64,7 @@ def one_process(tmp_path_factory, tiny_model_dir):
     return tmp_path, data, common
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_on_cpu_shards_trains_like_one_process_and_resumes(stage, one_process, tiny_model_dir):
     tmp_path, data, common = one_process
