@@ -99,7 +99,8 @@ def fit_deepspeed_config(config: dict[str, Any], micro_batch_size: int, max_grad
     if stage == 3 and not config["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save", False):
         raise ConfigError(
             "DeepSpeed config: ZeRO-3 with zero3_save_16bit_model: false cannot gather the final model from "
-            "its shards; set zero3_save_16bit_model: true in the accelerate config"
+            "its shards; set zero3_save_16bit_model: true in the accelerate config "
+            "(stage3_gather_16bit_weights_on_model_save in a DeepSpeed JSON)"
         )
 
 
