@@ -38,15 +38,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_machines(config: Path, caches: tuple[Path, Path], processes: int = 1) -> list[subprocess.Popen]:
+def start_machines(configs: tuple[Path, Path], caches: tuple[Path, Path], processes: int = 1) -> list[subprocess.Popen]:
     """Two agents of `processes` processes, each in a process group of its own (a terminal of its own), each
-    with its datasets cache."""
+    with its config file and datasets cache."""
     env = {
         **{k: v for k, v in os.environ.items() if k != "HF_DATASETS_DISABLE_PROGRESS_BARS"},
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # this Python's torchrun
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        "CONFIG": str(config),
         "NNODES": "2",
         "NPROC_PER_NODE": str(processes),
         "MASTER_ADDR": "127.0.0.1",
@@ -56,13 +55,13 @@ def start_machines(config: Path, caches: tuple[Path, Path], processes: int = 1) 
     return [
         subprocess.Popen(
             ["bash", "-c", machine_command()],
-            env={**env, "HF_DATASETS_CACHE": str(cache)},
+            env={**env, "CONFIG": str(config), "HF_DATASETS_CACHE": str(cache)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
         )
-        for cache in caches
+        for config, cache in zip(configs, caches, strict=True)
     ]
 
 
@@ -87,7 +86,7 @@ def runs(tmp_path_factory, tiny_model_dir):
     )
     output_dir = tmp_path / "two"
     config = tiny_config(tiny_model_dir, first, output_dir, gradient_accumulation_steps=1, max_steps=100_000, **common)
-    machines = start_machines(write(config, tmp_path / "two.yaml"), (tmp_path / "shared",) * 2)
+    machines = start_machines((write(config, tmp_path / "two.yaml"),) * 2, (tmp_path / "shared",) * 2)
     metrics, deadline = output_dir / "metrics.jsonl", time.time() + 300
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
         time.sleep(0.2)
@@ -103,7 +102,8 @@ def runs(tmp_path_factory, tiny_model_dir):
     checkpoint_files = sorted(path.name for path in saved[0].iterdir())
 
     resume = config.model_copy(update={"max_steps": step + 2, "resume_from_checkpoint": True})
-    machines = start_machines(write(resume, tmp_path / "resume.yaml"), (tmp_path / "cache-0", tmp_path / "cache-1"))
+    caches = (tmp_path / "cache-0", tmp_path / "cache-1")
+    machines = start_machines((write(resume, tmp_path / "resume.yaml"),) * 2, caches)
     resumed = [machine.communicate(timeout=600)[0] for machine in machines]
     assert [machine.returncode for machine in machines] == [0, 0], "\n".join(output[-3000:] for output in resumed)
 
@@ -160,12 +160,30 @@ def test_data_are_tokenized_once_per_job_on_a_shared_cache_and_once_per_machine_
     assert [len(TOKENIZING.findall(output)) for output in resumed] == [1, 1]  # a cache each: once on each
     # 2 processes per machine, a cache each: still once on each machine, not once per process
     config = tiny_config(tiny_model_dir, tmp_path / "first.jsonl", tmp_path / "four", max_steps=1)
-    machines = start_machines(write(config, tmp_path / "four.yaml"), (tmp_path / "own-0", tmp_path / "own-1"), 2)
+    machines = start_machines((write(config, tmp_path / "four.yaml"),) * 2, (tmp_path / "own-0", tmp_path / "own-1"), 2)
     outputs = [machine.communicate(timeout=600)[0] for machine in machines]
     assert [machine.returncode for machine in machines] == [0, 0], "\n".join(output[-3000:] for output in outputs)
     assert [len(TOKENIZING.findall(output)) for output in outputs] == [1, 1]
     for cache in ("shared", "cache-0", "cache-1", "own-0", "own-1"):
         assert list((tmp_path / cache).rglob("cache-*.arrow")), cache
+
+
+@pytest.mark.slow
+def test_an_output_dir_one_machine_does_not_see_stops_the_run_at_the_start(tmp_path, tiny_model_dir):
+    """Each machine's config names its own local output_dir: every process stops before data and model."""
+    data = write_chat_data(tmp_path / "chat.jsonl", rows=8)
+    configs = tuple(
+        write(tiny_config(tiny_model_dir, data, tmp_path / f"disk-{n}" / "run", max_steps=1), tmp_path / f"{n}.yaml")
+        for n in (0, 1)
+    )
+    machines = start_machines(configs, (tmp_path / "cache",) * 2)
+    outputs = [machine.communicate(timeout=300)[0] for machine in machines]
+    assert all(machine.returncode != 0 for machine in machines)
+    for output in outputs:
+        assert "1 of 2 processes" in output and "put output_dir on a filesystem every machine sees" in output, output[
+            -3000:
+        ]
+        assert "Effective batch" not in output and TOKENIZING.search(output) is None
 
 
 def test_readme_shows_the_command_each_machine_runs():

@@ -17,16 +17,27 @@ accumulation is 1), and a DeepSpeed config that says otherwise is refused rather
 from __future__ import annotations
 
 import os
+import socket
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import (
+    DeepSpeedPlugin,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    broadcast_object_list,
+    gather_object,
+)
 
 from sftkit.config import ConfigError
+from sftkit.train.errors import TrainingError
 
 
 def _requested_on_cpu(variable: str) -> bool:
@@ -127,3 +138,35 @@ def main_process_first_on_each_machine(accelerator: Accelerator) -> Iterator[Non
             yield
         if this < 2:
             accelerator.wait_for_everyone()
+
+
+def require_shared_output_dir(accelerator: Accelerator, output_dir: Path, patience_s: float = 5.0) -> None:
+    """Wait until the main process has prepared `output_dir`, then check that every process sees it.
+
+    Every process writes its part of each checkpoint into `output_dir` and reads all of it back when
+    resuming, so on several machines it must be one directory on a filesystem they all see. The main
+    process leaves a probe file there, named afresh for this run; a process that does not find it
+    (within `patience_s`, for network filesystems that show new files late) fails the run now, in
+    every process, instead of at the first checkpoint.
+    """
+    if accelerator.num_processes == 1:
+        return
+    name = broadcast_object_list([f".shared-{uuid.uuid4().hex}" if accelerator.is_main_process else None])[0]
+    probe = output_dir / name
+    if accelerator.is_main_process:
+        probe.touch()
+    accelerator.wait_for_everyone()
+    deadline = time.monotonic() + patience_s
+    while not probe.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    blind = gather_object([None if probe.exists() else socket.gethostname()])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink()
+    missing = [host for host in blind if host is not None]
+    if missing:
+        raise TrainingError(
+            f"output_dir {output_dir}: {len(missing)} of {accelerator.num_processes} processes (on "
+            f"{', '.join(sorted(set(missing)))}) do not see the directory the main process prepared; every "
+            "process writes its part of each checkpoint there, so put output_dir on a filesystem every machine sees"
+        )

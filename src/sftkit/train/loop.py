@@ -34,7 +34,7 @@ from sftkit.monitor.samples import generate_samples, load_sample_prompts
 from sftkit.rng import capture_rng, restore_rng
 from sftkit.train import checkpoint as ckpt
 from sftkit.train.checkpoint import save_checkpoint
-from sftkit.train.distributed import is_sharded, make_accelerator
+from sftkit.train.distributed import is_sharded, make_accelerator, require_shared_output_dir
 from sftkit.train.errors import TrainingError
 from sftkit.train.forward import CausalLMLoss
 from sftkit.train.interrupt import StopRequests
@@ -92,7 +92,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
     check_installed(config.report_sinks)  # a missing tracker fails before data and model are loaded
     if main:
         prepare_output_dir(output_dir, config)
-    accelerator.wait_for_everyone()
+    require_shared_output_dir(accelerator, output_dir)  # several machines: one output_dir they all see
     set_seed(config.seed)
 
     # ---- data: tokenized, masked, packed; the feed says which examples each step trains on
