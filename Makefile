@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The lower bounds of pyproject.toml's ranges, in a virtualenv of their own.
 MIN_VENV ?= .venv-min
 
-.PHONY: demo test test-min bench gpu-check install clean
+.PHONY: demo test test-min test-deepspeed bench gpu-check install clean
 
 # The exact versions CI tests (constraints/lock.txt); pyproject.toml itself gives ranges.
 $(STAMP): pyproject.toml constraints/lock.txt
@@ -32,6 +32,12 @@ test-min:
 	test -d $(MIN_VENV) || $(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/pip install -q -c constraints/min.txt -e ".[test]"
 	$(MIN_VENV)/bin/python -m pytest -q -m "not slow and not cuda" --durations=5
+
+# DeepSpeed ZeRO-2/3 on CPU (2 processes against 1 with GA, and resume); the first run compiles one
+# DeepSpeed op (a C++ compiler is needed, a few minutes, cached in ~/.cache/torch_extensions).
+test-deepspeed: $(STAMP)
+	$(BIN)/pip install -q -c constraints/lock.txt -e ".[test,deepspeed]"
+	$(BIN)/python -m pytest -q tests/test_deepspeed.py
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -c constraints/lock.txt -e ".[test,bench]"

@@ -12,8 +12,8 @@ from sftkit.data.collate import collate
 from sftkit.model.adapters import AdapterOptions, apply_adapters
 from sftkit.model.load import load_model, load_tokenizer
 from sftkit.train.forward import CausalLMLoss
-from sftkit.train.step import accumulate_gradients
 from sftkit.train.schedule import build_scheduler, lr_multiplier, warmup_steps_for
+from sftkit.train.step import accumulate_gradients
 
 IGNORE = -100
 

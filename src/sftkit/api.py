@@ -22,8 +22,6 @@ from rich.console import Console
 from sftkit.config import SFTConfig, config_from_dict, load_config
 from sftkit.errors import SftkitError
 from sftkit.export import export  # a GGUF file + Ollama Modelfile, or a folder `vllm serve` loads
-from sftkit.train.checkpoint import CheckpointError
-from sftkit.train.errors import TrainingError
 
 if TYPE_CHECKING:
     from sftkit.data.dataset import PreparedData
@@ -47,7 +45,7 @@ ConfigLike = str | Path | dict[str, Any] | SFTConfig
 
 # Every error the CLI reports as `error: MESSAGE` and exit code 2, without a traceback. Errors of a run in
 # progress are defined beside the loop and do not derive from SftkitError.
-USER_ERRORS: tuple[type[Exception], ...] = (SftkitError, CheckpointError, TrainingError, FileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (SftkitError, FileNotFoundError)
 
 
 def load(config_or_path: ConfigLike, **overrides: Any) -> SFTConfig:

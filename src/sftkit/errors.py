@@ -6,8 +6,8 @@ The library never exits the process; the CLI turns these into `error: ...` and e
     SftkitError
       ConfigError (sftkit.config)   DataError (sftkit.data.formats; TemplateError)
       ModelError (sftkit.model.load)   ExportError (sftkit.export)
+      TrainingError (sftkit.train.errors)   CheckpointError (sftkit.train.checkpoint)
 
-Errors of a run in progress (TrainingError, CheckpointError) live beside the loop in `sftkit.train`;
 `USER_ERRORS` in `sftkit.api` lists every class the CLI reports without a traceback.
 """
 

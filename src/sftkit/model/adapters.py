@@ -211,11 +211,14 @@ def token_rows(model: PreTrainedModel, token_ids: tuple[int, ...]) -> dict[str, 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; a 4-bit weight counts its weights, not its packed bytes (2 per byte)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(weight_count(p) for p in model.parameters() if p.requires_grad)
     total = sum(weight_count(p) for p in model.parameters())
     return trainable, total
 
 
 def weight_count(parameter: nn.Parameter) -> int:
     quant_state = getattr(parameter, "quant_state", None)  # bitsandbytes Params4bit: uint8 storage
-    return quant_state.shape.numel() if quant_state is not None else parameter.numel()
+    if quant_state is not None:
+        return quant_state.shape.numel()
+    # loaded under DeepSpeed ZeRO-3 (zero3_init_flag), a parameter is an empty placeholder of its shards
+    return getattr(parameter, "ds_numel", parameter.numel())

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sftkit.config import SFTConfig, redacted, save_config
+from sftkit.errors import SftkitError
 from sftkit.rng import capture_rng, restore_rng
 from sftkit.train.distributed import is_sharded
 from sftkit.train.errors import CheckpointWriteError
@@ -44,7 +45,7 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SftkitError, ValueError):
     """A checkpoint cannot be resumed from: the message names the file and why."""
 
 

@@ -1,7 +1,9 @@
 """Errors a run stops with; each message says what to change."""
 
+from sftkit.errors import SftkitError
 
-class TrainingError(RuntimeError):
+
+class TrainingError(SftkitError, RuntimeError):
     """The run cannot continue; the message says what to change."""
 
 

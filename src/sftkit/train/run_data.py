@@ -23,6 +23,7 @@ from sftkit.data.packing import Packs, padding_efficiency
 from sftkit.data.template import require_chat_template
 from sftkit.data.tokenize import RowTokenizer, default_num_proc
 from sftkit.train.batches import BatchPlan
+from sftkit.train.distributed import main_process_first_on_each_machine
 from sftkit.train.feed import Feed, OnlineFeed, OnlineOptions, PlannedFeed
 from sftkit.train.schedule import warmup_steps_for
 from sftkit.train.sources import ArrowSource, ExampleSource, Exchange, StreamSource
@@ -98,7 +99,7 @@ def _load_feed(
 ) -> RunData:
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     data_options = DataOptions.from_config(config, template)
-    with accelerator.main_process_first():  # tokenize once; the other processes read the cache
+    with main_process_first_on_each_machine(accelerator):  # tokenize once; the other processes read the cache
         prepared = prepare_data(data_options, tokenizer)
     names = config.source_names
     paths = [spec.path for spec in config.datasets]

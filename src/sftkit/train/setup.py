@@ -30,7 +30,7 @@ from sftkit.model.load import ModelError, load_tokenizer
 from sftkit.model.quantize import check_qlora_supported
 from sftkit.monitor.diagnosis import Finding, Monitor, MonitorSettings
 from sftkit.monitor.samples import load_sample_prompts
-from sftkit.train.distributed import is_sharded, make_accelerator
+from sftkit.train.distributed import is_sharded, make_accelerator, require_shared_output_dir
 from sftkit.train.metrics import MetricsWriter
 from sftkit.train.outputs import prepare_output_dir, write_chat_template
 from sftkit.train.run_data import RunData, load_run_data
@@ -85,7 +85,11 @@ class Run:
 
 
 def setup(config: SFTConfig, console: Console) -> Run:
-    accelerator = make_accelerator("bf16" if config.bf16 else "fp16" if config.fp16 else "no")
+    accelerator = make_accelerator(
+        "bf16" if config.bf16 else "fp16" if config.fp16 else "no",
+        config.per_device_train_batch_size,
+        config.max_grad_norm,
+    )
     main = accelerator.is_main_process
 
     def say(text: str) -> None:
@@ -113,7 +117,7 @@ def _setup_output_dir(config: SFTConfig, accelerator: Accelerator, say: Callable
     check_installed(config.report_sinks)  # a missing tracker fails before data and model are loaded
     if accelerator.is_main_process:
         prepare_output_dir(Path(config.output_dir), config)
-    accelerator.wait_for_everyone()
+    require_shared_output_dir(accelerator, Path(config.output_dir))  # several machines: one output_dir they all see
     set_seed(config.seed)
 
 
