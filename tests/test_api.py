@@ -31,6 +31,10 @@ def test_readme_example_runs(capsys):
     result, served = namespace["result"], namespace["served"]
     assert result.status == "finished" and result.last_step == 4 and result.final_dir.is_dir()
     assert (served.path / "config.json").is_file() and (served.path / "chat_template.jinja").is_file()
+    scores = namespace["scores"]  # tuned and base scored on the same 8 rows, each metric with its interval
+    assert [m.metric for m in scores.metrics] == ["exact", "loss"] and scores.examples == 8
+    assert all(m.base is not None and m.interval is not None for m in scores.metrics)
+    assert (result.output_dir / "eval" / "summary.json").is_file()
     out = capsys.readouterr().out
     assert "error: tokenizer: its pre-tokenizer (Split + ByteLevel) matches none llama.cpp knows" in out
 
@@ -42,7 +46,7 @@ def test_api_names_are_the_functions_and_subpackages_still_import():
     import sftkit.train.loop as loop
     from sftkit import api
 
-    for name in ("train", "plan", "generate", "export", "merge", "report"):
+    for name in ("train", "plan", "generate", "export", "evaluate", "merge", "report"):
         assert callable(getattr(sftkit, name)) and getattr(sftkit, name).__wrapped__ is getattr(api, name)
     assert loop.train.__module__ == "sftkit.train.loop"
     assert sftkit.export.QUANTS is sys.modules["sftkit.export"].QUANTS  # attributes reach the subpackage

@@ -4,10 +4,10 @@ The Python API (see `sftkit.api`), loaded on first use so that `import sftkit` s
 
     sftkit.train(config_or_path, **overrides) -> RunResult
     sftkit.plan(...)  sftkit.inspect_data(...)  sftkit.generate(...)  sftkit.export(...)
-    sftkit.merge(...)  sftkit.report(...)  sftkit.load(...) -> SFTConfig
+    sftkit.merge(...)  sftkit.report(...)  sftkit.evaluate(...)  sftkit.load(...) -> SFTConfig
     sftkit.SftkitError: the base of the errors a user can fix
 
-`train`, `plan`, `generate` and `export` are also the names of subpackages. Python binds a subpackage
+`train`, `plan`, `generate`, `export` and `evaluate` are also the names of subpackages. Python binds a subpackage
 to its parent's attribute when it is first imported, which would replace the function; so on this
 package those names always give the API function, and the function object passes any other attribute
 on to the subpackage (`import sftkit.train.loop as loop` still works).
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from sftkit.api import (
         USER_ERRORS,
         DataInspection,
+        evaluate,
         export,
         generate,
         inspect_data,
@@ -40,13 +41,13 @@ if TYPE_CHECKING:
         train,
     )
 
-# `evaluate` joins API once sftkit/evaluate/ and sftkit.api.evaluate exist.
-API = ("train", "plan", "inspect_data", "generate", "export", "merge", "report", "load")
+API = ("train", "plan", "inspect_data", "generate", "export", "evaluate", "merge", "report", "load")
 LAZY = {*API, "USER_ERRORS", "DataInspection"}
 __all__ = [
     "USER_ERRORS",
     "DataInspection",
     "SftkitError",
+    "evaluate",
     "export",
     "generate",
     "inspect_data",

@@ -14,6 +14,7 @@ silence it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,11 +26,13 @@ from sftkit.export import export  # a GGUF file + Ollama Modelfile, or a folder 
 
 if TYPE_CHECKING:
     from sftkit.data.dataset import PreparedData
+    from sftkit.evaluate import EvalResult
     from sftkit.train.loop import RunResult
 
 __all__ = [
     "USER_ERRORS",
     "DataInspection",
+    "evaluate",
     "export",
     "generate",
     "inspect_data",
@@ -182,5 +185,43 @@ def report(run_dir: str | Path, console: Console | None = None) -> Path:
     return build_report(Path(run_dir), console=console)
 
 
-# `sftkit.evaluate(...)` joins these when the evaluation module lands: a thin function here that calls
-# `sftkit.evaluate.evaluate`, and its name added to `API` in sftkit/__init__.py.
+def evaluate(
+    model: str | Path,
+    data: str | Path,
+    metrics: Sequence[str] = (),
+    extract: str | None = None,
+    base: bool = False,
+    base_model: str | None = None,
+    out: str | Path | None = None,
+    limit: int | None = None,
+    data_format: str = "auto",
+    columns: dict[str, str] | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    max_length: int = 2048,
+) -> EvalResult:
+    """Score a fine-tuned model (and, with `base`, its base on the same examples) on a data file.
+
+    `metrics`: exact, extract, contains, rouge, bleu, chrf, loss (none named: `extract` where a regex is
+    given, else `exact`).
+    The result holds each metric's figures and, with `base`, the difference and its 95% paired-bootstrap
+    interval; summary.json and predictions.jsonl go to `out` (default: MODEL/eval for a run directory)."""
+    from sftkit.evaluate import EvalOptions, parse_metrics
+    from sftkit.evaluate import evaluate as run_evaluation
+
+    return run_evaluation(
+        EvalOptions(
+            model=str(model),
+            data=str(data),
+            metrics=parse_metrics(list(metrics), extract),
+            base=base,
+            base_model=base_model,
+            out=Path(out) if out is not None else None,
+            limit=limit,
+            data_format=data_format,
+            columns=dict(columns or {}),
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            max_length=max_length,
+        )
+    )

@@ -187,25 +187,23 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Score a fine-tuned model (and its base) on your task: one table with the difference and its 95% interval."""
-    from sftkit.evaluate import EvalOptions, evaluate, parse_metrics
     from sftkit.evaluate.table import parse_columns, print_result
 
     try:
-        result = evaluate(
-            EvalOptions(
-                model=model,
-                data=data,
-                metrics=parse_metrics(metric or [], extract),
-                base=base,
-                base_model=base_model,
-                out=out,
-                limit=limit,
-                data_format=data_format,
-                columns=parse_columns(column or []),
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens,
-                max_length=max_length,
-            )
+        result = api.evaluate(
+            model,
+            data,
+            metric or [],
+            extract,
+            base=base,
+            base_model=base_model,
+            out=out,
+            limit=limit,
+            data_format=data_format,
+            columns=parse_columns(column or []),
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            max_length=max_length,
         )
     except USER_ERRORS as err:
         _fail(err)
