@@ -89,7 +89,7 @@ def _gguf_arguments(folder: str, gguf_file: str | None) -> dict[str, Any]:
         return {}
     if importlib.util.find_spec("gguf") is None:
         raise ModelError(
-            f"gguf_file = {gguf_file!r}: reading GGUF checkpoints needs the `gguf` package; pip install gguf==0.19.0"
+            f"gguf_file = {gguf_file!r}: reading GGUF checkpoints needs the `gguf` package; pip install 'sftkit[gguf]'"
         )
     if _looks_local(folder) and not (Path(folder).expanduser() / gguf_file).is_file():
         raise ModelError(
