@@ -132,6 +132,9 @@ def main_process_first_on_each_machine(accelerator: Accelerator) -> Iterator[Non
     its machine. The machine's other processes then read whichever copy their machine sees. On one
     machine the second turn is empty: the main process, then the others.
     """
+    if accelerator.num_processes == 1:
+        yield
+        return
     turn = 0 if accelerator.is_main_process else 1 if accelerator.is_local_main_process else 2
     for this in range(3):  # every process passes the same two barriers between the turns
         if this == turn:
