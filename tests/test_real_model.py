@@ -48,7 +48,7 @@ def test_gguf_file_errors_name_the_key_and_the_fix(tmp_path, monkeypatch, tiny_m
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
-    with pytest.raises(ModelError, match=r"needs the `gguf` package; pip install gguf==0\.19\.0"):
+    with pytest.raises(ModelError, match=r"needs the `gguf` package; pip install 'sftkit\[gguf\]'"):
         load_model(str(tmp_path / "m.gguf"), torch.float32)
 
 
