@@ -184,6 +184,32 @@ def test_gpu_kernel_wiring_matches_sdpa_per_example(monkeypatch, kernel, window)
     assert (out - expected).abs().max().item() <= 1e-5
 
 
+def torch_2_11_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+    """torch 2.11's signature: a causal window, but no `enable_gqa` (query and key/value heads must match)."""
+    assert query.shape[1] == key.shape[1] == value.shape[1], "torch 2.11's varlen_attn has no GQA"
+    return reference_attention(query, key, value, cu_seq_q, scale, window_size[0])
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_torch_varlen_attn_without_gqa_gets_repeated_kv_heads(monkeypatch, window):
+    """On torch 2.11 (no `enable_gqa`) grouped key/value heads are repeated for the kernel, with the same result."""
+    import torch.nn.attention.varlen
+
+    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", torch_2_11_varlen_attn)
+    monkeypatch.setattr(attention, "_gpu_kernels_apply", lambda query: True)
+    monkeypatch.setattr(attention, "_flash_attn_varlen", lambda: None)
+    attention._torch_varlen_attn.cache_clear()
+    try:
+        torch.manual_seed(0)
+        cu = cu_seqlens([[7, 12], [9, 3]], width=19)
+        query, key, value = torch.randn(38, 6, 16), torch.randn(38, 2, 16), torch.randn(38, 2, 16)
+        out = attention.varlen_kernel(query, key, value, cu, 12, 0.3, window, 0.0)
+    finally:
+        attention._torch_varlen_attn.cache_clear()
+    expected = attention.sdpa_per_example(query, key, value, cu.tolist(), 0.3, window, 0.0)
+    assert (out - expected).abs().max().item() <= 1e-5
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("window", [None, 64])

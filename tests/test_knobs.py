@@ -10,7 +10,7 @@ import torch
 
 import sftkit.train.loop as loop
 import sftkit.train.offload as offload
-from sftkit.data.collate import collate
+from sftkit.data.collate import collate, cu_seqlens
 from sftkit.model.adapters import AdapterOptions, apply_adapters
 from sftkit.model.load import load_model, load_tokenizer
 from sftkit.model.neftune import add_neftune_noise
@@ -171,6 +171,7 @@ def test_activation_offloading_gives_the_same_gradients_and_moves_activations(ti
         "targets": ids.roll(-1, 1),
         "position_ids": torch.arange(1024, device="cuda").repeat(4, 1),
         "segment_ids": torch.ones_like(ids),
+        "cu_seqlens": cu_seqlens([[1024]] * 4, width=1024).cuda(),
     }
 
     def step(context):

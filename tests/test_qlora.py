@@ -48,7 +48,10 @@ MERGE_KL_BOUND = {"tiny": 1e-3, "smollm2": 0.5}
 # The 4-bit layers compute in bf16, and micro 4 and micro 2 batches have different shapes (padded to 40
 # tokens, against 40 and 23): on SmolLM2 GA matches one big batch within bf16 rounding (measured: loss
 # 2.8e-5, gradients 2.0e-3 relative); on the tiny model to fp32 rounding (1.0e-7, 1.5e-7).
-GA_TOLERANCE = {"tiny": 1e-6, "smollm2": 1e-2}  # bf16 keeps 8 bits: its rounding step is 2^-7 = 7.8e-3
+# bf16 keeps 8 bits: its rounding step is 2^-7 = 7.8e-3. The tiny model on CPU agrees to fp32 rounding; on CUDA
+# the bf16-compute GEMMs reduce a micro-batch's tokens in a kernel chosen by its shape and round each partial
+# gradient to bf16, so 2 micro-batches differ from 1 by bf16 rounding (measured on an H200: 1.4e-4, loss exact).
+GA_TOLERANCE = {("tiny", "cpu"): 1e-6, ("tiny", "cuda"): 1e-2, ("smollm2", "cpu"): 1e-2, ("smollm2", "cuda"): 1e-2}
 
 # merged against the same unquantised base + unmerged adapter, fp32 logits (measured 1.8e-7 tiny, 8.6e-5 SmolLM2)
 FOLD_TOLERANCE = {"tiny": 1e-4, "smollm2": 5e-4}
@@ -241,9 +244,10 @@ def test_qlora_gradient_accumulation_is_one_big_batch(request, name, device):
         / torch.cat([g.flatten() for g in big_grads.values()]).norm()
     ).item()
     print(f"\n{name}: GA vs big batch, loss rel {loss_error:.3g}, gradient rel norm {norm_error:.3g}")
-    assert loss_error <= GA_TOLERANCE[name] and norm_error <= GA_TOLERANCE[name]
-    if name == "tiny":  # and every parameter's gradient on its own
-        assert_close_grads(big_grads, ga_grads, rtol=GA_TOLERANCE[name])
+    tolerance = GA_TOLERANCE[name, device]
+    assert loss_error <= tolerance and norm_error <= tolerance
+    if tolerance < 1e-2:  # and every parameter's gradient on its own, where no bf16 rounding enters
+        assert_close_grads(big_grads, ga_grads, rtol=tolerance)
 
 
 def mean_kl(reference: torch.Tensor, other: torch.Tensor) -> float:

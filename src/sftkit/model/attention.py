@@ -24,7 +24,9 @@ Sliding-window models keep their window on the varlen path: the kernel gets the 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import pairwise
@@ -99,12 +101,27 @@ def _flash_attn_varlen() -> Any:
     return flash_attn_varlen_func
 
 
+@functools.cache
 def _torch_varlen_attn() -> Any:
+    """torch's varlen_attn where it takes a causal window (`window_size`), else None (torch < 2.11: SDPA per
+    example). Where it cannot share key/value heads (no `enable_gqa`, torch 2.11), the heads are repeated."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch < 2.10
         return None
-    return varlen_attn
+    parameters = inspect.signature(varlen_attn).parameters
+    if "window_size" not in parameters:
+        return None
+    if "enable_gqa" in parameters:
+        return varlen_attn
+
+    def repeating_kv_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
+        if kwargs.pop("enable_gqa", False):
+            group = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+        return varlen_attn(query, key, value, *args, **kwargs)
+
+    return repeating_kv_heads
 
 
 def _gpu_kernels_apply(query: torch.Tensor) -> bool:
