@@ -26,7 +26,7 @@ BASE = {"model_name_or_path": "m", "datasets": [{"path": "train.jsonl"}]}
         ),
         (
             {"eval_dataset": [{"path": "a.jsonl", "label": "gsm8k"}], "metric_for_best_model": "eval_chat_loss"},
-            "metric_for_best_model = 'eval_chat_loss' names no eval set of this config; choose one of: "
+            "metric_for_best_model = 'eval_chat_loss' names no eval metric of this config; choose one of: "
             "eval_gsm8k_loss, eval_gsm8k_token_accuracy",
         ),
         ({"metric_for_best_model": "eval_loss"}, "metric_for_best_model = 'eval_loss' but there is no eval data"),

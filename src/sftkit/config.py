@@ -226,6 +226,21 @@ class SFTConfig(BaseModel):
         description="Eval metric that picks the best checkpoint and early stopping, e.g. eval_gsm8k_loss or "
         "eval_token_accuracy (higher is better for accuracy); default: the first eval set's loss.",
     )
+    eval_metric: list[str] | str | None = Field(
+        None,
+        description="Task metrics generated on every eval set during training and scored as `sftkit eval` scores "
+        "them: exact, contains, extract (with eval_extract), rouge, bleu, chrf; logged as eval_<label>_<metric> "
+        "beside the eval loss, and metric_for_best_model may pick one (e.g. eval_gsm8k_extract).",
+    )
+    eval_extract: str | None = Field(
+        None, description="The regex of the `extract` metric, with one group: the answer (e.g. '#### (\\S+)')."
+    )
+    eval_generation_steps: int | None = Field(
+        None, ge=1, description="Steps between task-metric generations (eval_metric); default: eval_steps."
+    )
+    eval_generation_examples: int = Field(
+        100, ge=1, description="Examples of each eval set generated for eval_metric: its first N rows."
+    )
     report_to: (
         Literal["tensorboard", "wandb", "mlflow", "trackio", "none"]
         | list[Literal["tensorboard", "wandb", "mlflow", "trackio"]]
@@ -240,7 +255,13 @@ class SFTConfig(BaseModel):
         None, description="Prompts generated during training (a list or a file); default: a few eval prompts."
     )
     sample_steps: int | None = Field(None, ge=1, description="Steps between sample generations; default: eval_steps.")
-    max_new_tokens: int = Field(128, ge=1, description="Tokens generated per sample.")
+    max_new_tokens: int = Field(128, ge=1, description="Tokens generated per sample and per eval_metric example.")
+    sample_holdout: int = Field(
+        4,
+        ge=0,
+        description="With no eval data and no sample_prompts: training rows held back (never trained on) whose "
+        "prompts are sampled every sample_steps; 0 trains on every row and takes no samples.",
+    )
 
     @model_validator(mode="after")
     def _contradictions(self) -> SFTConfig:
@@ -316,6 +337,8 @@ class SFTConfig(BaseModel):
             repeated = sorted({label for label in labels if label is not None and labels.count(label) > 1})
             if repeated:
                 raise ValueError(f"eval_dataset: label {repeated[0]!r} is used twice; each eval set needs its own")
+        if self.eval_metric is not None:
+            self._check_task_metrics()
         if self.metric_for_best_model is not None:
             names = self.eval_metric_names
             if not names:
@@ -325,9 +348,29 @@ class SFTConfig(BaseModel):
                 )
             if self.best_model_metric not in names:
                 raise ValueError(
-                    f"metric_for_best_model = {self.metric_for_best_model!r} names no eval set of this "
+                    f"metric_for_best_model = {self.metric_for_best_model!r} names no eval metric of this "
                     f"config; choose one of: {', '.join(names)}"
                 )
+
+    def _check_task_metrics(self) -> None:
+        from sftkit.evaluate.metrics import parse_metrics  # metrics reads ConfigError from here
+
+        if not self.has_eval:
+            raise ValueError(
+                "eval_metric is set but there is no eval data to generate from; set eval_dataset (or "
+                "eval_split_ratio), or remove eval_metric"
+            )
+        try:
+            specs = parse_metrics(self.task_metrics, self.eval_extract)
+        except ConfigError as error:
+            raise ValueError(f"eval_metric: {error}") from None
+        if any(spec.name == "loss" for spec in specs):
+            raise ValueError(
+                "eval_metric: `loss` is logged at every eval already (eval_<label>_loss, over every trained "
+                "token); remove it, and name the metrics to generate"
+            )
+        if len({spec.name for spec in specs}) < len(specs):
+            raise ValueError(f"eval_metric names a metric twice: {self.task_metrics}")
 
     def _check_lora_variant(self) -> None:
         init = self.init_lora_weights
@@ -401,8 +444,14 @@ class SFTConfig(BaseModel):
         return [(spec.label or "", spec) for spec in specs]
 
     @property
+    def task_metrics(self) -> list[str]:
+        """eval_metric as a list: the metrics generated on each eval set during training."""
+        return [self.eval_metric] if isinstance(self.eval_metric, str) else list(self.eval_metric or [])
+
+    @property
     def eval_metric_names(self) -> list[str]:
-        return [eval_metric_key(label, metric) for label, _ in self.eval_sets for metric in EVAL_METRICS]
+        names = [*EVAL_METRICS, *(metric.split(":", 1)[0] for metric in self.task_metrics)]
+        return [eval_metric_key(label, metric) for label, _ in self.eval_sets for metric in names]
 
     @property
     def best_model_metric(self) -> str | None:
@@ -421,11 +470,19 @@ class SFTConfig(BaseModel):
         return self.eval_steps or self.logging_steps * 10
 
     @property
+    def resolved_generation_steps(self) -> int | None:
+        """Steps between task-metric generations; None when no eval_metric is set."""
+        if not self.task_metrics or not self.has_eval:
+            return None
+        return self.eval_generation_steps or self.resolved_eval_steps
+
+    @property
     def warmup_fraction_or_steps(self) -> tuple[float, int]:
         return self.warmup_ratio or 0.0, self.warmup_steps or 0
 
 
 EVAL_METRICS = ("loss", "token_accuracy")
+GENERATED_METRICS = ("exact", "extract", "contains", "rouge", "bleu", "chrf")  # scored on generated text
 
 
 def source_stem(path: str) -> str:
@@ -440,8 +497,12 @@ def eval_metric_key(label: str, metric: str) -> str:
 
 
 def eval_loss_key(metric: str) -> str:
-    """The loss key of the eval set a metric belongs to: eval_gsm8k_token_accuracy → eval_gsm8k_loss."""
-    return metric.removesuffix("_token_accuracy").removesuffix("_loss") + "_loss"
+    """The loss key of the eval set a metric belongs to: eval_gsm8k_token_accuracy (or eval_gsm8k_extract)
+    → eval_gsm8k_loss."""
+    for name in (*EVAL_METRICS, *GENERATED_METRICS):
+        if metric.endswith(f"_{name}"):
+            return metric.removesuffix(f"_{name}") + "_loss"
+    return metric + "_loss"
 
 
 def greater_is_better(metric: str) -> bool:

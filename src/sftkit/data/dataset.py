@@ -29,6 +29,7 @@ class DataOptions:
     num_proc: int = 1
     seed: int = 42
     sample_rows: int | None = None  # read only the first rows of each source (`data inspect` on streamed sources)
+    sample_holdout: int = 0  # training rows held back for samples (when there is no eval data)
 
     @classmethod
     def from_config(cls, config: SFTConfig, template: str, sample_rows: int | None = None) -> DataOptions:
@@ -50,6 +51,7 @@ class DataOptions:
             num_proc=config.dataset_num_proc or default_num_proc(),
             seed=config.seed,
             sample_rows=sample_rows,
+            sample_holdout=0 if config.has_eval or config.sample_prompts is not None else config.sample_holdout,
         )
 
 
@@ -58,8 +60,16 @@ class PreparedData:
     train: TokenizedData | None  # None when the training sources are streamed
     eval_sets: dict[str, TokenizedData] = field(default_factory=dict)  # label ('' when unnamed) → eval set
     sources: list[LoadedSource] = field(default_factory=list)
-    eval_messages: list[list[dict[str, str]]] = field(default_factory=list)  # held-out prompts for samples
+    eval_rows: dict[str, datasets.Dataset] = field(default_factory=dict)  # label → its rows before tokenizing
+    held_back: datasets.Dataset | None = None  # training rows kept out of training for samples (no eval data)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage: read, tokenize
+
+    @property
+    def sample_conversations(self) -> list[list[dict[str, str]]]:
+        """Up to 16 conversations no step trains on, whose prompts samples complete: the first eval set's
+        first rows, else the training rows held back for samples."""
+        rows = next(iter(self.eval_rows.values()), self.held_back)
+        return [m for m in rows.select(range(min(len(rows), 16)))["messages"] if m] if rows is not None else []
 
     @property
     def eval(self) -> TokenizedData | None:
@@ -116,6 +126,11 @@ def prepare_data(options: DataOptions, tokenizer: Any) -> PreparedData:
             )
         split = rows.train_test_split(test_size=held_out, seed=options.seed, shuffle=True)
         rows, eval_rows[""] = split["train"], split["test"]
+    held_back = None
+    if options.sample_holdout and rows is not None and not eval_rows and len(rows) > 2 * options.sample_holdout:
+        # the last rows, so the training rows keep their order and no index mapping is made
+        kept = len(rows) - options.sample_holdout
+        rows, held_back = rows.select(range(kept)), rows.select(range(kept, len(rows)))
     for source in sources:
         require_chat_template(options.tokenize.template, source.format, source.name, tokenizer)
     read_done = time.perf_counter()
@@ -142,9 +157,5 @@ def prepare_data(options: DataOptions, tokenizer: Any) -> PreparedData:
                 f"{name} is empty after filtering ({evaluations[label].dropped}); "
                 "check eval_dataset / eval_split_ratio and max_seq_length"
             )
-    first = next(iter(eval_rows.values()), None)
-    eval_messages = [m for m in first.select(range(min(len(first), 16)))["messages"] if m] if first else []
     seconds = {"read": read_done - started, "tokenize": time.perf_counter() - read_done}
-    return PreparedData(
-        train=train, eval_sets=evaluations, sources=sources, eval_messages=eval_messages, seconds=seconds
-    )
+    return PreparedData(train, evaluations, sources, eval_rows, held_back, seconds)

@@ -70,9 +70,24 @@ def _example(row: dict[str, Any], number: int, fmt: str, columns: dict[str, str]
             f"{path}: row {number}: {error}; every eval row needs a prompt and a reference (the completion, "
             "or a last assistant turn)"
         )
+    return _split(messages, tools, number, fmt, path)
+
+
+def _split(messages: list[dict[str, str]], tools: str, number: int, fmt: str, where: str) -> EvalExample:
+    """The last assistant turn is the reference; the turns before it, the prompt."""
     if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
         raise DataError(
-            f"{path}: row {number}: the conversation does not end with a non-empty assistant turn, so it has no "
+            f"{where}: row {number}: the conversation does not end with a non-empty assistant turn, so it has no "
             "reference; end each eval conversation with the reply to score against"
         )
     return EvalExample(number, messages[:-1], messages[-1]["content"], tools, fmt)
+
+
+def examples_from_rows(rows: Any, limit: int, where: str) -> list[EvalExample]:
+    """The first `limit` of a training run's normalised eval rows (columns messages, tools, source_row) as eval
+    examples; `where` names the eval set in errors."""
+    first = rows.select(range(min(limit, len(rows))))
+    return [
+        _split(messages, tools or "", row + 1, "messages", where)
+        for messages, tools, row in zip(first["messages"], first["tools"], first["source_row"], strict=True)
+    ]

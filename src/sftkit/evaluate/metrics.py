@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sftkit.config import ConfigError
+from sftkit.config import GENERATED_METRICS, ConfigError
 
-METRICS = ("exact", "extract", "contains", "rouge", "bleu", "chrf", "loss")
+METRICS = (*GENERATED_METRICS, "loss")
 LIBRARY_METRICS = {
     "rouge": ("rouge_score", "rouge-score"),
     "bleu": ("sacrebleu", "sacrebleu"),

@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt
 
+from sftkit.config import GENERATED_METRICS, eval_loss_key
 from sftkit.report import summary
 from sftkit.report.read import RunRecord, eval_loss_keys
 
@@ -102,6 +103,40 @@ def loss_plot(record: RunRecord) -> bytes:
     if record.findings:
         axes.plot([], [], color=MARK_COLOR, linestyle="--", label="diagnosis finding")
     axes.legend(fontsize=9)
+    return _png(figure)
+
+
+def task_metric_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The task metrics (eval_metric) logged in `rows`, first-seen order: eval_extract, eval_gsm8k_rouge, ..."""
+    suffixes = tuple(f"_{name}" for name in GENERATED_METRICS)
+    keys: dict[str, None] = {}
+    for row in rows:
+        keys.update((key, None) for key in row if key.startswith("eval") and key.endswith(suffixes))
+    return list(keys)
+
+
+def task_metric_plot(record: RunRecord) -> bytes | None:
+    """Each task metric (solid, left axis) beside its eval set's loss (dashed, right axis), so a metric that
+    falls while the loss improves shows at a glance; None for runs without eval_metric."""
+    keys = task_metric_keys(record.eval_rows)
+    if not keys:
+        return None
+    figure, axes = _axes("Task metric and eval loss", "task metric", wide=True)
+    loss_axes = axes.twinx()
+    loss_axes.set_ylabel("eval loss")
+    plotted_losses: set[str] = set()
+    for index, key in enumerate(keys):
+        color = EVAL_COLORS[index % len(EVAL_COLORS)]
+        steps, values = _series([row for row in record.eval_rows if key in row], key)
+        axes.plot(steps, values, color=color, marker="o", markersize=4, linewidth=1.6, label=summary.words(key))
+        loss_key = eval_loss_key(key)
+        if loss_key not in plotted_losses:
+            plotted_losses.add(loss_key)
+            steps, losses = _series(record.eval_rows, loss_key)
+            loss_axes.plot(steps, losses, color=color, linestyle="--", linewidth=1.1, label=summary.words(loss_key))
+    lines, labels = axes.get_legend_handles_labels()
+    more_lines, more_labels = loss_axes.get_legend_handles_labels()
+    axes.legend(lines + more_lines, labels + more_labels, fontsize=9)
     return _png(figure)
 
 
@@ -197,6 +232,9 @@ def metric_plot(
 def all_plots(record: RunRecord) -> dict[str, bytes]:
     """Title → PNG, in report order; metrics the run did not log are left out."""
     plots = {"Loss": loss_plot(record)}
+    task = task_metric_plot(record)
+    if task is not None:
+        plots["Task metric"] = task
     world = record.run.get("world_size") or 1
     throughput = {"tokens_per_s": "all tokens", "trained_tokens_per_s": "trained tokens"}
     if world > 1:  # on one device the per-device curve is the all-tokens curve

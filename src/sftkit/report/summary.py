@@ -198,7 +198,7 @@ def headline_rows(record: RunRecord) -> list[tuple[str, str]]:
         rows.append(("last train loss", fmt(float(losses[-1]))))
     best = best_eval(record)
     if best:
-        rows.append((f"best {_words(best[0])}", f"{fmt(best[2])} at step {fmt(best[1])}"))
+        rows.append((f"best {words(best[0])}", f"{fmt(best[2])} at step {fmt(best[1])}"))
     accuracy = _last(record.train_rows, "token_accuracy")
     if accuracy is not None:
         eval_key = eval_loss_key(best[0] if best else "eval_loss").removesuffix("_loss")
@@ -207,7 +207,7 @@ def headline_rows(record: RunRecord) -> list[tuple[str, str]]:
             (
                 "last token accuracy",
                 f"train {accuracy:.1%}"
-                + (f" · {_words(eval_key)} {eval_accuracy:.1%}" if eval_accuracy is not None else ""),
+                + (f" · {words(eval_key)} {eval_accuracy:.1%}" if eval_accuracy is not None else ""),
             )
         )
     per_device = [
@@ -259,9 +259,7 @@ def checkpoint_rows(record: RunRecord) -> list[dict[str, str]]:
         marks = []
         if checkpoint.name == best_name:
             metric = record.run.get("metric_for_best_model") or "eval_loss"
-            marks.append(
-                f"best {_words(metric)} {fmt(record.run.get('best_metric', record.run.get('best_eval_loss')))}"
-            )
+            marks.append(f"best {words(metric)} {fmt(record.run.get('best_metric', record.run.get('best_eval_loss')))}")
         if not checkpoint.complete:
             marks.append("incomplete: no manifest.json")
         rows.append({"name": checkpoint.name, "step": fmt(checkpoint.step), "note": "; ".join(marks)})
@@ -284,7 +282,7 @@ def _last(rows: list[dict[str, Any]], key: str) -> float | None:
     return float(values[-1]) if values else None
 
 
-def _words(key: str) -> str:
+def words(key: str) -> str:
     """eval_gsm8k_loss → "eval gsm8k loss"."""
     return key.replace("_", " ")
 

@@ -44,6 +44,7 @@ from sftkit.train.outputs import log_samples, save_final, write_run_info
 from sftkit.train.setup import Run, setup
 from sftkit.train.state import RunState
 from sftkit.train.step import InterruptedWhileApplying, StepResult, evaluate, train_step
+from sftkit.train.task_eval import task_metrics
 
 # what a caller of `train` uses: the errors it raises besides CheckpointError, and the fingerprint
 __all__ = ["ModelError", "RunResult", "TrainingError", "run_fingerprint", "train"]
@@ -81,7 +82,7 @@ def train(config: SFTConfig, console: Console | None = None) -> RunResult:
                     if result.stop_requested:  # Ctrl-C in some process: all of them stop after this same step
                         raise KeyboardInterrupt
                     side_work_started = time.time()  # eval, samples and saves do not count against throughput
-                    evaluation = evaluate(run) if due(state.step, config.resolved_eval_steps, total) else None
+                    evaluation = evaluate_if_due(run, state.step)
                     if evaluation:
                         keep_best(run, state, evaluation)
                     if run.can_sample and due(state.step, sample_steps(config), total):
@@ -135,6 +136,20 @@ def due(step: int, every: int | None, total: int) -> bool:
     return every is not None and every > 0 and (step % every == 0 or step == total)
 
 
+def evaluate_if_due(run: Run, step: int) -> dict[str, float] | None:
+    """The eval sets' loss and token accuracy every eval_steps, and their task metrics (eval_metric) every
+    eval_generation_steps, with the loss beside them."""
+    config, total = run.config, run.data.total_steps
+    generate = run.task_eval is not None and due(step, config.resolved_generation_steps, total)
+    if not generate and not due(step, config.resolved_eval_steps, total):
+        return None
+    evaluation = evaluate(run)
+    if generate:
+        assert run.task_eval is not None
+        evaluation |= task_metrics(run.task_eval, run.model.model, run.tokenizer, run.template, run.accelerator)
+    return evaluation
+
+
 def sample_steps(config: SFTConfig) -> int:
     return config.sample_steps or config.resolved_eval_steps or config.logging_steps * 10
 
@@ -179,17 +194,18 @@ def log(run: Run, state: RunState, result: StepResult, elapsed: float) -> None:
 
 
 def keep_best(run: Run, state: RunState, evaluation: dict[str, float]) -> None:
-    """Log an evaluation, and keep its checkpoint when its `metric_for_best_model` is the best yet."""
+    """Log an evaluation, and keep its checkpoint when its `metric_for_best_model` is the best yet. A task
+    metric generated every eval_generation_steps is judged at the evals that generate it."""
     config, step, metric = run.config, state.step, run.config.best_model_metric
     assert metric is not None  # set whenever there is eval data
-    value = evaluation[metric]
-    improved = is_better(value, state.best_value, metric)
-    if improved:
-        state.best_value, state.evals_without_gain = value, 0
-    else:
-        state.evals_without_gain += 1
     if run.writer:
         run.writer.log({"step": step, "epoch": run.data.feed.epoch_of(step), **evaluation})
+    value = evaluation.get(metric)
+    improved = value is not None and is_better(value, state.best_value, metric)
+    if improved:
+        state.best_value, state.evals_without_gain = value, 0
+    elif value is not None:
+        state.evals_without_gain += 1
     if improved and (config.early_stopping_patience or step % config.save_steps == 0):
         state.best_checkpoint = f"checkpoint-{step}"
         save(run, state, evaluation)

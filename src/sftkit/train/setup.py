@@ -37,6 +37,7 @@ from sftkit.train.run_data import RunData, load_run_data
 from sftkit.train.run_model import RunModel, load_run_model
 from sftkit.train.schedule import lr_multiplier
 from sftkit.train.sinks import check_installed
+from sftkit.train.task_eval import TaskEval, load_task_eval
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Run:
     model: RunModel
     stats: dict[str, Any]  # data_stats.json
     sample_prompts: list[list[dict]]  # conversations completed every `sample_steps` (main process, unsharded models)
+    task_eval: TaskEval | None = None  # eval_metric: what each eval set generates and how it is scored
     writer: MetricsWriter | None = None  # main process only
     monitor: Monitor | None = None  # main process only
     started_at: str = ""
@@ -102,8 +104,21 @@ def setup(config: SFTConfig, console: Console) -> Run:
     data = _setup_data(config, tokenizer, template, accelerator, say)
     model = _setup_model(config, tokenizer, template, accelerator, data, say)
     stats = data.stats(config.max_seq_length, config.per_device_train_batch_size, config.packing)
-    prompts = load_sample_prompts(config.sample_prompts, data.prepared.eval_messages or [], count=4)
-    run = Run(config, accelerator, console, Path(config.output_dir), tokenizer, template, data, model, stats, prompts)
+    prompts = load_sample_prompts(config.sample_prompts, data.prepared.sample_conversations, count=4)
+    task_eval = load_task_eval(config, data.prepared, is_sharded(accelerator))
+    run = Run(
+        config,
+        accelerator,
+        console,
+        Path(config.output_dir),
+        tokenizer,
+        template,
+        data,
+        model,
+        stats,
+        prompts,
+        task_eval,
+    )
     run.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if main:
         _setup_records(run)
@@ -125,7 +140,14 @@ def _setup_data(
     config: SFTConfig, tokenizer: Any, template: str, accelerator: Accelerator, say: Callable[[str], None]
 ) -> RunData:
     """Tokenized, masked, packed; the feed says which examples each step trains on."""
-    return load_run_data(config, tokenizer, template, accelerator, tell=lambda text: say(escape(text)))
+    data = load_run_data(config, tokenizer, template, accelerator, tell=lambda text: say(escape(text)))
+    held_back = data.prepared.held_back
+    if held_back is not None:
+        say(
+            f"No eval data: the last {len(held_back)} training rows are held back, and their prompts sampled every "
+            f"{config.sample_steps or config.logging_steps * 10} steps (sample_holdout: 0 trains on them)"
+        )
+    return data
 
 
 def _setup_model(
