@@ -8,6 +8,7 @@ import pytest
 
 from sftkit.config import ConfigError, eval_loss_key, greater_is_better
 from sftkit.evaluate import EvalOptions, evaluate, parse_metrics
+from sftkit.report import build_report
 from sftkit.train.loop import train
 from tests.train_helpers import tiny_config, write_chat_data
 
@@ -61,6 +62,8 @@ def test_task_metrics_are_logged_beside_the_eval_loss_and_equal_sftkit_eval_of_t
     figures = {metric.metric: metric.tuned for metric in result.metrics}
     assert last["eval_qa_chrf"] == pytest.approx(figures["chrf"], abs=1e-9)
     assert last["eval_qa_contains"] == pytest.approx(figures["contains"], abs=1e-9)
+    html = build_report(run_dir).read_text()
+    assert 'alt="Task metric"' in html  # the task metric's curve beside the eval loss
 
 
 def test_a_task_metric_picks_the_best_checkpoint_at_the_evals_that_generate_it(tiny_model_dir, data, tmp_path):

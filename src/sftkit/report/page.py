@@ -81,7 +81,7 @@ excludes 0 is a difference these examples can tell from noise.</p>
 {% endif %}
 
 <h2>Curves</h2>
-<div class="plots">{% for title, image in plots %}<div class="card{% if loop.first %} wide{% endif %}">
+<div class="plots">{% for title, image in plots %}<div class="card{% if title in wide_plots %} wide{% endif %}">
 <img alt="{{ title }}" src="data:image/png;base64,{{ image }}"></div>{% endfor %}</div>
 
 <h2>Samples</h2>
@@ -112,6 +112,9 @@ with the end-of-turn token.</p>
 )
 
 
+WIDE_PLOTS = ("Loss", "Task metric")  # the curves a reader looks at first, across the page
+
+
 def render_page(record: RunRecord, plots: dict[str, bytes]) -> str:
     return PAGE.render(
         name=record.run_dir.resolve().name,
@@ -123,6 +126,7 @@ def render_page(record: RunRecord, plots: dict[str, bytes]) -> str:
         findings=record.findings,
         evaluation=evaluation_section(record),
         plots=[(title, base64.b64encode(png).decode("ascii")) for title, png in plots.items()],
+        wide_plots=WIDE_PLOTS,
         samples=list(summary.samples_by_prompt(record).items()),
         checkpoints=summary.checkpoint_rows(record),
         facts=summary.fact_sections(record),
