@@ -17,7 +17,7 @@ The reference loss is one forward per batch, memory O(batch × length × vocab) 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -73,8 +73,10 @@ def generate_batched(
     examples: Sequence[EvalExample],
     max_new_tokens: int,
     batch_size: int,
+    advance: Callable[[int], None] | None = None,
 ) -> list[Generation]:
-    """Greedy replies to each example's prompt, in example order; `batch_size` 1 generates one at a time."""
+    """Greedy replies to each example's prompt, in example order; `batch_size` 1 generates one at a time.
+    `advance(n)` is told of each batch of n examples done (a progress bar)."""
     stop = end_of_turn(template, tokenizer).strip()
     stop_ids = _stop_token_ids(stop, tokenizer)
     # An end-of-turn of several tokens (` </s>` split in two, `<|im_end|>` not special) stops on its text.
@@ -113,6 +115,8 @@ def generate_batched(
                 new_ids = _until_stop(output[row, width:].tolist(), stop_ids, pad_id)
                 decoded = _decode(list(new_ids), stop, stop_ids, tokenizer, prompt="")
                 results[index] = Generation(decoded["completion"], decoded["ended"], tuple(new_ids))
+            if advance:
+                advance(len(batch))
     return [results[index] for index in range(len(prompts))]
 
 
@@ -139,6 +143,7 @@ def reference_losses(
     examples: Sequence[EvalExample],
     batch_size: int,
     max_length: int,
+    advance: Callable[[int], None] | None = None,
 ) -> list[ReferenceLoss]:
     """Summed loss over each example's reference tokens (the last assistant turn and its end-of-turn),
     given the whole conversation before it; a conversation longer than `max_length` loses tokens on
@@ -171,6 +176,8 @@ def reference_losses(
             for row, index in enumerate(batch):
                 counted = int((shifted[row] != IGNORE_INDEX).sum())
                 results[index] = ReferenceLoss(float(losses[row].sum()), counted, encoded[index][2])
+            if advance:
+                advance(len(batch))
     return [results[index] for index in range(len(encoded))]
 
 

@@ -17,18 +17,22 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sftkit.data.template import require_chat_template, resolve_chat_template
 from sftkit.evaluate.examples import EvalExample, load_eval_examples
 from sftkit.evaluate.interval import paired_bootstrap
 from sftkit.evaluate.metrics import MetricSpec
-from sftkit.evaluate.score import ModelScores, ScoreSettings, score_model
+from sftkit.evaluate.score import ModelScores, ScoreSettings, passes, score_model
 from sftkit.generate import load_trained, resolve_weights
 from sftkit.model.load import ModelError, load_model, load_model_config, load_tokenizer
 
@@ -106,21 +110,36 @@ def evaluate(options: EvalOptions) -> EvalResult:
         assert base_name is not None
         _check_base(base_name)  # before the tuned model's minutes of generation, not after
     scored, seconds = {}, {}
-    started = time.perf_counter()
-    scored["tuned"] = score_model(tuned.model, tuned.tokenizer, tuned.template, examples, settings)
-    seconds["tuned"] = time.perf_counter() - started
-    tokenizer, template = tuned.tokenizer, tuned.template
-    del tuned  # one model in memory at a time
-    if options.base:
-        assert base_name is not None
+    with _progress_bar(len(examples) * passes(settings)) as bar:
         started = time.perf_counter()
-        base_model = _load_base(base_name, tokenizer)
-        scored["base"] = score_model(base_model, tokenizer, template, examples, settings)
-        seconds["base"] = time.perf_counter() - started
+        scored["tuned"] = score_model(tuned.model, tuned.tokenizer, tuned.template, examples, settings, bar("tuned"))
+        seconds["tuned"] = time.perf_counter() - started
+        tokenizer, template = tuned.tokenizer, tuned.template
+        del tuned  # one model in memory at a time
+        if options.base:
+            assert base_name is not None
+            started = time.perf_counter()
+            base_model = _load_base(base_name, tokenizer)
+            scored["base"] = score_model(base_model, tokenizer, template, examples, settings, bar("base"))
+            seconds["base"] = time.perf_counter() - started
     result = _compare(options, base_name if options.base else None, examples, scored, seconds)
     if out is not None:
         write_result(result, out)
     return result
+
+
+@contextmanager
+def _progress_bar(per_model: int) -> Iterator[Callable[[str], Callable[[int], None]]]:
+    """A bar per model on stderr (examples scored, every pass counted); `bar(name)` gives its advance."""
+    console = Console(stderr=True)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+
+        def bar(name: str) -> Callable[[int], None]:
+            task = progress.add_task(name, total=per_model)
+            return lambda done: progress.advance(task, done)
+
+        yield bar
 
 
 def _default_out(model: Path) -> Path | None:

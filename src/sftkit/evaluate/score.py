@@ -9,7 +9,7 @@ Generation runs once for all generating metrics; `loss` runs one teacher-forced 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,14 +42,20 @@ class ModelScores:
 
 
 def score_model(
-    model: Any, tokenizer: Any, template: str, examples: Sequence[EvalExample], settings: ScoreSettings
+    model: Any,
+    tokenizer: Any,
+    template: str,
+    examples: Sequence[EvalExample],
+    settings: ScoreSettings,
+    advance: Callable[[int], None] | None = None,
 ) -> ModelScores:
-    """Every metric of `settings` on every example, with `template` rendering the prompts."""
+    """Every metric of `settings` on every example, with `template` rendering the prompts; `advance(n)` is told
+    of each batch done (n examples; `passes(settings)` passes over the examples in all)."""
     result = ModelScores()
     generating = [spec for spec in settings.metrics if spec.generates]
     if generating:
         result.generations = generate_batched(
-            model, tokenizer, template, examples, settings.max_new_tokens, settings.batch_size
+            model, tokenizer, template, examples, settings.max_new_tokens, settings.batch_size, advance
         )
         for spec in generating:
             result.scores[spec.label] = [
@@ -58,11 +64,18 @@ def score_model(
             ]
             result.weights[spec.label] = [1.0] * len(examples)
     if any(spec.name == "loss" for spec in settings.metrics):
-        losses = reference_losses(model, tokenizer, template, examples, settings.batch_size, settings.max_length)
+        losses = reference_losses(
+            model, tokenizer, template, examples, settings.batch_size, settings.max_length, advance
+        )
         result.scores["loss"] = [item.loss_sum / item.tokens if item.tokens else 0.0 for item in losses]
         result.weights["loss"] = [float(item.tokens) for item in losses]
         result.truncated = sum(item.truncated for item in losses)
     return _ordered(result, settings.metrics)
+
+
+def passes(settings: ScoreSettings) -> int:
+    """Passes over the examples `score_model` makes: one generation for all generating metrics, one for `loss`."""
+    return any(spec.generates for spec in settings.metrics) + any(spec.name == "loss" for spec in settings.metrics)
 
 
 def _ordered(result: ModelScores, metrics: list[MetricSpec]) -> ModelScores:
