@@ -109,10 +109,13 @@ def test_eval_metric_errors_name_the_key_and_the_fix(tiny_model_dir, data, tmp_p
 def test_without_eval_data_held_back_training_rows_are_sampled_and_never_trained(tiny_model_dir, tmp_path):
     data = write_chat_data(tmp_path / "train.jsonl", rows=30)
     held = tmp_path / "held"
-    train(tiny_config(tiny_model_dir, data, held, max_steps=2, sample_holdout=3, max_new_tokens=4))
+    train(tiny_config(tiny_model_dir, data, held, max_steps=2, sample_holdout=3, max_new_tokens=8))
     last_rows = [row["messages"] for row in rows_of(data)[-3:]]
     samples = rows_of(held / "samples.jsonl")
     assert [sample["prompt"] for sample in samples] == [messages[0]["content"] for messages in last_rows]
+    # the monitor reads them: a model that never ends its replies (a random one) is told so
+    assert not any(sample["ended"] for sample in samples)
+    assert "no_end_of_turn" in [row["kind"] for row in rows_of(held / "diagnosis.jsonl")]
     every = tmp_path / "every"
     train(tiny_config(tiny_model_dir, data, every, max_steps=2, sample_holdout=0))
     assert not (every / "samples.jsonl").exists()
