@@ -32,9 +32,12 @@ class DataOptions:
     sample_holdout: int = 0  # training rows held back for samples (when there is no eval data)
 
     @classmethod
-    def from_config(cls, config: SFTConfig, template: str, sample_rows: int | None = None) -> DataOptions:
+    def from_config(
+        cls, config: SFTConfig, template: str, sample_rows: int | None = None, training: bool = False
+    ) -> DataOptions:
         """Streaming reads the training sources during the run: only the eval sets are prepared here
-        (`data inspect` samples the first `sample_rows` of each)."""
+        (`data inspect` samples the first `sample_rows` of each). `training`: a run, which holds rows back
+        for samples where it has no eval data (`data inspect` and `plan` show every row)."""
         return cls(
             train_sources=() if config.streaming and sample_rows is None else tuple(config.datasets),
             eval_sources=tuple(config.eval_sets),
@@ -51,7 +54,9 @@ class DataOptions:
             num_proc=config.dataset_num_proc or default_num_proc(),
             seed=config.seed,
             sample_rows=sample_rows,
-            sample_holdout=0 if config.has_eval or config.sample_prompts is not None else config.sample_holdout,
+            sample_holdout=config.sample_holdout
+            if training and not config.has_eval and config.sample_prompts is None
+            else 0,
         )
 
 

@@ -98,7 +98,7 @@ def _load_feed(
     config: SFTConfig, tokenizer: Any, template: str, accelerator: Any, tell: Callable[[str], None]
 ) -> RunData:
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    data_options = DataOptions.from_config(config, template)
+    data_options = DataOptions.from_config(config, template, training=True)
     with main_process_first_on_each_machine(accelerator):  # tokenize once; the other processes read the cache
         prepared = prepare_data(data_options, tokenizer)
     names = config.source_names
