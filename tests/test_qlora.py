@@ -47,11 +47,14 @@ DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=
 MERGE_KL_BOUND = {"tiny": 1e-3, "smollm2": 0.5}
 # The 4-bit layers compute in bf16, and micro 4 and micro 2 batches have different shapes (padded to 40
 # tokens, against 40 and 23): on SmolLM2 GA matches one big batch within bf16 rounding (measured: loss
-# 2.8e-5, gradients 2.0e-3 relative); on the tiny model to fp32 rounding (1.0e-7, 1.5e-7).
+# 2.8e-5, gradients 2.0e-3 relative); on the tiny model to fp32 rounding (1.0e-7, 1.5e-7; on an AVX-512 CPU,
+# where the two batch shapes take differently blocked fp32 kernels, loss 1.0e-7, gradient norm 4.8e-7 and up to
+# 2.4e-6 per parameter, all in layer 0, the end of the longest backward chain: rounding, not a GA error, which
+# would be of the order of the loss itself).
 # bf16 keeps 8 bits: its rounding step is 2^-7 = 7.8e-3. The tiny model on CPU agrees to fp32 rounding; on CUDA
 # the bf16-compute GEMMs reduce a micro-batch's tokens in a kernel chosen by its shape and round each partial
 # gradient to bf16, so 2 micro-batches differ from 1 by bf16 rounding (measured on an H200: 1.4e-4, loss exact).
-GA_TOLERANCE = {("tiny", "cpu"): 1e-6, ("tiny", "cuda"): 1e-2, ("smollm2", "cpu"): 1e-2, ("smollm2", "cuda"): 1e-2}
+GA_TOLERANCE = {("tiny", "cpu"): 1e-5, ("tiny", "cuda"): 1e-2, ("smollm2", "cpu"): 1e-2, ("smollm2", "cuda"): 1e-2}
 
 # merged against the same unquantised base + unmerged adapter, fp32 logits (measured 1.8e-7 tiny, 8.6e-5 SmolLM2)
 FOLD_TOLERANCE = {"tiny": 1e-4, "smollm2": 5e-4}

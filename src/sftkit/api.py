@@ -199,13 +199,15 @@ def evaluate(
     batch_size: int = 16,
     max_new_tokens: int = 256,
     max_length: int = 2048,
+    engine: str = "transformers",
 ) -> EvalResult:
     """Score a fine-tuned model (and, with `base`, its base on the same examples) on a data file.
 
     `metrics`: exact, extract, contains, rouge, bleu, chrf, loss (none named: `extract` where a regex is
     given, else `exact`).
     The result holds each metric's figures and, with `base`, the difference and its 95% paired-bootstrap
-    interval; summary.json and predictions.jsonl go to `out` (default: MODEL/eval for a run directory)."""
+    interval; summary.json and predictions.jsonl go to `out` (default: MODEL/eval for a run directory).
+    `engine`: transformers, or vllm (vLLM's offline engine on a GPU, the `vllm` extra)."""
     from sftkit.evaluate import EvalOptions, parse_metrics
     from sftkit.evaluate import evaluate as run_evaluation
 
@@ -223,5 +225,6 @@ def evaluate(
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             max_length=max_length,
+            engine=engine,
         )
     )

@@ -185,6 +185,9 @@ def eval_command(
         None, help="Folder for summary.json and predictions.jsonl (default: RUN_DIR/eval)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    engine: str = typer.Option(
+        "transformers", help="transformers, or vllm: vLLM's offline engine on a GPU (pip install 'sftkit[vllm]')."
+    ),
 ) -> None:
     """Score a fine-tuned model (and its base) on your task: one table with the difference and its 95% interval."""
     from sftkit.evaluate.table import parse_columns, print_result
@@ -204,6 +207,7 @@ def eval_command(
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             max_length=max_length,
+            engine=engine,
         )
     except USER_ERRORS as err:
         _fail(err)

@@ -56,18 +56,7 @@ def load_trained(folder: Path, dtype: torch.dtype | None = None) -> tuple[Any, A
     """(model, tokenizer, template) from an adapter or model folder. An adapter is applied to its base model,
     unmerged (a PeftModel); `dtype` None means the weights' own dtype."""
     folder = Path(folder)
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelError(
-            f"{folder}: has no tokenizer ({', '.join(TOKENIZER_FILES)}); sftkit saves it beside the "
-            "weights, so copy the tokenizer files of the base model into this folder"
-        )
-    template_path = folder / TEMPLATE_FILE
-    if not template_path.is_file():
-        raise ModelError(
-            f"{folder}: has no {TEMPLATE_FILE}; sftkit saves the training template beside the weights so "
-            f"inference renders prompts the same way; copy the run's {TEMPLATE_FILE} into this folder"
-        )
-    tokenizer = load_tokenizer(str(folder))
+    tokenizer, template = load_tokenizer_and_template(folder)
     adapter_config = folder / "adapter_config.json"
     if not adapter_config.is_file():
         model = load_model(str(folder), dtype or base_dtype(str(folder)), vocab_size=len(tokenizer))
@@ -85,7 +74,23 @@ def load_trained(folder: Path, dtype: torch.dtype | None = None) -> tuple[Any, A
 
         model = PeftModel.from_pretrained(model, str(folder))
     model.eval()
-    return model, tokenizer, template_path.read_text(encoding="utf-8")
+    return model, tokenizer, template
+
+
+def load_tokenizer_and_template(folder: Path) -> tuple[Any, str]:
+    """The tokenizer and training template saved beside a run's weights, without the weights."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(
+            f"{folder}: has no tokenizer ({', '.join(TOKENIZER_FILES)}); sftkit saves it beside the "
+            "weights, so copy the tokenizer files of the base model into this folder"
+        )
+    template_path = folder / TEMPLATE_FILE
+    if not template_path.is_file():
+        raise ModelError(
+            f"{folder}: has no {TEMPLATE_FILE}; sftkit saves the training template beside the weights so "
+            f"inference renders prompts the same way; copy the run's {TEMPLATE_FILE} into this folder"
+        )
+    return load_tokenizer(str(folder)), template_path.read_text(encoding="utf-8")
 
 
 def generate_cli(

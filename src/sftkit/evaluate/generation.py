@@ -65,6 +65,39 @@ def _inference_mode(model: Any) -> Iterator[None]:
         restore_rng(*states)
 
 
+@dataclass(frozen=True)
+class Stops:
+    """Where a reply ends: EOS or a one-token end-of-turn by id; an end-of-turn of several tokens (` </s>`
+    split in two, `<|im_end|>` not special) by its text."""
+
+    text: str  # the template's end-of-turn, stripped ('' when it has none)
+    token_ids: list[int]
+    by_text: bool
+
+
+def stops(template: str, tokenizer: Any) -> Stops:
+    text = end_of_turn(template, tokenizer).strip()
+    return Stops(text, _stop_token_ids(text, tokenizer), bool(text) and not _is_token(text, tokenizer))
+
+
+def encode_prompts(examples: Sequence[EvalExample], template: str, tokenizer: Any) -> list[list[int]]:
+    """Each example's prompt as the template renders it for a reply (the generation prompt included)."""
+    return [
+        tokenizer(render_prompt(example.prompt, template, tokenizer, example.tools), add_special_tokens=False)[
+            "input_ids"
+        ]
+        for example in examples
+    ]
+
+
+def to_generation(new_ids: list[int], stop: Stops, pad_id: int | None, tokenizer: Any) -> Generation:
+    """A reply from the tokens generated after its prompt: cut after the first stop token, decoded, and cut
+    at the end-of-turn's text."""
+    kept = _until_stop(new_ids, stop.token_ids, pad_id)
+    decoded = _decode(list(kept), stop.text, stop.token_ids, tokenizer, prompt="")
+    return Generation(decoded["completion"], decoded["ended"], tuple(kept))
+
+
 @torch.no_grad()
 def generate_batched(
     model: Any,
@@ -77,17 +110,10 @@ def generate_batched(
 ) -> list[Generation]:
     """Greedy replies to each example's prompt, in example order; `batch_size` 1 generates one at a time.
     `advance(n)` is told of each batch of n examples done (a progress bar)."""
-    stop = end_of_turn(template, tokenizer).strip()
-    stop_ids = _stop_token_ids(stop, tokenizer)
-    # An end-of-turn of several tokens (` </s>` split in two, `<|im_end|>` not special) stops on its text.
-    stop_text = {"stop_strings": [stop], "tokenizer": tokenizer} if stop and not _is_token(stop, tokenizer) else {}
+    stop = stops(template, tokenizer)
+    stop_text = {"stop_strings": [stop.text], "tokenizer": tokenizer} if stop.by_text else {}
     pad_id = tokenizer.pad_token_id
-    prompts = [
-        tokenizer(render_prompt(example.prompt, template, tokenizer, example.tools), add_special_tokens=False)[
-            "input_ids"
-        ]
-        for example in examples
-    ]
+    prompts = encode_prompts(examples, template, tokenizer)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda index: -len(prompts[index]))
     results: dict[int, Generation] = {}
@@ -106,15 +132,13 @@ def generate_batched(
                 temperature=None,
                 top_p=None,
                 top_k=None,
-                eos_token_id=stop_ids,
+                eos_token_id=stop.token_ids,
                 pad_token_id=pad_id,
                 use_cache=True,
                 **stop_text,
             )  # (batch, width + generated)
             for row, index in enumerate(batch):
-                new_ids = _until_stop(output[row, width:].tolist(), stop_ids, pad_id)
-                decoded = _decode(list(new_ids), stop, stop_ids, tokenizer, prompt="")
-                results[index] = Generation(decoded["completion"], decoded["ended"], tuple(new_ids))
+                results[index] = to_generation(output[row, width:].tolist(), stop, pad_id, tokenizer)
             if advance:
                 advance(len(batch))
     return [results[index] for index in range(len(prompts))]
@@ -148,7 +172,7 @@ def reference_losses(
     """Summed loss over each example's reference tokens (the last assistant turn and its end-of-turn),
     given the whole conversation before it; a conversation longer than `max_length` loses tokens on
     the left, so the reference stays whole while it fits."""
-    encoded = [_reference_tokens(example, template, tokenizer, max_length) for example in examples]
+    encoded = [reference_tokens(example, template, tokenizer, max_length) for example in examples]
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     order = sorted(range(len(encoded)), key=lambda index: -len(encoded[index][0]))
@@ -181,7 +205,7 @@ def reference_losses(
     return [results[index] for index in range(len(encoded))]
 
 
-def _reference_tokens(
+def reference_tokens(
     example: EvalExample, template: str, tokenizer: Any, max_length: int
 ) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels on the reference only, truncated) for one example."""
@@ -198,3 +222,27 @@ def _reference_tokens(
         cut = min(len(input_ids) - max_length, max(start - 1, 0))  # keep one token of context before the reply
         input_ids, reference_labels = input_ids[cut : cut + max_length], reference_labels[cut : cut + max_length]
     return input_ids, reference_labels, truncated
+
+
+@dataclass(frozen=True)
+class TransformersEngine:
+    """A model in memory as `score_with` uses it: padded batches of `batch_size` through transformers."""
+
+    model: Any
+    tokenizer: Any
+    template: str
+    batch_size: int
+
+    def generate(
+        self, examples: Sequence[EvalExample], max_new_tokens: int, advance: Callable[[int], None] | None = None
+    ) -> list[Generation]:
+        return generate_batched(
+            self.model, self.tokenizer, self.template, examples, max_new_tokens, self.batch_size, advance
+        )
+
+    def reference_losses(
+        self, examples: Sequence[EvalExample], max_length: int, advance: Callable[[int], None] | None = None
+    ) -> list[ReferenceLoss]:
+        return reference_losses(
+            self.model, self.tokenizer, self.template, examples, self.batch_size, max_length, advance
+        )

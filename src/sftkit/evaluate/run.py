@@ -9,7 +9,9 @@ What it reads and writes:
 
 The tuned model's saved template renders the prompts of both models, so the base is asked exactly what the
 tuned model is. Models are loaded one after the other, so memory holds one. Time is one generation pass (or one
-forward pass for `loss`) per model.
+forward pass for `loss`) per model. `engine` picks what generates: transformers (padded batches, any device) or
+vLLM's offline engine on a GPU where the `vllm` extra is installed (evaluate/vllm_engine.py); the scores, the
+files and the table are the same either way.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import yaml
@@ -32,11 +34,13 @@ from sftkit.data.template import require_chat_template, resolve_chat_template
 from sftkit.evaluate.examples import EvalExample, load_eval_examples
 from sftkit.evaluate.interval import paired_bootstrap
 from sftkit.evaluate.metrics import MetricSpec
-from sftkit.evaluate.score import ModelScores, ScoreSettings, passes, score_model
+from sftkit.evaluate.generation import TransformersEngine
+from sftkit.evaluate.score import Engine, ModelScores, ScoreSettings, passes, score_with
 from sftkit.generate import load_trained, resolve_weights
 from sftkit.model.load import ModelError, load_model, load_model_config, load_tokenizer
 
 SUMMARY, PREDICTIONS = "summary.json", "predictions.jsonl"
+ENGINES = ("transformers", "vllm")
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class EvalOptions:
     batch_size: int = 16
     max_new_tokens: int = 256
     max_length: int = 2048  # tokens a `loss` example may take
+    engine: str = "transformers"  # or "vllm": what generates (and scores `loss`)
 
 
 @dataclass
@@ -77,6 +82,7 @@ class EvalResult:
     seconds: dict[str, float]
     ended: dict[str, float]  # share of generations that emitted the end-of-turn, per model
     truncated: int = 0
+    engine: str = "transformers"
     out: str | None = None
     rows: list[dict[str, Any]] = field(default_factory=list, repr=False)  # predictions.jsonl
 
@@ -86,22 +92,22 @@ class EvalResult:
         return summary
 
 
-@dataclass
-class _Loaded:
-    model: Any
-    tokenizer: Any
-    template: str
-    base_name: str | None  # the base model this one was trained from, when known
+class _Models(Protocol):
+    """Where the engines of one evaluation come from: the tuned model first, then its base."""
+
+    def tuned(self, name: str) -> tuple[Engine, Any, str]: ...  # (engine, tokenizer, template)
+
+    def base(self, name: str, tokenizer: Any, template: str) -> Engine: ...
 
 
 def evaluate(options: EvalOptions) -> EvalResult:
     """Score MODEL (and its base) on the data; write summary.json and predictions.jsonl to the out folder."""
+    if options.engine not in ENGINES:
+        raise ModelError(f"--engine {options.engine}: unknown engine; choose one of {', '.join(ENGINES)}")
     settings = ScoreSettings(options.metrics, options.batch_size, options.max_new_tokens, options.max_length)
     examples = load_eval_examples(options.data, options.data_format, options.columns, options.limit)
     out = options.out if options.out is not None else _default_out(Path(options.model))
-    tuned = _load(options.model)
-    require_chat_template(tuned.template, examples[0].format, f"--data {options.data}", tuned.tokenizer)
-    base_name = options.base_model or tuned.base_name
+    base_name = options.base_model or _base_name(options.model)
     if options.base and not base_name:
         raise ModelError(
             f"--base: {options.model} does not name the base model it was trained from; give it with --base-model NAME"
@@ -110,22 +116,31 @@ def evaluate(options: EvalOptions) -> EvalResult:
         assert base_name is not None
         _check_base(base_name)  # before the tuned model's minutes of generation, not after
     scored, seconds = {}, {}
-    with _progress_bar(len(examples) * passes(settings)) as bar:
+    with ExitStack() as stack, _progress_bar(len(examples) * passes(settings)) as bar:
+        models = _models(options.engine, options.batch_size, stack)
         started = time.perf_counter()
-        scored["tuned"] = score_model(tuned.model, tuned.tokenizer, tuned.template, examples, settings, bar("tuned"))
+        engine, tokenizer, template = models.tuned(options.model)
+        require_chat_template(template, examples[0].format, f"--data {options.data}", tokenizer)
+        scored["tuned"] = score_with(engine, examples, settings, bar("tuned"))
         seconds["tuned"] = time.perf_counter() - started
-        tokenizer, template = tuned.tokenizer, tuned.template
-        del tuned  # one model in memory at a time
+        del engine  # one model in memory at a time
         if options.base:
             assert base_name is not None
             started = time.perf_counter()
-            base_model = _load_base(base_name, tokenizer)
-            scored["base"] = score_model(base_model, tokenizer, template, examples, settings, bar("base"))
+            scored["base"] = score_with(models.base(base_name, tokenizer, template), examples, settings, bar("base"))
             seconds["base"] = time.perf_counter() - started
     result = _compare(options, base_name if options.base else None, examples, scored, seconds)
     if out is not None:
         write_result(result, out)
     return result
+
+
+def _models(engine: str, batch_size: int, stack: ExitStack) -> _Models:
+    if engine == "vllm":
+        from sftkit.evaluate.vllm_engine import VLLMModels
+
+        return VLLMModels(stack)
+    return _TransformersModels(batch_size)
 
 
 @contextmanager
@@ -153,16 +168,33 @@ def _device_and_dtype() -> tuple[torch.device, torch.dtype | None]:
     return torch.device("cpu"), None
 
 
-def _load(name: str) -> _Loaded:
-    """A run directory, adapter or model folder (with its saved template), or a GGUF file (its own template)."""
-    device, dtype = _device_and_dtype()
-    if name.endswith(".gguf"):
-        tokenizer = load_tokenizer(name)
-        model = load_model(name, dtype or torch.float32, vocab_size=len(tokenizer))
-        return _Loaded(model.to(device), tokenizer, resolve_chat_template(None, tokenizer), None)
-    folder = resolve_weights(Path(name))
-    model, tokenizer, template = load_trained(folder, dtype)
-    return _Loaded(model.to(device), tokenizer, template, _base_of(folder))
+@dataclass(frozen=True)
+class _TransformersModels:
+    """Each model loaded into memory (the GPU in bf16 where there is one), generating in padded batches."""
+
+    batch_size: int
+
+    def tuned(self, name: str) -> tuple[Engine, Any, str]:
+        """A run directory, adapter or model folder (with its saved template), or a GGUF file (its own template)."""
+        device, dtype = _device_and_dtype()
+        if name.endswith(".gguf"):
+            tokenizer = load_tokenizer(name)
+            model = load_model(name, dtype or torch.float32, vocab_size=len(tokenizer)).to(device)
+            template = resolve_chat_template(None, tokenizer)
+        else:
+            model, tokenizer, template = load_trained(resolve_weights(Path(name)), dtype)
+            model.to(device)
+        return TransformersEngine(model, tokenizer, template, self.batch_size), tokenizer, template
+
+    def base(self, name: str, tokenizer: Any, template: str) -> Engine:
+        device, dtype = _device_and_dtype()
+        model = load_model(name, dtype or torch.float32, vocab_size=len(tokenizer)).to(device)
+        return TransformersEngine(model, tokenizer, template, self.batch_size)
+
+
+def _base_name(name: str) -> str | None:
+    """The base a model was trained from, when it names one (a GGUF file names none)."""
+    return None if name.endswith(".gguf") else _base_of(resolve_weights(Path(name)))
 
 
 def _base_of(folder: Path) -> str | None:
@@ -185,11 +217,6 @@ def _check_base(name: str) -> None:
         raise ModelError(
             f"--base: the base model {name!r} cannot be loaded ({err}); give it with --base-model NAME"
         ) from None
-
-
-def _load_base(name: str, tokenizer: Any) -> Any:
-    device, dtype = _device_and_dtype()
-    return load_model(name, dtype or torch.float32, vocab_size=len(tokenizer)).to(device)
 
 
 def _compare(
@@ -226,6 +253,7 @@ def _compare(
         seconds={name: round(value, 2) for name, value in seconds.items()},
         ended=ended,
         truncated=tuned.truncated,
+        engine=options.engine,
         rows=[_row(index, example, scored) for index, example in enumerate(examples)],
     )
 

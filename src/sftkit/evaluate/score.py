@@ -1,20 +1,21 @@
-"""Score one model in memory on prepared eval examples: the core `sftkit eval` runs once per model, and
-that a training loop can call with the model and tokenizer it holds.
+"""Score one model on prepared eval examples: the core `sftkit eval` runs once per model, and that a training
+loop can call with the model and tokenizer it holds.
 
     scores = score_model(model, tokenizer, template, examples, ScoreSettings(parse_metrics(["extract:#### (\\S+)"])))
     scores.figures  # {"extract #### (\\S+)": 0.035}
 
-Generation runs once for all generating metrics; `loss` runs one teacher-forced forward per batch.
+Generation runs once for all generating metrics; `loss` runs one teacher-forced pass. `score_with` takes any
+`Engine`: a model in memory (`TransformersEngine`, what `score_model` builds) or vLLM's (evaluate/vllm_engine.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sftkit.evaluate.examples import EvalExample
-from sftkit.evaluate.generation import Generation, generate_batched, reference_losses
+from sftkit.evaluate.generation import Generation, ReferenceLoss, TransformersEngine
 from sftkit.evaluate.interval import weighted_mean
 from sftkit.evaluate.metrics import MetricSpec, score
 
@@ -41,6 +42,19 @@ class ModelScores:
         return {label: weighted_mean(self.scores[label], self.weights[label]) for label in self.scores}
 
 
+class Engine(Protocol):
+    """What scoring needs of a model: greedy replies and reference losses, in example order; `advance(n)` is
+    told of each n examples done."""
+
+    def generate(
+        self, examples: Sequence[EvalExample], max_new_tokens: int, advance: Callable[[int], None] | None = None
+    ) -> list[Generation]: ...
+
+    def reference_losses(
+        self, examples: Sequence[EvalExample], max_length: int, advance: Callable[[int], None] | None = None
+    ) -> list[ReferenceLoss]: ...
+
+
 def score_model(
     model: Any,
     tokenizer: Any,
@@ -49,14 +63,24 @@ def score_model(
     settings: ScoreSettings,
     advance: Callable[[int], None] | None = None,
 ) -> ModelScores:
-    """Every metric of `settings` on every example, with `template` rendering the prompts; `advance(n)` is told
-    of each batch done (n examples; `passes(settings)` passes over the examples in all)."""
+    """Every metric of `settings` on every example, the model in memory generating in padded batches, with
+    `template` rendering the prompts."""
+    engine = TransformersEngine(model, tokenizer, template, settings.batch_size)
+    return score_with(engine, examples, settings, advance)
+
+
+def score_with(
+    engine: Engine,
+    examples: Sequence[EvalExample],
+    settings: ScoreSettings,
+    advance: Callable[[int], None] | None = None,
+) -> ModelScores:
+    """Every metric of `settings` on every example; `advance(n)` is told of each n examples done
+    (`passes(settings)` passes over the examples in all)."""
     result = ModelScores()
     generating = [spec for spec in settings.metrics if spec.generates]
     if generating:
-        result.generations = generate_batched(
-            model, tokenizer, template, examples, settings.max_new_tokens, settings.batch_size, advance
-        )
+        result.generations = engine.generate(examples, settings.max_new_tokens, advance)
         for spec in generating:
             result.scores[spec.label] = [
                 score(spec, generation.text, example.reference)
@@ -64,9 +88,7 @@ def score_model(
             ]
             result.weights[spec.label] = [1.0] * len(examples)
     if any(spec.name == "loss" for spec in settings.metrics):
-        losses = reference_losses(
-            model, tokenizer, template, examples, settings.batch_size, settings.max_length, advance
-        )
+        losses = engine.reference_losses(examples, settings.max_length, advance)
         result.scores["loss"] = [item.loss_sum / item.tokens if item.tokens else 0.0 for item in losses]
         result.weights["loss"] = [float(item.tokens) for item in losses]
         result.truncated = sum(item.truncated for item in losses)
