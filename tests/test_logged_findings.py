@@ -88,9 +88,10 @@ def test_task_metric_against_loss_per_named_set():
     findings = metric_loss_disagree(evals)
     assert len(findings) == 1  # chat: loss falls, rouge rises: they agree
     assert findings[0].message == (
-        "eval_gsm8k_loss improved (1.2 -> 1) from step 50 to 100 while eval_gsm8k_extract went down (0.3 -> 0.22)"
+        "eval_gsm8k_extract fell from its best, 0.3 at step 50, to 0.22 by step 100 while eval_gsm8k_loss kept "
+        "improving (1.2 -> 1)"
     )
-    assert "metric_for_best_model: eval_gsm8k_extract" in findings[0].advice
+    assert "metric_for_best_model: eval_gsm8k_extract, which keeps step 50's" in findings[0].advice
     unnamed = [{"step": 10, "eval_loss": 1.0, "eval_exact": 0.5}, {"step": 20, "eval_loss": 1.3, "eval_exact": 0.7}]
     assert [f.evidence["metric_key"] for f in metric_loss_disagree(unnamed)] == [
         "eval_exact"
@@ -104,6 +105,24 @@ def test_task_metric_against_loss_per_named_set():
         )
         == []
     )
+
+
+def test_a_metric_that_peaks_and_falls_while_the_loss_improves_is_found_though_it_ends_above_its_start():
+    """The usual shape in fine-tuning: the metric starts near the base's, climbs, then falls back (answers that
+    loop) while the loss goes on down. First eval against last sees both improve; from the peak they part."""
+    losses, metric = [2.0, 1.5, 1.3, 1.2, 1.15, 1.1], [0.05, 0.30, 0.40, 0.28, 0.22, 0.20]
+    rows = [
+        {"step": 10 * (i + 1), "eval_loss": loss, "eval_exact": value}
+        for i, (loss, value) in enumerate(zip(losses, metric, strict=True))
+    ]
+    (finding,) = metric_loss_disagree(rows)
+    assert finding.message == (  # the median of the three evals after the peak against the peak
+        "eval_exact fell from its best, 0.4 at step 30, to 0.22 by step 60 while eval_loss kept improving (1.3 -> 1.15)"
+    )
+    assert finding.evidence["best_step"] == 30
+    # one noisy dip after the peak is not a trend: the median of the evals after it stays near the best
+    noisy = [{**row, "eval_exact": value} for row, value in zip(rows, [0.05, 0.3, 0.4, 0.2, 0.39, 0.4], strict=True)]
+    assert metric_loss_disagree(noisy) == []
 
 
 def write_run(run_dir: Path, rows: list[dict], eval_dir: bool) -> Path:

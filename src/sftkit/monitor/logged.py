@@ -7,8 +7,9 @@ over metrics.jsonl (finished, running or crashed), beside the live detectors of 
                             the other sources'
     token_accuracy_gap      train token accuracy runs far ahead of eval token accuracy     fewer epochs, more data
     metric_loss_disagree    an eval set's task metric (`eval_<set>_<metric>`) and its       pick checkpoints by the
-                            loss move the same way: the loss improves while the metric      task metric
-                            falls, or the reverse
+                            loss part ways: the metric falls from its best while the loss   task metric
+                            keeps improving, or the loss rises from its best while the
+                            metric keeps rising
 
 Each reads the rows once: linear in logged rows.
 """
@@ -143,7 +144,12 @@ def token_accuracy_gap(train_rows: list[dict[str, Any]], eval_rows: list[dict[st
 
 def metric_loss_disagree(eval_rows: list[dict[str, Any]]) -> list[Finding]:
     """One finding per eval set whose task metric (`eval_<set>_<metric>`, higher is better) and loss
-    (`eval_<set>_loss`) moved the same way between the first and the last eval."""
+    (`eval_<set>_loss`) part ways: the metric fell from its best eval while the loss went on improving, or the
+    loss rose from its best while the metric went on rising.
+
+    Each is measured from that best eval to the median of the (up to RECENT_ROWS) evals after it, not from the
+    first eval to the last: a fine-tuned metric starts near the base's, so a metric that climbs, peaks and
+    falls back still ends above where it started, and a first-to-last comparison would call that agreement."""
     loss_keys = list(
         dict.fromkeys(key for row in eval_rows for key in row if key.startswith("eval_") and key.endswith("_loss"))
     )
@@ -161,35 +167,69 @@ def metric_loss_disagree(eval_rows: list[dict[str, Any]]) -> list[Finding]:
         ]
         for metric_key in metric_keys:
             rows = [row for row in eval_rows if _finite(row.get(loss_key)) and _finite(row.get(metric_key))]
-            if len(rows) < 2:
-                continue
-            first, last = rows[0], rows[-1]
-            loss_change = (last[loss_key] - first[loss_key]) / max(abs(first[loss_key]), 1e-12)
-            metric_change = (last[metric_key] - first[metric_key]) / max(abs(first[metric_key]), 1e-12)
-            if abs(loss_change) < LOSS_CHANGE or abs(metric_change) < METRIC_CHANGE:
-                continue
-            if (loss_change < 0) != (metric_change < 0):
-                continue  # loss falls as the metric rises (or the reverse): they agree
-            direction = "improved" if loss_change < 0 else "worsened"
-            findings.append(
-                Finding(
-                    last["step"],
-                    "metric_loss_disagree",
-                    f"{loss_key} {direction} ({first[loss_key]:.4g} -> {last[loss_key]:.4g}) from step {first['step']} "
-                    f"to {last['step']} while {metric_key} went {'down' if metric_change < 0 else 'up'} "
-                    f"({first[metric_key]:.4g} -> {last[metric_key]:.4g})",
-                    {
-                        "loss_key": loss_key,
-                        "metric_key": metric_key,
-                        "first_step": first["step"],
-                        "last_step": last["step"],
-                    },
-                    f"the loss is not measuring the task: pick checkpoints by the metric (metric_for_best_model: "
-                    f"{metric_key}) and read the samples; a falling loss with a falling metric often means "
-                    "longer or looping answers",
-                )
-            )
+            finding = _metric_fell(rows, loss_key, metric_key) or _loss_rose(rows, loss_key, metric_key)
+            if finding is not None:
+                findings.append(finding)
     return findings
+
+
+def _after(rows: list[dict[str, Any]], best: int, key: str) -> float | None:
+    """The median of `key` over the evals after row `best` (the last RECENT_ROWS of them); None if none."""
+    later = rows[best + 1 :][-RECENT_ROWS:]
+    return statistics.median(row[key] for row in later) if later else None
+
+
+def _change(before: float, after: float) -> float:
+    return (after - before) / max(abs(before), 1e-12)
+
+
+def _metric_fell(rows: list[dict[str, Any]], loss_key: str, metric_key: str) -> Finding | None:
+    best = max(range(len(rows)), key=lambda i: rows[i][metric_key], default=0)
+    metric_now, loss_now = _after(rows, best, metric_key), _after(rows, best, loss_key)
+    if metric_now is None or loss_now is None:
+        return None
+    peak = rows[best]
+    if _change(peak[metric_key], metric_now) > -METRIC_CHANGE or _change(peak[loss_key], loss_now) > -LOSS_CHANGE:
+        return None
+    return _disagreement(
+        rows,
+        peak,
+        metric_key,
+        loss_key,
+        f"{metric_key} fell from its best, {peak[metric_key]:.4g} at step {peak['step']}, to {metric_now:.4g} by "
+        f"step {rows[-1]['step']} while {loss_key} kept improving ({peak[loss_key]:.4g} -> {loss_now:.4g})",
+        "the loss is not measuring the task: pick checkpoints by the metric (metric_for_best_model: "
+        f"{metric_key}, which keeps step {peak['step']}'s) and read the samples; a falling loss with a falling "
+        "metric often means answers that run on or loop",
+    )
+
+
+def _loss_rose(rows: list[dict[str, Any]], loss_key: str, metric_key: str) -> Finding | None:
+    best = min(range(len(rows)), key=lambda i: rows[i][loss_key], default=0)
+    metric_now, loss_now = _after(rows, best, metric_key), _after(rows, best, loss_key)
+    if metric_now is None or loss_now is None:
+        return None
+    low = rows[best]
+    if _change(low[loss_key], loss_now) < LOSS_CHANGE or _change(low[metric_key], metric_now) < METRIC_CHANGE:
+        return None
+    return _disagreement(
+        rows,
+        low,
+        metric_key,
+        loss_key,
+        f"{loss_key} rose from its best, {low[loss_key]:.4g} at step {low['step']}, to {loss_now:.4g} by step "
+        f"{rows[-1]['step']} while {metric_key} kept rising ({low[metric_key]:.4g} -> {metric_now:.4g})",
+        f"the loss is not measuring the task: pick checkpoints by the metric (metric_for_best_model: {metric_key}); "
+        "a rising loss with a rising metric usually means growing confidence where the model is wrong, "
+        "not worse answers",
+    )
+
+
+def _disagreement(
+    rows: list[dict[str, Any]], best: dict[str, Any], metric_key: str, loss_key: str, message: str, advice: str
+) -> Finding:
+    evidence = {"loss_key": loss_key, "metric_key": metric_key, "best_step": best["step"], "last_step": rows[-1]["step"]}
+    return Finding(rows[-1]["step"], "metric_loss_disagree", message, evidence, advice)
 
 
 def _finite(value: Any) -> bool:
