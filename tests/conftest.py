@@ -97,6 +97,28 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chat_model(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model as a folder `generate` and `eval` load: weights, tokenizer and the ChatML template."""
+    from sftkit.data.template import _builtin
+
+    folder = tmp_path_factory.mktemp("tuned")
+    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
+    (folder / "chat_template.jinja").write_text(_builtin("chatml"), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def other_base(tmp_path_factory, chat_model) -> Path:
+    """Another tiny chat model (other weights, same tokenizer and template), to stand for a base."""
+    import json
+
+    folder = tmp_path_factory.mktemp("base")
+    shutil.copytree(chat_model, folder, dirs_exist_ok=True)
+    vocab = json.loads((chat_model / "config.json").read_text())["vocab_size"]
+    return build_tiny_llama(folder, vocab_size=vocab, seed=1)
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_dir):
     """The tiny tokenizer loaded the way runs load theirs (pad token set, right padding)."""
     from sftkit.model.load import load_tokenizer

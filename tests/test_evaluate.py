@@ -22,7 +22,6 @@ from sftkit.evaluate.interval import paired_bootstrap
 from sftkit.evaluate.metrics import normalise_number, score
 from sftkit.generate import load_trained
 from sftkit.model.load import ModelError
-from tests.conftest import build_tiny_llama
 
 GSM8K_STYLE = "#### (\\S+)"
 
@@ -84,26 +83,6 @@ def test_paired_interval_separates_a_real_gain_from_noise():
     assert low <= 0 < 3 / 200 <= high
     # weights: a figure over tokens (loss) is sum(w * s) / sum(w), and so is the difference
     assert paired_bootstrap([2.0, 2.0], [1.0, 1.0], [5.0, 1.0]) == (-1.0, -1.0)
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory, tiny_model_dir) -> Path:
-    """The tiny model as a folder `generate` loads: weights, tokenizer and the ChatML template."""
-    folder = tmp_path_factory.mktemp("tuned")
-    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
-    (folder / "chat_template.jinja").write_text(_builtin("chatml"), encoding="utf-8")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def other_base(tmp_path_factory, tiny_model_dir) -> Path:
-    """Another tiny model (other weights, same tokenizer), to stand for a base."""
-    folder = tmp_path_factory.mktemp("base")
-    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
-    import json as json_module
-
-    vocab = json_module.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
-    return build_tiny_llama(folder, vocab_size=vocab, seed=1)
 
 
 def _examples(count: int) -> list[EvalExample]:

@@ -7,16 +7,14 @@ when vLLM is missing."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-from sftkit.data.template import _builtin
 from sftkit.evaluate import EvalOptions, evaluate, parse_metrics
 from sftkit.model.load import ModelError
-from tests.conftest import FIXTURES, build_tiny_llama
+from tests.conftest import FIXTURES
 from tests.export_helpers import build_adapter, build_chat_model
 
 METRICS = ["extract", "contains", "loss"]
@@ -33,22 +31,6 @@ def standin(monkeypatch):
     yield vllm
     for name in [name for name in sys.modules if name == "vllm" or name.startswith("vllm.")]:
         del sys.modules[name]
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    folder = tmp_path_factory.mktemp("base")
-    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
-    (folder / "chat_template.jinja").write_text(_builtin("chatml"), encoding="utf-8")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def other_base(tmp_path_factory, base_dir) -> Path:
-    folder = tmp_path_factory.mktemp("other")
-    shutil.copytree(base_dir, folder, dirs_exist_ok=True)
-    vocab = json.loads((base_dir / "config.json").read_text())["vocab_size"]
-    return build_tiny_llama(folder, vocab_size=vocab, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -91,36 +73,36 @@ def _assert_same_scores(vllm_result, transformers_result):
     assert any(row["tuned"]["prediction"] for row in transformers_result.rows)
 
 
-def test_model_folder_and_base_score_as_with_transformers(standin, base_dir, other_base, data):
-    ours = _evaluate(base_dir, data, "vllm", base_model=other_base)
-    _assert_same_scores(ours, _evaluate(base_dir, data, "transformers", base_model=other_base))
+def test_model_folder_and_base_score_as_with_transformers(standin, chat_model, other_base, data):
+    ours = _evaluate(chat_model, data, "vllm", base_model=other_base)
+    _assert_same_scores(ours, _evaluate(chat_model, data, "transformers", base_model=other_base))
     assert [(s["model"], s["enable_lora"], s["others_alive"]) for s in standin.STARTED] == [
-        (str(base_dir), False, 0),
+        (str(chat_model), False, 0),
         (str(other_base), False, 0),  # the tuned model's engine was released first
     ]
 
 
-def test_lora_adapter_is_a_request_over_its_base_in_one_engine(standin, tmp_path, base_dir, data):
-    adapter = build_adapter(base_dir, tmp_path / "adapter", init_lora_weights=False)
+def test_lora_adapter_is_a_request_over_its_base_in_one_engine(standin, tmp_path, chat_model, data):
+    adapter = build_adapter(chat_model, tmp_path / "adapter", init_lora_weights=False)
     ours = _evaluate(adapter, data, "vllm")
     theirs = _evaluate(adapter, data, "transformers")
     _assert_same_scores(ours, theirs)
     assert [(s["model"], s["enable_lora"], s["max_lora_rank"]) for s in standin.STARTED] == [
-        (str(base_dir), True, 8)  # r = 4 rounds up to vLLM's smallest max_lora_rank
+        (str(chat_model), True, 8)  # r = 4 rounds up to vLLM's smallest max_lora_rank
     ]
     assert any(row["tuned"]["prediction"] != row["base"]["prediction"] for row in ours.rows)  # the adapter acts
 
 
-def test_adapter_vllm_cannot_serve_is_merged_into_a_copy_removed_afterwards(standin, tmp_path, base_dir, data):
+def test_adapter_vllm_cannot_serve_is_merged_into_a_copy_removed_afterwards(standin, tmp_path, chat_model, data):
     """Trainable token rows: what vLLM is given is the bf16 merge `sftkit export --to vllm` writes."""
     from sftkit import export
 
-    adapter = build_adapter(base_dir, tmp_path / "adapter", trainable_token_indices=[3, 5, 7])
+    adapter = build_adapter(chat_model, tmp_path / "adapter", trainable_token_indices=[3, 5, 7])
     ours = _evaluate(adapter, data, "vllm")  # and its base, in an engine of its own
     merged, base = standin.STARTED
     assert "sftkit-eval-merged-" in merged["model"] and not merged["enable_lora"]
     assert not Path(merged["model"]).exists()
-    assert (base["model"], base["others_alive"]) == (str(base_dir), 0)
+    assert (base["model"], base["others_alive"]) == (str(chat_model), 0)
     exported = export(adapter, tmp_path / "exported", to="vllm").path
     theirs = _evaluate(exported, data, "transformers")
     _assert_same_scores(ours, theirs)  # theirs loads the bf16 weights as bf16, the stand-in as float32
@@ -147,9 +129,9 @@ def test_gguf_model_is_given_to_vllm_as_a_dense_copy(standin, tmp_path):
     assert ours.metrics[1].tuned == pytest.approx(theirs.metrics[1].tuned, rel=1e-2)  # bf16 copy against float32
 
 
-def test_missing_vllm_says_how_to_get_it(monkeypatch, base_dir, data):
+def test_missing_vllm_says_how_to_get_it(monkeypatch, chat_model, data):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
     with pytest.raises(ModelError, match=r"pip install 'sftkit\[vllm\]'"):
-        _evaluate(base_dir, data, "vllm")
+        _evaluate(chat_model, data, "vllm")
     with pytest.raises(ModelError, match="--engine vlm: unknown engine; choose one of transformers, vllm"):
-        _evaluate(base_dir, data, "vlm")
+        _evaluate(chat_model, data, "vlm")

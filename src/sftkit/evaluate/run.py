@@ -32,9 +32,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from sftkit.data.template import require_chat_template, resolve_chat_template
 from sftkit.evaluate.examples import EvalExample, load_eval_examples
+from sftkit.evaluate.generation import TransformersEngine
 from sftkit.evaluate.interval import paired_bootstrap
 from sftkit.evaluate.metrics import MetricSpec
-from sftkit.evaluate.generation import TransformersEngine
 from sftkit.evaluate.score import Engine, ModelScores, ScoreSettings, passes, score_with
 from sftkit.generate import load_trained, resolve_weights
 from sftkit.model.load import ModelError, load_model, load_model_config, load_tokenizer

@@ -167,69 +167,63 @@ def metric_loss_disagree(eval_rows: list[dict[str, Any]]) -> list[Finding]:
         ]
         for metric_key in metric_keys:
             rows = [row for row in eval_rows if _finite(row.get(loss_key)) and _finite(row.get(metric_key))]
-            finding = _metric_fell(rows, loss_key, metric_key) or _loss_rose(rows, loss_key, metric_key)
+            finding = _parted(rows, loss_key, metric_key, from_best_metric=True) or _parted(
+                rows, loss_key, metric_key, from_best_metric=False
+            )
             if finding is not None:
                 findings.append(finding)
     return findings
 
 
-def _after(rows: list[dict[str, Any]], best: int, key: str) -> float | None:
-    """The median of `key` over the evals after row `best` (the last RECENT_ROWS of them); None if none."""
+def _parted(rows: list[dict[str, Any]], loss_key: str, metric_key: str, from_best_metric: bool) -> Finding | None:
+    """From the best metric: did the metric fall while the loss fell too? From the best (lowest) loss: did the
+    loss rise while the metric rose too? Each against the median of the (up to RECENT_ROWS) evals after it."""
+    if from_best_metric:
+        best = max(range(len(rows)), key=lambda i: rows[i][metric_key], default=0)
+    else:
+        best = min(range(len(rows)), key=lambda i: rows[i][loss_key], default=0)
     later = rows[best + 1 :][-RECENT_ROWS:]
-    return statistics.median(row[key] for row in later) if later else None
+    if not later:
+        return None
+    anchor = rows[best]
+    metric_now = statistics.median(row[metric_key] for row in later)
+    loss_now = statistics.median(row[loss_key] for row in later)
+    sign = -1 if from_best_metric else 1  # both fell, or both rose
+    if sign * _change(anchor[metric_key], metric_now) < METRIC_CHANGE or (
+        sign * _change(anchor[loss_key], loss_now) < LOSS_CHANGE
+    ):
+        return None
+    at, last = f"at step {anchor['step']}", f"by step {rows[-1]['step']}"
+    pick = f"pick checkpoints by the metric (metric_for_best_model: {metric_key}"
+    if from_best_metric:
+        message = (
+            f"{metric_key} fell from its best, {anchor[metric_key]:.4g} {at}, to {metric_now:.4g} {last} while "
+            f"{loss_key} kept improving ({anchor[loss_key]:.4g} -> {loss_now:.4g})"
+        )
+        advice = (
+            f"the loss is not measuring the task: {pick}, which keeps step {anchor['step']}'s) and read the "
+            "samples; a falling loss with a falling metric often means answers that run on or loop"
+        )
+    else:
+        message = (
+            f"{loss_key} rose from its best, {anchor[loss_key]:.4g} {at}, to {loss_now:.4g} {last} while "
+            f"{metric_key} kept rising ({anchor[metric_key]:.4g} -> {metric_now:.4g})"
+        )
+        advice = (
+            f"the loss is not measuring the task: {pick}); a rising loss with a rising metric usually means "
+            "growing confidence where the model is wrong, not worse answers"
+        )
+    evidence = {
+        "loss_key": loss_key,
+        "metric_key": metric_key,
+        "best_step": anchor["step"],
+        "last_step": rows[-1]["step"],
+    }
+    return Finding(rows[-1]["step"], "metric_loss_disagree", message, evidence, advice)
 
 
 def _change(before: float, after: float) -> float:
     return (after - before) / max(abs(before), 1e-12)
-
-
-def _metric_fell(rows: list[dict[str, Any]], loss_key: str, metric_key: str) -> Finding | None:
-    best = max(range(len(rows)), key=lambda i: rows[i][metric_key], default=0)
-    metric_now, loss_now = _after(rows, best, metric_key), _after(rows, best, loss_key)
-    if metric_now is None or loss_now is None:
-        return None
-    peak = rows[best]
-    if _change(peak[metric_key], metric_now) > -METRIC_CHANGE or _change(peak[loss_key], loss_now) > -LOSS_CHANGE:
-        return None
-    return _disagreement(
-        rows,
-        peak,
-        metric_key,
-        loss_key,
-        f"{metric_key} fell from its best, {peak[metric_key]:.4g} at step {peak['step']}, to {metric_now:.4g} by "
-        f"step {rows[-1]['step']} while {loss_key} kept improving ({peak[loss_key]:.4g} -> {loss_now:.4g})",
-        "the loss is not measuring the task: pick checkpoints by the metric (metric_for_best_model: "
-        f"{metric_key}, which keeps step {peak['step']}'s) and read the samples; a falling loss with a falling "
-        "metric often means answers that run on or loop",
-    )
-
-
-def _loss_rose(rows: list[dict[str, Any]], loss_key: str, metric_key: str) -> Finding | None:
-    best = min(range(len(rows)), key=lambda i: rows[i][loss_key], default=0)
-    metric_now, loss_now = _after(rows, best, metric_key), _after(rows, best, loss_key)
-    if metric_now is None or loss_now is None:
-        return None
-    low = rows[best]
-    if _change(low[loss_key], loss_now) < LOSS_CHANGE or _change(low[metric_key], metric_now) < METRIC_CHANGE:
-        return None
-    return _disagreement(
-        rows,
-        low,
-        metric_key,
-        loss_key,
-        f"{loss_key} rose from its best, {low[loss_key]:.4g} at step {low['step']}, to {loss_now:.4g} by step "
-        f"{rows[-1]['step']} while {metric_key} kept rising ({low[metric_key]:.4g} -> {metric_now:.4g})",
-        f"the loss is not measuring the task: pick checkpoints by the metric (metric_for_best_model: {metric_key}); "
-        "a rising loss with a rising metric usually means growing confidence where the model is wrong, "
-        "not worse answers",
-    )
-
-
-def _disagreement(
-    rows: list[dict[str, Any]], best: dict[str, Any], metric_key: str, loss_key: str, message: str, advice: str
-) -> Finding:
-    evidence = {"loss_key": loss_key, "metric_key": metric_key, "best_step": best["step"], "last_step": rows[-1]["step"]}
-    return Finding(rows[-1]["step"], "metric_loss_disagree", message, evidence, advice)
 
 
 def _finite(value: Any) -> bool:
