@@ -98,6 +98,8 @@ def print_result(result: Any, console: Console) -> None:
     console.print(table)
     if summary.get("base_model"):
         console.print(Text(f"base: {summary['base_model']}", style="dim"))
+    seconds = ", ".join(f"{name} {value:.0f} s" for name, value in summary.get("seconds", {}).items())
+    console.print(Text(f"generated with {summary.get('engine', 'transformers')}: {seconds}", style="dim"))
     for name, share in summary.get("ended", {}).items():
         console.print(Text(f"{name}: {share:.0%} of replies ended with the end-of-turn token", style="dim"))
     if summary.get("truncated"):
