@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,8 @@ from sftkit.evaluate.examples import EvalExample
 from sftkit.model.attention import generation_attention
 from sftkit.monitor.samples import _decode, _stop_token_ids
 from sftkit.rng import capture_rng, restore_rng
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,10 @@ class ReferenceLoss:
     truncated: bool  # the prompt was cut on the left to fit max_length
 
 
-def _batches(order: list[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(order), size):
-        yield order[start : start + size]
+def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """Consecutive slices of `items`, `size` long (the last may be shorter)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 @contextmanager
@@ -118,7 +121,7 @@ def generate_batched(
     order = sorted(range(len(prompts)), key=lambda index: -len(prompts[index]))
     results: dict[int, Generation] = {}
     with _inference_mode(model):
-        for batch in _batches(order, batch_size):
+        for batch in batches(order, batch_size):
             width = max(len(prompts[index]) for index in batch)
             input_ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + prompts[i] for i in batch], device=device)
             attention_mask = torch.tensor(
@@ -178,7 +181,7 @@ def reference_losses(
     order = sorted(range(len(encoded)), key=lambda index: -len(encoded[index][0]))
     results: dict[int, ReferenceLoss] = {}
     with _inference_mode(model):
-        for batch in _batches(order, batch_size):
+        for batch in batches(order, batch_size):
             width = max(len(encoded[index][0]) for index in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)

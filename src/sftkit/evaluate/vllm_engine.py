@@ -26,7 +26,7 @@ import gc
 import importlib
 import json
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +39,7 @@ from sftkit.evaluate.examples import EvalExample
 from sftkit.evaluate.generation import (
     Generation,
     ReferenceLoss,
+    batches,
     encode_prompts,
     reference_tokens,
     stops,
@@ -61,9 +62,8 @@ def require_vllm() -> Any:
         ) from None
 
 
-def _requests(prompts: Sequence[list[int]]) -> Iterator[list[dict[str, list[int]]]]:
-    for start in range(0, len(prompts), REQUESTS_PER_CALL):
-        yield [{"prompt_token_ids": ids} for ids in prompts[start : start + REQUESTS_PER_CALL]]
+def _requests(prompts: Sequence[list[int]]) -> list[dict[str, list[int]]]:
+    return [{"prompt_token_ids": ids} for ids in prompts]
 
 
 @dataclass(frozen=True)
@@ -88,15 +88,15 @@ class VLLMEngine:
             skip_special_tokens=False,
         )
         results: list[Generation] = []
-        for requests in _requests(encode_prompts(examples, self.template, self.tokenizer)):
-            outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.lora)
+        for prompts in batches(encode_prompts(examples, self.template, self.tokenizer), REQUESTS_PER_CALL):
+            outputs = self.llm.generate(_requests(prompts), params, use_tqdm=False, lora_request=self.lora)
             for output in outputs:
                 completion = output.outputs[0]
                 generation = to_generation(list(completion.token_ids), stop, None, self.tokenizer)
                 # vLLM may leave a stop token out of token_ids; its finish reason says it stopped all the same
                 results.append(replace(generation, ended=True) if completion.finish_reason == "stop" else generation)
             if advance:
-                advance(len(requests))
+                advance(len(prompts))
         return results
 
     def reference_losses(
@@ -106,9 +106,8 @@ class VLLMEngine:
         params = vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
         encoded = [reference_tokens(example, self.template, self.tokenizer, max_length) for example in examples]
         results: list[ReferenceLoss] = []
-        for start in range(0, len(encoded), REQUESTS_PER_CALL):
-            chunk = encoded[start : start + REQUESTS_PER_CALL]
-            requests = [{"prompt_token_ids": ids} for ids, _, _ in chunk]
+        for chunk in batches(encoded, REQUESTS_PER_CALL):
+            requests = _requests([ids for ids, _, _ in chunk])
             outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.lora)
             for (ids, labels, truncated), output in zip(chunk, outputs, strict=True):
                 # prompt_logprobs[t]: {token id: Logprob} of token t given tokens < t (None at t = 0)
